@@ -1,0 +1,1 @@
+"""Subcommands of the ``kdvfs`` command, one module each."""

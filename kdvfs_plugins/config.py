@@ -1,0 +1,235 @@
+"""The one configuration schema shared by the Lightning, DeepSpeed and Megatron adapters.
+
+Each adapter turns its own input (keyword arguments, a JSON block, command-line flags) into a
+plain dict and calls :meth:`KdvfsConfig.from_dict`; the defaults, the checks and the error
+messages are therefore the same everywhere.
+"""
+from __future__ import annotations
+
+import difflib
+import os
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any, Mapping, Optional
+
+from .clocks import ClockPair
+from .errors import ConfigError
+
+MODES = ("observe", "explore", "apply", "auto")
+DEVICES = ("auto", "nvml", "observe", "simulated")
+GRANULARITIES = ("kernel", "pass", "iteration")
+OBJECTIVES = ("strict", "relaxed", "edp")
+
+
+def default_state_dir() -> str:
+    """Where the guard keeps its per-GPU state files (shared by every run of one user)."""
+    env = os.environ.get("KDVFS_STATE_DIR")
+    if env:
+        return env
+    base = os.environ.get("XDG_STATE_HOME") or os.path.join(os.path.expanduser("~"), ".local", "state")
+    return os.path.join(base, "kdvfs")
+
+
+@dataclass(frozen=True)
+class KdvfsConfig:
+    """Validated kdvfs settings. Build with :meth:`from_dict`; every field has a sensible default."""
+
+    enabled: bool = True
+    #: observe: measure only; explore: measure clock responses; apply: use a stored plan;
+    #: auto: explore, plan, validate, then apply.
+    mode: str = "auto"
+    #: auto picks nvml where clock writes are permitted, observe where NVML is present, else simulated.
+    device: str = "auto"
+    #: Plan file to read (apply) and write (auto/explore). Default: ``<run_dir>/plan.json``.
+    plan_path: Optional[str] = None
+    #: Allowed slowdown of the step, as a fraction (0.0 = strict waste reduction).
+    max_slowdown: float = 0.0
+    #: strict | relaxed | edp; None derives it: strict when max_slowdown is 0, else relaxed.
+    objective: Optional[str] = None
+    granularity: str = "kernel"
+    run_dir: str = "kdvfs_runs"
+    #: Fixed clocks for the whole step (both or neither), for a manual run without a plan.
+    sm_mhz: Optional[int] = None
+    mem_mhz: Optional[int] = None
+    #: Manual per-region clocks: {"forward": {"sm_mhz": 1500, "mem_mhz": 2619}, ...}.
+    region_clocks: Mapping[str, ClockPair] = field(default_factory=dict)
+    #: Module depth for kernel-group regions: "auto" (the blocks of repeated layers) or an int.
+    module_depth: Any = "auto"
+    #: Floor on the GPU time between two clock changes.
+    min_switch_interval_ms: float = 1.0
+    #: Clock switch latency the planner assumes; None uses the device's measured or default figure.
+    switch_latency_ms: Optional[float] = None
+    warmup_steps: int = 3
+    window_steps: int = 10
+    #: Slowdown that exploration may cost, averaged over the exploration phase.
+    explore_max_slowdown: float = 0.02
+    explore_max_steps: int = 1500
+    log_every_n_steps: int = 1
+    progress: Any = "auto"
+    state_dir: str = field(default_factory=default_state_dir)
+    #: Simulated device: seeded noise and switch latency (None: the model's default).
+    sim_noise: bool = True
+    sim_seed: int = 0
+    sim_switch_latency_ms: Optional[float] = None
+
+    # ------------------------------------------------------------------ building
+    @classmethod
+    def from_dict(cls, raw: Mapping[str, Any] | None, source: str = "kdvfs config") -> "KdvfsConfig":
+        """Validate ``raw`` (unknown keys, types and ranges) and build the config.
+
+        ``source`` names where the values came from ("DeepSpeed 'kernel_dvfs' block",
+        "KernelDVFS(...)", "--kernel-dvfs-* flags") so errors point at the right place.
+        """
+        raw = dict(raw or {})
+        names = [f.name for f in fields(cls)]
+        for key in raw:
+            if key not in names:
+                close = difflib.get_close_matches(str(key), names, n=1)
+                hint = f"did you mean '{close[0]}'? " if close else ""
+                raise ConfigError(key, raw[key], f"unknown key; {hint}known keys: {', '.join(names)}", source)
+        values: dict[str, Any] = {}
+        for key, value in raw.items():
+            values[key] = _CHECKS[key](key, value, source)
+        cfg = cls(**values)
+        cfg._check_together(source)
+        return cfg
+
+    def replace(self, **changes: Any) -> "KdvfsConfig":
+        merged = {f.name: getattr(self, f.name) for f in fields(self)}
+        merged.update(changes)
+        return KdvfsConfig.from_dict(merged)
+
+    def _check_together(self, source: str) -> None:
+        if (self.sm_mhz is None) != (self.mem_mhz is None):
+            key = "mem_mhz" if self.mem_mhz is None else "sm_mhz"
+            raise ConfigError(key, None, "sm_mhz and mem_mhz are set together or not at all", source)
+        if self.objective == "strict" and self.max_slowdown > 0:
+            raise ConfigError(
+                "objective", "strict", f"strict allows no slowdown; use 'relaxed' with max_slowdown={self.max_slowdown}", source
+            )
+
+    # ------------------------------------------------------------------ derived
+    @property
+    def effective_objective(self) -> str:
+        if self.objective:
+            return self.objective
+        return "relaxed" if self.max_slowdown > 0 else "strict"
+
+    @property
+    def fixed_clocks(self) -> Optional[ClockPair]:
+        if self.sm_mhz is None:
+            return None
+        return ClockPair(self.sm_mhz, self.mem_mhz)
+
+    def resolved_plan_path(self) -> Path:
+        return Path(self.plan_path) if self.plan_path else Path(self.run_dir) / "plan.json"
+
+    def to_dict(self) -> dict:
+        out = {}
+        for f in fields(self):
+            v = getattr(self, f.name)
+            if f.name == "region_clocks":
+                v = {k: c.to_dict() for k, c in v.items()}
+            out[f.name] = v
+        return out
+
+
+# ---------------------------------------------------------------------- value checks
+def _choice(options):
+    def check(key, value, source):
+        if value not in options:
+            raise ConfigError(key, value, f"allowed: {' | '.join(options)}", source)
+        return value
+    return check
+
+
+def _bool(key, value, source):
+    if isinstance(value, bool):
+        return value
+    if isinstance(value, str) and value.lower() in ("true", "false", "1", "0", "yes", "no"):
+        return value.lower() in ("true", "1", "yes")
+    raise ConfigError(key, value, "allowed: true | false", source)
+
+
+def _number(lo, hi, integer=False, optional=False):
+    def check(key, value, source):
+        if value is None and optional:
+            return None
+        kind = "an integer" if integer else "a number"
+        try:
+            if isinstance(value, bool):
+                raise TypeError
+            num = int(value) if integer else float(value)
+            if integer and float(value) != num:
+                raise ValueError
+        except (TypeError, ValueError):
+            raise ConfigError(key, value, f"allowed: {kind} in [{lo}, {hi}]", source) from None
+        if not lo <= num <= hi:
+            raise ConfigError(key, value, f"allowed: {kind} in [{lo}, {hi}]", source)
+        return num
+    return check
+
+
+def _optional_str(key, value, source):
+    if value is None or (isinstance(value, (str, os.PathLike)) and str(value)):
+        return None if value is None else str(value)
+    raise ConfigError(key, value, "allowed: a non-empty path string", source)
+
+
+def _str(key, value, source):
+    if isinstance(value, (str, os.PathLike)) and str(value):
+        return str(value)
+    raise ConfigError(key, value, "allowed: a non-empty path string", source)
+
+
+def _region_clocks(key, value, source):
+    if not isinstance(value, Mapping):
+        raise ConfigError(key, value, "allowed: a mapping region -> {'sm_mhz': N, 'mem_mhz': M}", source)
+    out = {}
+    for region, clocks in value.items():
+        try:
+            out[str(region)] = ClockPair.from_obj(clocks)
+        except (ValueError, TypeError) as exc:
+            raise ConfigError(f"{key}[{region!r}]", clocks, str(exc), source) from None
+    return out
+
+
+def _module_depth(key, value, source):
+    if value == "auto":
+        return value
+    return _number(1, 64, integer=True)(key, value, source)
+
+
+def _progress(key, value, source):
+    if value == "auto":
+        return value
+    return _bool(key, value, source)
+
+
+_CHECKS = {
+    "enabled": _bool,
+    "mode": _choice(MODES),
+    "device": _choice(DEVICES),
+    "plan_path": _optional_str,
+    "max_slowdown": _number(0.0, 1.0),
+    "objective": lambda k, v, s: None if v is None else _choice(OBJECTIVES)(k, v, s),
+    "granularity": _choice(GRANULARITIES),
+    "run_dir": _str,
+    "sm_mhz": _number(1, 10000, integer=True, optional=True),
+    "mem_mhz": _number(1, 100000, integer=True, optional=True),
+    "region_clocks": _region_clocks,
+    "module_depth": _module_depth,
+    "min_switch_interval_ms": _number(0.0, 10000.0),
+    "switch_latency_ms": _number(0.0, 10000.0, optional=True),
+    "warmup_steps": _number(0, 100000, integer=True),
+    "window_steps": _number(1, 100000, integer=True),
+    "explore_max_slowdown": _number(0.0, 1.0),
+    "explore_max_steps": _number(1, 10_000_000, integer=True),
+    "log_every_n_steps": _number(1, 1_000_000, integer=True),
+    "progress": _progress,
+    "state_dir": _str,
+    "sim_noise": _bool,
+    "sim_seed": _number(0, 2**31 - 1, integer=True),
+    "sim_switch_latency_ms": _number(0.0, 10000.0, optional=True),
+}
+assert set(_CHECKS) == {f.name for f in fields(KdvfsConfig)}, "every config field needs a check"

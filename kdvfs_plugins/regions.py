@@ -1,0 +1,66 @@
+"""Region names: a phase of the step, optionally narrowed to a kernel group inside it.
+
+A region name is ``phase`` or ``phase/group``, e.g. ``forward`` or ``backward/layers.*.mlp``.
+Group names come from module paths with layer indices folded, so that every
+``layers.N.mlp`` shares one region and a plan carries across identical layers.
+"""
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from typing import Optional
+
+FORWARD = "forward"
+BACKWARD = "backward"
+OPTIMIZER = "optimizer"
+COMMUNICATION = "communication"
+#: Work outside any phase (data loading, logging) and the step's own level.
+STEP = "step"
+PHASES = (FORWARD, BACKWARD, COMMUNICATION, OPTIMIZER)
+
+_INDEX = re.compile(r"(?<=\.)\d+(?=\.|$)|^\d+(?=\.|$)")
+
+
+def fold_module_path(path: str) -> str:
+    """``layers.12.mlp.fc1`` -> ``layers.*.mlp.fc1``: layer indices become ``*``."""
+    return _INDEX.sub("*", path)
+
+
+@dataclass(frozen=True)
+class Region:
+    """One named stretch of a training step that can get its own clocks."""
+
+    phase: str
+    group: Optional[str] = None
+
+    @property
+    def name(self) -> str:
+        return self.phase if self.group is None else f"{self.phase}/{self.group}"
+
+    @property
+    def parent(self) -> Optional["Region"]:
+        """The phase region for a kernel group; the step for a phase; None for the step."""
+        if self.group is not None:
+            return Region(self.phase)
+        if self.phase != STEP:
+            return Region(STEP)
+        return None
+
+    @classmethod
+    def parse(cls, name: str) -> "Region":
+        phase, _, group = name.partition("/")
+        if not phase:
+            raise ValueError(f"region name {name!r} has no phase; write 'phase' or 'phase/group'")
+        return cls(phase, group or None)
+
+    def __str__(self) -> str:
+        return self.name
+
+
+def coarsen(name: str, granularity: str) -> str:
+    """The region that carries ``name``'s clocks at a granularity (kernel, pass, iteration)."""
+    if granularity == "kernel":
+        return name
+    if granularity == "pass":
+        return Region.parse(name).phase
+    return STEP
