@@ -54,6 +54,15 @@ class StepRecord:
     gpu_time_ms: float
     region_time_ms: Mapping[str, float]
     clock_changes: int
+    #: From the energy counter between the step's boundaries; None until known. The counter
+    #: refreshes every 100 ms, so single-step figures are coarse: windows are what to trust.
+    energy_j: Optional[float] = None
+
+    @property
+    def avg_power_w(self) -> Optional[float]:
+        if self.energy_j is None or self.gpu_time_ms <= 0:
+            return None
+        return self.energy_j / (self.gpu_time_ms / 1e3)
 
 
 @dataclass(frozen=True)

@@ -1,0 +1,4 @@
+"""Lightning adapter: ``Trainer(callbacks=[KernelDVFS()])``."""
+from .callback import KernelDVFS
+
+__all__ = ["KernelDVFS"]

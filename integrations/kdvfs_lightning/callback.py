@@ -1,0 +1,163 @@
+"""``KernelDVFS``: a Lightning callback that reports phases and layers to the kdvfs engine.
+
+Phases come from ``on_train_batch_start`` (forward), ``on_before_backward``/``on_after_backward``
+(backward), ``on_before_optimizer_step`` and the optimizer's step post-hook (optimizer). A kdvfs
+step is one optimizer step: under gradient accumulation it spans the micro-batches. Every rank
+drives its own GPU. Clocks are restored in ``teardown`` and in ``on_exception`` (Lightning calls
+the latter, not the former, when training raises).
+"""
+from __future__ import annotations
+
+import time
+from typing import Any, Optional
+
+try:
+    from lightning.pytorch.callbacks import Callback
+except ImportError:  # the standalone ``pytorch_lightning`` distribution
+    from pytorch_lightning.callbacks import Callback
+
+from kdvfs_plugins.config import KdvfsConfig
+from kdvfs_plugins.engine import Engine, format_region_table
+from kdvfs_plugins.log import logger
+from kdvfs_plugins.module_regions import ModuleRegions
+from kdvfs_plugins.plan import Plan
+from kdvfs_plugins.regions import BACKWARD, FORWARD, OPTIMIZER
+
+
+class KernelDVFS(Callback):
+    """Kernel-level GPU clock control for a Lightning run.
+
+    Keyword arguments are the kdvfs configuration (see ``docs/configuration.md``), validated here,
+    before training starts: ``KernelDVFS(mode="apply", plan_path="plan.json")``.
+    """
+
+    def __init__(self, plugins=(), **config: Any):
+        super().__init__()
+        self.config = KdvfsConfig.from_dict(config, source="KernelDVFS(...)")
+        self.plugins = tuple(plugins)
+        self.engine: Optional[Engine] = None
+        self._modules: Optional[ModuleRegions] = None
+        self._opt_handles: list = []
+        self._stepped = False
+        self._restored_plan: Optional[dict] = None
+        self._overhead_s = 0.0
+        self.records: list = []
+
+    # ------------------------------------------------------------------ lifecycle
+    def setup(self, trainer, pl_module, stage) -> None:
+        if str(stage) not in ("fit", "TrainerFn.FITTING") or not self.config.enabled or self.engine is not None:
+            return
+        self.engine = Engine(
+            self.config, framework="lightning", rank=trainer.global_rank, local_rank=trainer.local_rank,
+            world_size=trainer.world_size, plugins=self.plugins,
+        ).start()
+        if self.engine.wants_module_regions:
+            self._modules = ModuleRegions(self.engine, pl_module, self.config.module_depth).install()
+
+    def on_train_start(self, trainer, pl_module) -> None:
+        if self.engine is None:
+            return
+        if self._restored_plan is not None:
+            self.engine.set_plan(Plan.from_dict(self._restored_plan, where="checkpointed kdvfs plan"))
+        for opt in trainer.optimizers:
+            self._opt_handles.append(opt.register_step_post_hook(self._after_optimizer_step))
+
+    def teardown(self, trainer, pl_module, stage) -> None:
+        self._finish(trainer, None)
+
+    def on_exception(self, trainer, pl_module, exception) -> None:
+        self._finish(trainer, exception)
+
+    def _finish(self, trainer, error) -> None:
+        if self.engine is None or not self.engine.active:
+            return
+        for h in self._opt_handles:
+            h.remove()
+        self._opt_handles.clear()
+        if self._modules is not None:
+            self._modules.remove()
+        self.engine.close(error)
+        path = self.engine.write_run_dir()
+        s = self.engine.summary()
+        logger.info(
+            "rank %d: %d steps, %s GPU ms/step, %d clock changes; run directory %s\n%s",
+            self.engine.rank, s["steps"], f"{s['gpu_time_ms_per_step']:.2f}" if s["gpu_time_ms_per_step"] else "-",
+            s["clock_changes"], path, format_region_table(self.engine.region_table(), simulated=s["model_prediction"]),
+        )
+
+    # ------------------------------------------------------------------ phases
+    def _timed(self, fn, *args) -> None:
+        t0 = time.perf_counter()
+        fn(*args)
+        self._overhead_s += time.perf_counter() - t0
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        eng = self.engine
+        if eng is None:
+            return
+        t0 = time.perf_counter()
+        if not eng._in_step:
+            eng.step_begin(trainer.global_step)
+            self._stepped = False
+        eng.region_enter(FORWARD)
+        self._overhead_s += time.perf_counter() - t0
+
+    def on_before_backward(self, trainer, pl_module, loss) -> None:
+        if self.engine is not None:
+            self._timed(self._switch, FORWARD, BACKWARD)
+
+    def on_after_backward(self, trainer, pl_module) -> None:
+        if self.engine is not None:
+            self._timed(self.engine.region_exit, BACKWARD)
+
+    def on_before_optimizer_step(self, trainer, pl_module, optimizer) -> None:
+        if self.engine is not None:
+            self._timed(self._switch, FORWARD, OPTIMIZER)
+
+    def _after_optimizer_step(self, optimizer, args, kwargs) -> None:
+        if self.engine is not None:
+            self._timed(self.engine.region_exit, OPTIMIZER)
+            self._stepped = True
+
+    def _switch(self, leaving: str, entering: str) -> None:
+        self.engine.region_exit(leaving)
+        self.engine.region_enter(entering)
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        eng = self.engine
+        if eng is None:
+            return
+        t0 = time.perf_counter()
+        eng.region_exit(FORWARD)
+        if self._stepped or not trainer.optimizers:
+            records = eng.step_end()
+            self.records.extend(records)
+            self._overhead_s += time.perf_counter() - t0
+            self._log(trainer, records)
+        else:
+            self._overhead_s += time.perf_counter() - t0
+
+    def _log(self, trainer, records) -> None:
+        if not records or not trainer.loggers or trainer.global_step % self.config.log_every_n_steps:
+            return
+        last = records[-1]
+        metrics = {
+            "kdvfs/gpu_time_ms": last.gpu_time_ms,
+            "kdvfs/clock_changes": float(last.clock_changes),
+            "kdvfs/overhead_ms": self._overhead_s * 1e3 / max(1, len(records)),
+        }
+        wins = self.engine.meter.windows
+        if wins:
+            metrics["kdvfs/energy_j_per_step"] = wins[-1].energy_j / wins[-1].steps
+            metrics["kdvfs/power_w"] = wins[-1].avg_power_w
+        self._overhead_s = 0.0
+        for lg in trainer.loggers:
+            lg.log_metrics(metrics, step=trainer.global_step)
+
+    # ------------------------------------------------------------------ checkpoints
+    def state_dict(self) -> dict:
+        plan = self.engine.plan if self.engine is not None else None
+        return {"plan": plan.to_dict() if plan is not None else self._restored_plan}
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        self._restored_plan = state_dict.get("plan")

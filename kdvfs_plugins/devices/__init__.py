@@ -1,0 +1,70 @@
+"""Devices behind one protocol: ``nvml`` (writes clocks), ``observe`` (reads only), ``simulated``."""
+from __future__ import annotations
+
+from typing import Optional
+
+from ..errors import DeviceUnavailableError
+from ..hookspecs import hookimpl
+from ..log import logger
+from .base import Device, DeviceInfo, HostMarker, Marker
+from .nvml import NvmlDevice, import_nvml, writes_permitted
+from .observe import ObserveDevice, observe_instead
+from .simulated import SimulatedDevice
+
+__all__ = [
+    "Device", "DeviceInfo", "Marker", "HostMarker", "NvmlDevice", "ObserveDevice", "SimulatedDevice",
+    "open_device", "choose_kind", "observe_instead",
+]
+
+
+def choose_kind(requested: str, nvml=None) -> tuple[str, str]:
+    """Resolve ``auto`` to a device kind. Returns (kind, why)."""
+    if requested != "auto":
+        return requested, "as configured"
+    try:
+        nvml = nvml or import_nvml()
+        nvml.nvmlInit()
+        try:
+            count = nvml.nvmlDeviceGetCount()
+        finally:
+            nvml.nvmlShutdown()
+    except Exception as exc:  # any failure here means: no usable NVIDIA driver
+        return "simulated", f"no NVIDIA driver found ({type(exc).__name__}); using the virtual H100"
+    if count == 0:
+        return "simulated", "NVML reports no GPU; using the virtual H100"
+    if writes_permitted():
+        return "nvml", "NVML present and this process may set clocks"
+    return "observe", (
+        "NVML present but this process may not set clocks (needs root, or --cap-add SYS_ADMIN in a "
+        "container); measuring only"
+    )
+
+
+def open_device(kind: str, index: int, *, nvml=None, config=None) -> Device:
+    if kind == "simulated":
+        if config is not None:
+            return SimulatedDevice(
+                index, noise=config.sim_noise, seed=config.sim_seed, switch_latency_ms=config.sim_switch_latency_ms
+            )
+        return SimulatedDevice(index)
+    if kind == "nvml":
+        return NvmlDevice(index, nvml=nvml)
+    if kind == "observe":
+        return ObserveDevice(index, nvml=nvml)
+    raise DeviceUnavailableError(f"unknown device kind {kind!r}; use auto, nvml, observe or simulated")
+
+
+class BuiltinDevices:
+    """The built-in ``kdvfs_make_device``: a plugin may answer first and supply its own device."""
+
+    def __init__(self, nvml=None):
+        self.nvml = nvml
+        self._said = False
+
+    @hookimpl(trylast=True)
+    def kdvfs_make_device(self, config, index):
+        kind, why = choose_kind(config.device, nvml=self.nvml)
+        if not self._said:
+            logger.info("device %s for GPU %d: %s", kind, index, why)
+            self._said = True
+        return open_device(kind, index, nvml=self.nvml, config=config)

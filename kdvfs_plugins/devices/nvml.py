@@ -1,0 +1,193 @@
+"""Real GPUs through NVML (package ``nvidia-ml-py``, imported as ``pynvml``).
+
+NVML errors become kdvfs errors in one place (:func:`_nvml_errors`). Clock writes use locked
+clocks (``nvmlDeviceSetGpuLockedClocks`` / ``nvmlDeviceSetMemoryLockedClocks``); application
+clocks are deprecated and do not move the runtime memory clock.
+"""
+from __future__ import annotations
+
+import contextlib
+import os
+import threading
+from typing import Optional
+
+from ..clocks import ClockPair, ClockTable
+from ..errors import DeviceError, DeviceUnavailableError, InvalidClockError, NoPermissionError, NotSupportedError
+from .base import Device, DeviceInfo, Marker, make_real_marker_factory
+
+_init_lock = threading.Lock()
+_init_count = 0
+
+
+def import_nvml():
+    """The ``pynvml`` module, or DeviceUnavailableError saying how to install it."""
+    try:
+        import pynvml
+    except ImportError as exc:  # pragma: no cover - a dependency of the package
+        raise DeviceUnavailableError("pynvml is missing: pip install nvidia-ml-py") from exc
+    return pynvml
+
+
+@contextlib.contextmanager
+def _nvml_errors(nvml, what: str):
+    try:
+        yield
+    except nvml.NVMLError as exc:
+        code = getattr(exc, "value", None)
+        if code == nvml.NVML_ERROR_NO_PERMISSION:
+            raise NoPermissionError(what) from exc
+        if code == nvml.NVML_ERROR_NOT_SUPPORTED:
+            raise NotSupportedError(f"{what}: not supported by this GPU or driver") from exc
+        if code == nvml.NVML_ERROR_INVALID_ARGUMENT:
+            raise InvalidClockError(f"{what}: the driver rejected the value (invalid argument)") from exc
+        if code in (nvml.NVML_ERROR_LIBRARY_NOT_FOUND, nvml.NVML_ERROR_DRIVER_NOT_LOADED):
+            raise DeviceUnavailableError(f"{what}: no NVIDIA driver ({exc})") from exc
+        raise DeviceError(f"{what}: NVML error {exc}") from exc
+
+
+def nvml_init(nvml) -> None:
+    global _init_count
+    with _init_lock:
+        if _init_count == 0:
+            with _nvml_errors(nvml, "nvmlInit"):
+                nvml.nvmlInit()
+        _init_count += 1
+
+
+def nvml_shutdown(nvml) -> None:
+    global _init_count
+    with _init_lock:
+        _init_count = max(0, _init_count - 1)
+        if _init_count == 0:
+            with contextlib.suppress(Exception):
+                nvml.nvmlShutdown()
+
+
+def _text(v) -> str:
+    return v.decode() if isinstance(v, bytes) else str(v)
+
+
+def nvml_index_for_local(local_index: int, nvml) -> int:
+    """NVML index of the GPU that CUDA calls ``local_index``.
+
+    NVML ignores CUDA_VISIBLE_DEVICES, so entries are matched by index or UUID.
+    """
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+    if not visible:
+        return local_index
+    entries = [e.strip() for e in visible.split(",") if e.strip()]
+    if local_index >= len(entries):
+        raise DeviceUnavailableError(
+            f"GPU {local_index} is not visible: CUDA_VISIBLE_DEVICES={visible!r} lists {len(entries)}"
+        )
+    entry = entries[local_index]
+    if entry.isdigit():
+        return int(entry)
+    with _nvml_errors(nvml, "nvmlDeviceGetCount"):
+        count = nvml.nvmlDeviceGetCount()
+    for i in range(count):
+        with _nvml_errors(nvml, "nvmlDeviceGetUUID"):
+            uuid = _text(nvml.nvmlDeviceGetUUID(nvml.nvmlDeviceGetHandleByIndex(i)))
+        if uuid == entry or uuid.startswith(entry):
+            return i
+    raise DeviceUnavailableError(f"no GPU matches CUDA_VISIBLE_DEVICES entry {entry!r}")
+
+
+class NvmlDevice(Device):
+    """A GPU driven through NVML. Writes need root or CAP_SYS_ADMIN (see ``kdvfs info``)."""
+
+    kind = "nvml"
+
+    def __init__(self, index: int = 0, nvml=None, marker_factory=None):
+        self.nvml = nvml or import_nvml()
+        nvml_init(self.nvml)
+        self.index = index
+        self.nvml_index = nvml_index_for_local(index, self.nvml)
+        with self._errors("nvmlDeviceGetHandleByIndex"):
+            self.handle = self.nvml.nvmlDeviceGetHandleByIndex(self.nvml_index)
+        self._marker_factory = marker_factory or make_real_marker_factory()
+        self._info: Optional[DeviceInfo] = None
+        self._closed = False
+
+    def _errors(self, what: str):
+        return _nvml_errors(self.nvml, what)
+
+    # ------------------------------------------------------------------ readings
+    def info(self) -> DeviceInfo:
+        if self._info is None:
+            n = self.nvml
+            with self._errors("reading device information"):
+                name = _text(n.nvmlDeviceGetName(self.handle))
+                uuid = _text(n.nvmlDeviceGetUUID(self.handle))
+                driver = _text(n.nvmlSystemGetDriverVersion())
+                mem = [int(m) for m in n.nvmlDeviceGetSupportedMemoryClocks(self.handle)]
+                sm_by_mem = {
+                    m: tuple(sorted((int(s) for s in n.nvmlDeviceGetSupportedGraphicsClocks(self.handle, m)), reverse=True))
+                    for m in mem
+                }
+                power_limit_w = n.nvmlDeviceGetEnforcedPowerLimit(self.handle) / 1000.0
+            mem_sorted = tuple(sorted(mem, reverse=True))
+            default = ClockPair(sm_by_mem[mem_sorted[0]][0], mem_sorted[0])
+            self._info = DeviceInfo(
+                kind=self.kind, index=self.index, name=name, uuid=uuid, driver=driver,
+                clocks=ClockTable(mem_sorted, sm_by_mem, default), power_limit_w=power_limit_w,
+                can_write_clocks=self.kind == "nvml" and writes_permitted(),
+            )
+        return self._info
+
+    def current_clocks(self) -> ClockPair:
+        n = self.nvml
+        with self._errors("nvmlDeviceGetClockInfo"):
+            return ClockPair(
+                int(n.nvmlDeviceGetClockInfo(self.handle, n.NVML_CLOCK_SM)),
+                int(n.nvmlDeviceGetClockInfo(self.handle, n.NVML_CLOCK_MEM)),
+            )
+
+    def energy_mj(self) -> int:
+        with self._errors("nvmlDeviceGetTotalEnergyConsumption"):
+            return int(self.nvml.nvmlDeviceGetTotalEnergyConsumption(self.handle))
+
+    def power_mw(self) -> int:
+        with self._errors("nvmlDeviceGetPowerUsage"):
+            return int(self.nvml.nvmlDeviceGetPowerUsage(self.handle))
+
+    def marker(self) -> Marker:
+        return self._marker_factory()
+
+    # ------------------------------------------------------------------ writes
+    def set_clocks(self, clocks: ClockPair, marker: Optional[Marker] = None) -> None:
+        self.info().clocks.check(clocks)
+        n = self.nvml
+        with self._errors(f"locking memory clock at {clocks.mem_mhz} MHz"):
+            n.nvmlDeviceSetMemoryLockedClocks(self.handle, clocks.mem_mhz, clocks.mem_mhz)
+        with self._errors(f"locking SM clock at {clocks.sm_mhz} MHz"):
+            n.nvmlDeviceSetGpuLockedClocks(self.handle, clocks.sm_mhz, clocks.sm_mhz)
+
+    def reset_clocks(self, marker: Optional[Marker] = None) -> None:
+        n = self.nvml
+        with self._errors("resetting locked SM clocks"):
+            n.nvmlDeviceResetGpuLockedClocks(self.handle)
+        try:
+            with self._errors("resetting locked memory clocks"):
+                n.nvmlDeviceResetMemoryLockedClocks(self.handle)
+        except NotSupportedError:
+            pass  # GPUs before Ampere have no memory clock lock to undo
+
+    def close(self) -> None:
+        if not self._closed:
+            self._closed = True
+            nvml_shutdown(self.nvml)
+
+
+def writes_permitted() -> bool:
+    """Whether this process may set clocks: root, or CAP_SYS_ADMIN (bit 21 of CapEff)."""
+    if hasattr(os, "geteuid") and os.geteuid() == 0:
+        return True
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("CapEff:"):
+                    return bool(int(line.split()[1], 16) >> 21 & 1)
+    except OSError:
+        pass
+    return False

@@ -1,0 +1,288 @@
+"""The shared engine the adapters call: step and region boundaries in program order.
+
+An adapter reports ``step_begin``, ``region_enter(name)``, ``region_exit(name)`` and ``step_end``
+as the CPU enqueues work. At each boundary the engine records a marker, asks
+``kdvfs_choose_clocks`` for the region now innermost, and hands any change to the actuator,
+which applies it when the GPU gets there. Nothing here synchronises the training thread.
+"""
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+from typing import Optional
+
+from .actuator import Actuator
+from .clocks import ClockPair
+from .config import KdvfsConfig
+from .devices import BuiltinDevices
+from .errors import ConfigError, InvalidClockError, KdvfsError, PlanError
+from .events import ClockChange, RegionEvent, SessionInfo, StepRecord, WindowRecord
+from .guard import ClockGuard
+from .log import logger
+from .meter import Meter
+from .plan import Plan, uniform_plan
+from .plugins import make_plugin_manager
+from .policy import PlanPolicy, as_clocks
+from .regions import STEP
+
+
+class Engine:
+    """One per rank (per GPU). Build, :meth:`start` before training, :meth:`close` after."""
+
+    def __init__(self, config: KdvfsConfig, *, framework: str = "custom", rank: int = 0, local_rank: int = 0,
+                 world_size: int = 1, plugin_manager=None, device=None, plugins=()):
+        self.config = config
+        self.framework = framework
+        self.rank, self.local_rank, self.world_size = rank, local_rank, world_size
+        self.policy = PlanPolicy()
+        self.builtin_devices = BuiltinDevices()
+        self.pm = plugin_manager or make_plugin_manager(builtins=[self.policy, self.builtin_devices], extra=plugins)
+        self.device = device
+        self.guard: Optional[ClockGuard] = None
+        self.actuator: Optional[Actuator] = None
+        self.meter: Optional[Meter] = None
+        self.plan: Optional[Plan] = None
+        self.session: Optional[SessionInfo] = None
+        self.step: int = -1
+        self._stack: list[str] = []
+        self._in_step = False
+        self._started = False
+        self._closed = False
+        self.changes: list[ClockChange] = []
+        self._hook = self.pm.hook
+
+    # ------------------------------------------------------------------ lifecycle
+    @property
+    def active(self) -> bool:
+        return self._started and not self._closed
+
+    @property
+    def current_phase(self) -> Optional[str]:
+        """The open phase region (forward, backward, ...), if any."""
+        return self._stack[1].partition("/")[0] if len(self._stack) > 1 else None
+
+    @property
+    def wants_module_regions(self) -> bool:
+        return self.config.granularity == "kernel"
+
+    def start(self) -> "Engine":
+        """Open the device, check every configured clock and the plan, take ownership of the GPU."""
+        if self._started:
+            return self
+        cfg = self.config
+        self._hook.kdvfs_configure.call_historic(kwargs=dict(config=cfg))
+        if self.device is None:
+            self.device = self._hook.kdvfs_make_device(config=cfg, index=self.local_rank)
+        info = self.device.info()
+        self._check_config_clocks(info)
+        self.plan = self._initial_plan(info)
+        if self.device.kind == "nvml":
+            self.guard = ClockGuard(self.device, cfg.state_dir)
+            self.guard.acquire()
+        self.actuator = Actuator(
+            self.device, self.guard, min_interval_s=cfg.min_switch_interval_ms / 1e3,
+            on_applied=self._on_applied, on_device_changed=self._on_device_changed,
+        )
+        self.meter = Meter(self.device, window_steps=cfg.window_steps, on_step=self._on_step, on_window=self._on_window)
+        self.meter.window_clocks = self._window_clocks
+        self.meter.start()
+        self.session = SessionInfo(
+            framework=self.framework, rank=self.rank, local_rank=self.local_rank, world_size=self.world_size,
+            device_kind=self.device.kind, device_name=info.name, device_index=self.local_rank,
+            mode=cfg.mode, run_dir=cfg.run_dir,
+        )
+        self._started = True
+        if self.plan is not None:
+            self._hook.kdvfs_plan_ready.call_historic(kwargs=dict(plan=self.plan))
+        self._hook.kdvfs_session_start(session=self.session)
+        return self
+
+    def _check_config_clocks(self, info) -> None:
+        cfg = self.config
+        for key, clocks in ([("sm_mhz/mem_mhz", cfg.fixed_clocks)] if cfg.fixed_clocks else []) + [
+            (f"region_clocks[{r!r}]", c) for r, c in cfg.region_clocks.items()
+        ]:
+            try:
+                info.clocks.check(clocks, where=f"{key} on {info.name}")
+            except InvalidClockError as exc:
+                raise ConfigError(key, clocks.to_dict(), str(exc)) from None
+
+    def _initial_plan(self, info) -> Optional[Plan]:
+        cfg = self.config
+        if cfg.mode == "observe":
+            return None
+        if cfg.region_clocks or cfg.fixed_clocks:
+            regions = dict(cfg.region_clocks)
+            if cfg.fixed_clocks:
+                regions.setdefault(STEP, cfg.fixed_clocks)
+            return Plan(info.name, info.clocks, regions, granularity=cfg.granularity, source="config")
+        path = cfg.resolved_plan_path()
+        if cfg.mode == "apply" or path.exists():
+            plan = Plan.load(path)
+            plan.check_device(info.name, info.clocks, where=f"plan file {path}")
+            return plan
+        return None
+
+    def set_plan(self, plan: Plan) -> None:
+        """Put a plan in force (from the planner or the explorer)."""
+        plan.check_device(self.device.info().name, self.device.info().clocks)
+        self.plan = plan
+        self._hook.kdvfs_plan_ready.call_historic(kwargs=dict(plan=plan))
+
+    def close(self, error: Optional[BaseException] = None) -> None:
+        """Finish measuring and restore the clocks. Safe to call more than once, from any end."""
+        if not self._started or self._closed:
+            return
+        self._closed = True
+        try:
+            if self._in_step:
+                self._in_step = False
+                self._stack.clear()
+            self.actuator.flush()
+            self.actuator.stop()
+            if self.guard is not None:
+                self.guard.release()
+            elif self.actuator.requested is not None:
+                self.device.reset_clocks()
+            self.meter.finish()
+            self.meter.stop()
+        finally:
+            self._hook.kdvfs_session_end(session=self.session, error=error)
+            self.device.close()
+
+    # ------------------------------------------------------------------ boundaries
+    def step_begin(self, step: Optional[int] = None) -> None:
+        if not self.active:
+            return
+        if self._in_step:
+            self.step_end()
+        self.step = self.step + 1 if step is None else step
+        self._in_step = True
+        self._stack = [STEP]
+        marker = self.device.marker()
+        st = self.meter.step_begin(self.step, marker, STEP)
+        self.actuator.stamp(marker, lambda t, st=st, m=marker: self.meter.reached(st, "begin", t, m))
+        self._apply(marker, STEP)
+
+    def region_enter(self, name: str) -> None:
+        if not (self.active and self._in_step):
+            return
+        self._stack.append(name)
+        self._boundary(name, True)
+
+    def region_exit(self, name: str) -> None:
+        if not (self.active and self._in_step):
+            return
+        if name not in self._stack[1:]:
+            return  # an exit without its enter (hooks installed mid-step): nothing to close
+        while self._stack[-1] != name:
+            self._stack.pop()
+        self._stack.pop()
+        self._boundary(name, False)
+
+    def step_end(self) -> list[StepRecord]:
+        """Close the step; returns the steps the GPU has finished since the last call."""
+        if not (self.active and self._in_step):
+            return []
+        self._in_step = False
+        self._stack = []
+        marker = self.device.marker()
+        st = self.meter.step_end(marker)
+        self.actuator.stamp(marker, lambda t, st=st, m=marker: self.meter.reached(st, "end", t, m))
+        return self.meter.poll()
+
+    def _boundary(self, name: str, enter: bool) -> None:
+        marker = self.device.marker()
+        current = self._stack[-1]
+        self.meter.boundary(marker, current)
+        if self._hook.kdvfs_region_enter.get_hookimpls() or self._hook.kdvfs_region_exit.get_hookimpls():
+            ev = RegionEvent(name, self.step, enter, time.perf_counter())
+            (self._hook.kdvfs_region_enter if enter else self._hook.kdvfs_region_exit)(event=ev)
+        self._apply(marker, current)
+
+    def _apply(self, marker, region: str) -> None:
+        if self.config.mode == "observe":
+            return
+        clocks = as_clocks(self._hook.kdvfs_choose_clocks(region=region, step=self.step))
+        if self.actuator.submit(marker, clocks, region, self.step):
+            self.meter.count_change()
+
+    # ------------------------------------------------------------------ callbacks
+    def _on_applied(self, change: ClockChange) -> None:
+        self.changes.append(change) if len(self.changes) < 100_000 else None
+        self._hook.kdvfs_clocks_applied(change=change)
+
+    def _on_device_changed(self, device) -> None:
+        self.device = device
+        if self.guard is not None:
+            self.guard.device = device
+        if self.session is not None:
+            from dataclasses import replace
+
+            self.session = replace(self.session, device_kind=device.kind)
+
+    def _on_step(self, record: StepRecord) -> None:
+        self._hook.kdvfs_step_measured(record=record)
+
+    def _on_window(self, window: WindowRecord) -> None:
+        self._hook.kdvfs_window_measured(window=window)
+
+    def _window_clocks(self) -> dict:
+        return {}
+
+    # ------------------------------------------------------------------ results
+    def region_table(self) -> list[tuple[str, float, float]]:
+        return self.meter.region_table() if self.meter else []
+
+    def summary(self) -> dict:
+        """Figures for logs and the run directory."""
+        m = self.meter
+        steps = m.steps if m else []
+        wins = m.windows if m else []
+        energy = sum(w.energy_j for w in wins)
+        nsteps = sum(w.steps for w in wins)
+        return {
+            "rank": self.rank,
+            "device": self.device.kind if self.device else None,
+            "steps": len(steps),
+            "gpu_time_ms_per_step": (sum(s.gpu_time_ms for s in steps) / len(steps)) if steps else None,
+            "energy_j_per_step": energy / nsteps if nsteps else None,
+            "avg_power_w": (energy / sum(w.duration_s for w in wins)) if wins and sum(w.duration_s for w in wins) > 0 else None,
+            "clock_changes": self.actuator.changes_applied if self.actuator else 0,
+            "clock_errors": list(self.actuator.errors) if self.actuator else [],
+            "regions": [{"region": r, "gpu_ms_per_step": ms, "share": sh} for r, ms, sh in self.region_table()],
+            "model_prediction": bool(self.device is not None and self.device.kind == "simulated"),
+        }
+
+    def write_run_dir(self) -> Optional[Path]:
+        """Write ``<run_dir>/rank<N>/summary.json``; returns the path (None if not started)."""
+        if not self._started:
+            return None
+        out = Path(self.config.run_dir) / f"rank{self.rank}"
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "summary.json").write_text(json.dumps(self.summary(), indent=1))
+        with open(out / "steps.jsonl", "w") as f:
+            for s in self.meter.steps:
+                f.write(json.dumps({"step": s.step, "gpu_time_ms": s.gpu_time_ms, "clock_changes": s.clock_changes,
+                                    "region_time_ms": s.region_time_ms}) + "\n")
+        with open(out / "windows.jsonl", "w") as f:
+            for w in self.meter.windows:
+                f.write(json.dumps({"first_step": w.first_step, "last_step": w.last_step, "energy_j": w.energy_j,
+                                    "duration_s": w.duration_s, "gpu_time_ms_per_step": w.gpu_time_ms_per_step}) + "\n")
+        return out
+
+
+def format_region_table(rows, step_ms: Optional[float] = None, simulated: bool = False) -> str:
+    """A plain-text table of GPU time per region."""
+    lines = []
+    if simulated:
+        lines.append("(model prediction: simulated H100)")
+    lines.append(f"{'region':<44} {'GPU ms/step':>12} {'share':>7}")
+    for region, ms, share in rows:
+        lines.append(f"{region:<44} {ms:>12.3f} {share:>6.1%}")
+    total = sum(r[1] for r in rows)
+    lines.append(f"{'total':<44} {total:>12.3f}")
+    if step_ms:
+        lines.append(f"{'measured step time':<44} {step_ms:>12.3f}")
+    return "\n".join(lines)

@@ -1,0 +1,248 @@
+"""Region GPU times from markers, and device energy attributed to steps and windows.
+
+Times: each boundary's marker opens a stretch that belongs to the innermost open region, so the
+regions' exclusive times add up to the step's GPU time. Steps are resolved once the GPU has
+reached their end marker (no synchronisation of the training thread).
+
+Energy: the counter refreshes every 100 ms and a read costs about 4 ms on an H100, so a
+background thread samples it and step and window boundaries are placed on that series by the
+host time at which the GPU reached them. The simulated device's counter is cheap and lives on
+its virtual timeline, so it is read at the boundaries directly.
+"""
+from __future__ import annotations
+
+import bisect
+import threading
+import time
+from collections import defaultdict, deque
+from dataclasses import dataclass, field
+from typing import Callable, Optional
+
+from .devices.base import Marker
+from .events import StepRecord, WindowRecord
+
+
+class EnergySeries:
+    """(time, counter) points at which the energy counter changed; linear in between."""
+
+    def __init__(self) -> None:
+        self.t_s: list[float] = []
+        self.energy_mj: list[float] = []
+        self._lock = threading.Lock()
+
+    def add(self, t_s: float, energy_mj: float) -> None:
+        with self._lock:
+            if self.energy_mj and energy_mj == self.energy_mj[-1]:
+                return
+            if self.t_s and t_s <= self.t_s[-1]:
+                return
+            self.t_s.append(t_s)
+            self.energy_mj.append(energy_mj)
+
+    def covers(self, t_s: float) -> bool:
+        with self._lock:
+            return bool(self.t_s) and self.t_s[-1] >= t_s and self.t_s[0] <= t_s
+
+    def at(self, t_s: float) -> Optional[float]:
+        with self._lock:
+            if not self.t_s or t_s < self.t_s[0] or t_s > self.t_s[-1]:
+                return None
+            i = bisect.bisect_left(self.t_s, t_s)
+            if self.t_s[i] == t_s or i == 0:
+                return self.energy_mj[i]
+            t0, t1 = self.t_s[i - 1], self.t_s[i]
+            e0, e1 = self.energy_mj[i - 1], self.energy_mj[i]
+            return e0 + (e1 - e0) * (t_s - t0) / (t1 - t0)
+
+    def trim_before(self, t_s: float) -> None:
+        with self._lock:
+            i = max(0, bisect.bisect_left(self.t_s, t_s) - 1)
+            del self.t_s[:i]
+            del self.energy_mj[:i]
+
+
+class EnergySampler:
+    """Reads a slow energy counter on its own thread; keeps the points where it changed."""
+
+    def __init__(self, device, series: EnergySeries, period_s: float = 0.05):
+        self.device = device
+        self.series = series
+        self.period_s = period_s
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="kdvfs-energy", daemon=True)
+        self.reads = 0
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join(timeout=5.0)
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            t0 = time.perf_counter()
+            try:
+                value = self.device.energy_mj()
+            except Exception:
+                return  # no counter on this device: windows simply carry no energy
+            t1 = time.perf_counter()
+            self.reads += 1
+            # The new value appeared somewhere in the last period; its midpoint is the best guess.
+            self.series.add(0.5 * (t0 + t1) - 0.5 * self.period_s, value)
+            self._stop.wait(max(0.0, self.period_s - (t1 - t0)))
+
+
+@dataclass
+class _Step:
+    step: int
+    marks: list = field(default_factory=list)  # (Marker, region active from here on)
+    end: Optional[Marker] = None
+    t_begin_s: Optional[float] = None
+    t_end_s: Optional[float] = None
+    clock_changes: int = 0
+    record: Optional[StepRecord] = None
+
+
+class Meter:
+    """Collects markers per step; resolves times and energy when the GPU has caught up."""
+
+    def __init__(self, device, *, window_steps: int = 10,
+                 on_step: Optional[Callable[[StepRecord], None]] = None,
+                 on_window: Optional[Callable[[WindowRecord], None]] = None,
+                 sample_energy_in_background: Optional[bool] = None):
+        self.device = device
+        self.window_steps = window_steps
+        self.on_step = on_step
+        self.on_window = on_window
+        self.series = EnergySeries()
+        background = device.kind != "simulated" if sample_energy_in_background is None else sample_energy_in_background
+        self.sampler = EnergySampler(device, self.series) if background else None
+        self._open: Optional[_Step] = None
+        self._pending: deque[_Step] = deque()
+        self._window: list[_Step] = []
+        self._lock = threading.Lock()
+        self.steps: list[StepRecord] = []
+        self.windows: list[WindowRecord] = []
+        self.region_totals_ms: dict[str, float] = defaultdict(float)
+        self.region_steps = 0
+        self.window_clocks: Callable[[], dict] = dict
+
+    def start(self) -> None:
+        if self.sampler is not None:
+            self.sampler.start()
+
+    def stop(self) -> None:
+        if self.sampler is not None:
+            self.sampler.stop()
+
+    # ------------------------------------------------------------------ training thread
+    def step_begin(self, step: int, marker: Marker, region: str) -> _Step:
+        self._open = _Step(step, [(marker, region)])
+        return self._open
+
+    def boundary(self, marker: Marker, region: str) -> None:
+        if self._open is not None:
+            self._open.marks.append((marker, region))
+
+    def count_change(self) -> None:
+        if self._open is not None:
+            self._open.clock_changes += 1
+
+    def step_end(self, marker: Marker) -> Optional[_Step]:
+        st, self._open = self._open, None
+        if st is None:
+            return None
+        st.end = marker
+        with self._lock:
+            self._pending.append(st)
+        return st
+
+    # ------------------------------------------------------------------ any thread
+    def reached(self, st: _Step, which: str, host_time_s: float, marker: Marker) -> None:
+        """A step's begin or end marker was reached (called by the actuator's worker)."""
+        t = marker.gpu_time_s()
+        if t is None:
+            t = host_time_s
+        elif self.sampler is None:
+            self.series.add(t, self.device.energy_mj())
+        if which == "begin":
+            st.t_begin_s = t
+        else:
+            st.t_end_s = t
+
+    def poll(self, wait: bool = False) -> list[StepRecord]:
+        """Resolve finished steps (and windows) whose markers the GPU has reached."""
+        done = []
+        while True:
+            with self._lock:
+                if not self._pending:
+                    break
+                st = self._pending[0]
+                if not wait and not st.end.query():
+                    break
+                self._pending.popleft()
+            if wait:
+                st.end.wait()
+            done.append(self._resolve(st))
+        self._close_windows(final=False)
+        return done
+
+    def _resolve(self, st: _Step) -> StepRecord:
+        region_ms: dict[str, float] = defaultdict(float)
+        marks = st.marks + [(st.end, None)]
+        for (m0, region), (m1, _) in zip(marks, marks[1:]):
+            region_ms[region] += m0.elapsed_ms(m1)
+        rec = StepRecord(st.step, sum(region_ms.values()), dict(region_ms), st.clock_changes)
+        st.record = rec
+        for k, v in region_ms.items():
+            self.region_totals_ms[k] += v
+        self.region_steps += 1
+        self.steps.append(rec)
+        self._window.append(st)
+        if self.on_step is not None:
+            self.on_step(rec)
+        return rec
+
+    def _energy_between(self, t0: Optional[float], t1: Optional[float]) -> Optional[float]:
+        if t0 is None or t1 is None:
+            return None
+        e0, e1 = self.series.at(t0), self.series.at(t1)
+        if e0 is None or e1 is None:
+            return None
+        return (e1 - e0) / 1e3
+
+    def _close_windows(self, final: bool) -> None:
+        while len(self._window) >= self.window_steps or (final and self._window):
+            chunk = self._window[: self.window_steps]
+            first, last = chunk[0], chunk[-1]
+            energy = self._energy_between(first.t_begin_s, last.t_end_s)
+            if energy is None and not final:
+                return  # the counter has not passed the window's end yet
+            self._window = self._window[len(chunk):]
+            if energy is None or first.t_begin_s is None or last.t_end_s is None:
+                continue
+            win = WindowRecord(first.step, last.step, energy, last.t_end_s - first.t_begin_s,
+                               sum(s.record.gpu_time_ms for s in chunk) / len(chunk), self.window_clocks())
+            self.windows.append(win)
+            if self.on_window is not None:
+                self.on_window(win)
+            self.series.trim_before(first.t_begin_s)
+
+    def finish(self) -> None:
+        """Resolve everything left (end of training: waiting is allowed now)."""
+        self.poll(wait=True)
+        if self.sampler is not None:
+            deadline = time.perf_counter() + 0.3
+            while self._window and time.perf_counter() < deadline:
+                self._close_windows(final=False)
+                if self._window:
+                    time.sleep(0.05)
+        self._close_windows(final=True)
+
+    def region_table(self) -> list[tuple[str, float, float]]:
+        """(region, mean GPU ms per step, share of step) over every resolved step."""
+        n = max(1, self.region_steps)
+        total = sum(self.region_totals_ms.values()) or 1.0
+        rows = [(r, v / n, v / total) for r, v in self.region_totals_ms.items()]
+        return sorted(rows, key=lambda r: -r[1])

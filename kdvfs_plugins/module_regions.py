@@ -1,0 +1,91 @@
+"""Kernel-group regions from module hooks (forward pre/post, full backward pre/post).
+
+Region names are module paths with layer indices folded (``layers.*.mlp``), inside the phase
+that is open when the module runs, so every layer shares one region and one set of clocks.
+The model is used through ``nn.Module``'s public methods only; no framework is imported.
+"""
+from __future__ import annotations
+
+from typing import Iterable
+
+from .regions import BACKWARD, FORWARD, fold_module_path
+
+
+def _is_block_list(module) -> bool:
+    children = list(module.children())
+    kinds = {type(c) for c in children}
+    return len(children) >= 2 and len(kinds) == 1 and type(module).__name__ in ("ModuleList", "Sequential")
+
+
+def select_modules(model, depth="auto") -> list[tuple[str, object]]:
+    """The (path, module) pairs that become kernel-group regions."""
+    named = list(model.named_modules())
+    if depth != "auto":
+        return [(p, m) for p, m in named if p and p.count(".") + 1 == depth]
+    block_lists = [p for p, m in named if _is_block_list(m)]
+    if not block_lists:
+        return [(p, m) for p, m in model.named_children()]
+    chosen = []
+    blocks = {f"{bl}.{name}" if bl else name for bl in block_lists for name, _ in dict(named)[bl].named_children()}
+    ancestors = set()
+    for bl in block_lists:
+        parts = bl.split(".") if bl else []
+        ancestors.update(".".join(parts[:i]) for i in range(len(parts) + 1))
+    for path, m in named:
+        if not path:
+            continue
+        parent = path.rpartition(".")[0]
+        if parent in blocks:
+            chosen.append((path, m))  # a block's direct child: attention, MLP, norms
+        elif parent in ancestors and path not in ancestors and path not in blocks:
+            chosen.append((path, m))  # a sibling of the layer stack: embeddings, final norm, head
+    return chosen
+
+
+class ModuleRegions:
+    """Installs and removes the hooks that report kernel-group regions to an engine."""
+
+    def __init__(self, engine, model, depth="auto", backward: bool = True):
+        self.engine = engine
+        self.model = model
+        self.depth = depth
+        self.backward = backward
+        self._handles: list = []
+
+    def install(self) -> "ModuleRegions":
+        for path, module in select_modules(self.model, self.depth):
+            self._hook(fold_module_path(path), module)
+        return self
+
+    def _hook(self, group: str, module) -> None:
+        eng = self.engine
+
+        def name(default_phase: str) -> str:
+            return f"{eng.current_phase or default_phase}/{group}"
+
+        def fwd_pre(mod, args):
+            eng.region_enter(name(FORWARD))
+
+        def fwd_post(mod, args, out):
+            eng.region_exit(name(FORWARD))
+
+        self._handles.append(module.register_forward_pre_hook(fwd_pre))
+        self._handles.append(module.register_forward_hook(fwd_post))
+        if self.backward:
+            def bwd_pre(mod, grad_output):
+                eng.region_enter(name(BACKWARD))
+
+            def bwd_post(mod, grad_input, grad_output):
+                eng.region_exit(name(BACKWARD))
+
+            self._handles.append(module.register_full_backward_pre_hook(bwd_pre))
+            self._handles.append(module.register_full_backward_hook(bwd_post))
+
+    def remove(self) -> None:
+        for h in self._handles:
+            h.remove()
+        self._handles.clear()
+
+    @property
+    def groups(self) -> Iterable[str]:
+        return sorted({fold_module_path(p) for p, _ in select_modules(self.model, self.depth)})
