@@ -19,7 +19,7 @@ import time
 from pathlib import Path
 from typing import Callable, Optional
 
-from .errors import GpuBusyError
+from .errors import GpuBusyError, NoPermissionError
 from .log import logger
 
 _SIGNALS = (signal.SIGINT, signal.SIGTERM)
@@ -48,11 +48,25 @@ class ClockGuard:
         self._fd: Optional[int] = None
         self._dirty = False
         self._closed = False
+        #: A dead writer's state file that could not be restored (no permission) and must survive.
+        self._inherited = False
         self._previous_handlers: dict = {}
 
     # ------------------------------------------------------------------ ownership
     def acquire(self) -> None:
         """Become the GPU's one writer; restore what a crashed writer left behind."""
+        self._take_lock()
+        try:
+            self._restore_stale()
+        except BaseException:
+            self._drop_lock()
+            raise
+        atexit.register(self.release)
+        if self.handle_signals and threading.current_thread() is threading.main_thread():
+            for sig in _SIGNALS:
+                self._previous_handlers[sig] = signal.signal(sig, self._on_signal)
+
+    def _take_lock(self) -> None:
         self.state_dir.mkdir(parents=True, exist_ok=True)
         fd = os.open(self.lock_path, os.O_RDWR | os.O_CREAT, 0o644)
         try:
@@ -64,28 +78,59 @@ class ClockGuard:
         os.ftruncate(fd, 0)
         os.write(fd, str(os.getpid()).encode())
         self._fd = fd
-        if self.state_path.exists():
-            stale = _read_json(self.state_path)
+
+    def _drop_lock(self) -> None:
+        if self._fd is not None:
+            with contextlib.suppress(OSError):
+                fcntl.flock(self._fd, fcntl.LOCK_UN)
+                os.close(self._fd)
+            self._fd = None
+
+    def _restore_stale(self, *, quiet: bool = False) -> Optional[dict]:
+        """Reset clocks a dead writer left locked (we hold the lock). Returns its record, if any."""
+        if not self.state_path.exists():
+            return None
+        stale = _read_json(self.state_path)
+        stale.setdefault("state_file", str(self.state_path))
+        if not quiet:
             logger.warning(
                 "GPU %s: process %s left clocks locked (%s); restoring them now",
                 self.uuid, stale.get("pid", "?"), self.state_path,
             )
+        try:
             self.device.reset_clocks()
-            self.state_path.unlink(missing_ok=True)
-        atexit.register(self.release)
-        if self.handle_signals and threading.current_thread() is threading.main_thread():
-            for sig in _SIGNALS:
-                self._previous_handlers[sig] = signal.signal(sig, self._on_signal)
+        except NoPermissionError as exc:
+            if quiet:
+                raise
+            # This run may still measure (observe); the file stays so that a permitted
+            # `kdvfs reset` can finish the job later.
+            logger.warning("GPU %s stays locked: %s Run `kdvfs reset` with permission.", self.uuid, exc)
+            self._inherited = True
+            return stale
+        self.state_path.unlink(missing_ok=True)
+        return stale
 
     def write(self, change: Callable[[], None]) -> bool:
         """Run a clock change unless the guard has closed. Records the change first."""
         with self._lock:
             if self._closed:
                 return False
-            if not self._dirty:
+            first = not self._dirty
+            if first:
                 self._record()
                 self._dirty = True
-            change()
+            try:
+                change()
+            except NoPermissionError:
+                # Permission covers both locks, so a refused first write changed nothing.
+                if first and not self._inherited:
+                    self.state_path.unlink(missing_ok=True)
+                    self._dirty = False
+                raise
+            if self._closed:
+                # A signal handler on this thread released the guard while the change ran.
+                self.device.reset_clocks()
+                self.state_path.unlink(missing_ok=True)
             return True
 
     def _record(self) -> None:
@@ -105,7 +150,10 @@ class ClockGuard:
         with self._lock:
             if self._dirty:
                 self.device.reset_clocks()
-                self.state_path.unlink(missing_ok=True)
+                # After a fall back to observe the reset above wrote nothing: keep a record that
+                # this run did not create.
+                if not self._inherited or self.device.kind == "nvml":
+                    self.state_path.unlink(missing_ok=True)
                 self._dirty = False
 
     def release(self) -> None:
@@ -117,11 +165,7 @@ class ClockGuard:
                 self.restore()
             finally:
                 self._closed = True
-                if self._fd is not None:
-                    with contextlib.suppress(OSError):
-                        fcntl.flock(self._fd, fcntl.LOCK_UN)
-                        os.close(self._fd)
-                    self._fd = None
+                self._drop_lock()
                 self._restore_handlers()
                 with contextlib.suppress(Exception):
                     atexit.unregister(self.release)
@@ -163,8 +207,8 @@ def _read_json(path: Path) -> dict:
         return {}
 
 
-def stale_states(state_dir: str | os.PathLike) -> list[dict]:
-    """State files whose writer is gone (their lock is free): GPUs left with locked clocks."""
+def all_states(state_dir: str | os.PathLike) -> list[dict]:
+    """Every state file, each with ``alive``: whether its writer still holds the GPU's lock."""
     out = []
     for state in sorted(Path(state_dir).glob("gpu-*.json")):
         lock = state.with_suffix(".lock")
@@ -172,11 +216,38 @@ def stale_states(state_dir: str | os.PathLike) -> list[dict]:
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             fcntl.flock(fd, fcntl.LOCK_UN)
+            alive, owner = False, None
         except BlockingIOError:
-            continue  # its writer is alive and will restore it
+            alive, owner = True, _read_pid(fd)
         finally:
             os.close(fd)
         rec = _read_json(state)
         rec["state_file"] = str(state)
+        rec["alive"] = alive
+        if alive:
+            rec["owner_pid"] = owner
         out.append(rec)
     return out
+
+
+def stale_states(state_dir: str | os.PathLike) -> list[dict]:
+    """State files whose writer is gone (their lock is free): GPUs left with locked clocks."""
+    return [rec for rec in all_states(state_dir) if not rec["alive"]]
+
+
+def reclaim(device, state_dir: str | os.PathLike, *, force: bool = False) -> Optional[dict]:
+    """Restore a GPU that a dead writer left locked, holding its lock meanwhile (``kdvfs reset``).
+
+    Returns the dead writer's record, or None when there was none. ``force`` resets the locked
+    clocks even without a record. GpuBusyError if a live writer owns the GPU; NoPermissionError
+    if this process may not write clocks.
+    """
+    guard = ClockGuard(device, state_dir, handle_signals=False)
+    guard._take_lock()
+    try:
+        rec = guard._restore_stale(quiet=True)
+        if rec is None and force:
+            device.reset_clocks()
+        return rec
+    finally:
+        guard._drop_lock()

@@ -7,6 +7,7 @@ from ..errors import DeviceUnavailableError
 from ..hookspecs import hookimpl
 from ..log import logger
 from .base import Device, DeviceInfo, HostMarker, Marker
+from . import nvml as _nvml
 from .nvml import NvmlDevice, import_nvml, writes_permitted
 from .observe import ObserveDevice, observe_instead
 from .simulated import SimulatedDevice
@@ -22,17 +23,20 @@ def choose_kind(requested: str, nvml=None) -> tuple[str, str]:
     if requested != "auto":
         return requested, "as configured"
     try:
-        nvml = nvml or import_nvml()
-        nvml.nvmlInit()
+        nvml = nvml if nvml is not None else import_nvml()
+        # Through the shared count: a bare nvmlShutdown would end the session of an open device.
+        _nvml.nvml_init(nvml)
         try:
-            count = nvml.nvmlDeviceGetCount()
+            count = _nvml.nvml_gpu_count(nvml)
         finally:
-            nvml.nvmlShutdown()
+            _nvml.nvml_shutdown(nvml)
     except Exception as exc:  # any failure here means: no usable NVIDIA driver
-        return "simulated", f"no NVIDIA driver found ({type(exc).__name__}); using the virtual H100"
+        cause = getattr(exc, "__cause__", None) or exc
+        return "simulated", f"no NVIDIA driver found ({type(cause).__name__}); using the virtual H100"
     if count == 0:
         return "simulated", "NVML reports no GPU; using the virtual H100"
-    if writes_permitted():
+    # Looked up on the module so that one replacement (a test, a clock service) governs every caller.
+    if _nvml.writes_permitted():
         return "nvml", "NVML present and this process may set clocks"
     return "observe", (
         "NVML present but this process may not set clocks (needs root, or --cap-add SYS_ADMIN in a "

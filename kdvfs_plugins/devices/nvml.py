@@ -16,7 +16,8 @@ from ..errors import DeviceError, DeviceUnavailableError, InvalidClockError, NoP
 from .base import Device, DeviceInfo, Marker, make_real_marker_factory
 
 _init_lock = threading.Lock()
-_init_count = 0
+# Counted per NVML module: an injected module (a test double, another binding) has its own session.
+_init_counts: dict[int, int] = {}
 
 
 def import_nvml():
@@ -46,21 +47,28 @@ def _nvml_errors(nvml, what: str):
 
 
 def nvml_init(nvml) -> None:
-    global _init_count
     with _init_lock:
-        if _init_count == 0:
+        if _init_counts.get(id(nvml), 0) == 0:
             with _nvml_errors(nvml, "nvmlInit"):
                 nvml.nvmlInit()
-        _init_count += 1
+        _init_counts[id(nvml)] = _init_counts.get(id(nvml), 0) + 1
 
 
 def nvml_shutdown(nvml) -> None:
-    global _init_count
     with _init_lock:
-        _init_count = max(0, _init_count - 1)
-        if _init_count == 0:
-            with contextlib.suppress(Exception):
-                nvml.nvmlShutdown()
+        left = max(0, _init_counts.get(id(nvml), 0) - 1)
+        if left:
+            _init_counts[id(nvml)] = left
+            return
+        _init_counts.pop(id(nvml), None)
+        with contextlib.suppress(Exception):
+            nvml.nvmlShutdown()
+
+
+def nvml_gpu_count(nvml) -> int:
+    """Number of GPUs NVML sees (NVML must be initialised)."""
+    with _nvml_errors(nvml, "nvmlDeviceGetCount"):
+        return int(nvml.nvmlDeviceGetCount())
 
 
 def _text(v) -> str:
@@ -98,16 +106,39 @@ class NvmlDevice(Device):
 
     kind = "nvml"
 
-    def __init__(self, index: int = 0, nvml=None, marker_factory=None):
-        self.nvml = nvml or import_nvml()
+    def __init__(self, index: int = 0, nvml=None, marker_factory=None, *, nvml_index: Optional[int] = None):
+        """GPU ``index`` as CUDA numbers it; ``nvml_index`` instead names NVML's own numbering
+        (the ``kdvfs`` command works on every GPU, whatever CUDA_VISIBLE_DEVICES says)."""
+        self.nvml = nvml if nvml is not None else import_nvml()
         nvml_init(self.nvml)
-        self.index = index
-        self.nvml_index = nvml_index_for_local(index, self.nvml)
-        with self._errors("nvmlDeviceGetHandleByIndex"):
-            self.handle = self.nvml.nvmlDeviceGetHandleByIndex(self.nvml_index)
+        try:
+            self.index = index if nvml_index is None else nvml_index
+            self.nvml_index = nvml_index_for_local(index, self.nvml) if nvml_index is None else nvml_index
+            with self._errors(f"opening GPU {self.nvml_index} (nvmlDeviceGetHandleByIndex)"):
+                self.handle = self.nvml.nvmlDeviceGetHandleByIndex(self.nvml_index)
+        except BaseException:
+            nvml_shutdown(self.nvml)
+            raise
         self._marker_factory = marker_factory or make_real_marker_factory()
         self._info: Optional[DeviceInfo] = None
         self._closed = False
+
+    @classmethod
+    def open_by_uuid(cls, uuid: str, nvml=None, marker_factory=None) -> "NvmlDevice":
+        """The GPU whose NVML UUID is ``uuid`` (state files name GPUs by UUID: indices can change)."""
+        nvml = nvml if nvml is not None else import_nvml()
+        nvml_init(nvml)
+        try:
+            for i in range(nvml_gpu_count(nvml)):
+                with _nvml_errors(nvml, "nvmlDeviceGetUUID"):
+                    if _text(nvml.nvmlDeviceGetUUID(nvml.nvmlDeviceGetHandleByIndex(i))) == uuid:
+                        return cls(nvml=nvml, marker_factory=marker_factory, nvml_index=i)
+        finally:
+            nvml_shutdown(nvml)
+        raise DeviceUnavailableError(
+            f"no GPU with UUID {uuid} on this machine (`kdvfs info` lists them); "
+            "if the GPU was removed, delete its state file"
+        )
 
     def _errors(self, what: str):
         return _nvml_errors(self.nvml, what)
@@ -180,14 +211,25 @@ class NvmlDevice(Device):
 
 
 def writes_permitted() -> bool:
-    """Whether this process may set clocks: root, or CAP_SYS_ADMIN (bit 21 of CapEff)."""
-    if hasattr(os, "geteuid") and os.geteuid() == 0:
-        return True
+    """Whether this process may set clocks: the SYS_ADMIN capability (bit 21 of CapEff).
+
+    The capability decides, not the user id: root in a container started without
+    ``--cap-add SYS_ADMIN`` is refused by the driver. Only where the capabilities cannot be
+    read does root count as permitted.
+    """
+    caps = effective_capabilities()
+    if caps is not None:
+        return bool(caps >> 21 & 1)
+    return hasattr(os, "geteuid") and os.geteuid() == 0
+
+
+def effective_capabilities() -> Optional[int]:
+    """This process's effective capability mask, or None where the system does not show it."""
     try:
         with open("/proc/self/status") as f:
             for line in f:
                 if line.startswith("CapEff:"):
-                    return bool(int(line.split()[1], 16) >> 21 & 1)
-    except OSError:
+                    return int(line.split()[1], 16)
+    except (OSError, ValueError, IndexError):
         pass
-    return False
+    return None
