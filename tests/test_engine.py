@@ -161,3 +161,18 @@ def test_a_change_overtaken_by_a_later_reached_one_is_skipped():
     act.stop()
     assert [c for _, c in dev.requests] == [ClockPair(1200, 2619)]
     assert act.changes_skipped == 1
+
+
+def test_energy_windows_come_from_the_100_ms_counter(tmp_path):
+    eng, dev = sim_engine(tmp_path, durations=[0.02], window_steps=2, mode="observe")
+    run_steps(eng, 10)  # 9 stretches of about 20 ms: about 0.18 s a step
+    eng.close()
+    wins = eng.meter.windows
+    assert len(wins) >= 4 and all(w.steps == 2 for w in wins)
+    # the counter moves in 100 ms steps, so a 0.36 s window is known to about +-0.1 s of power
+    truth = dev.gpu.true_energy_j if hasattr(dev.gpu, "true_energy_j") else None
+    for w in wins:
+        assert 70 < w.avg_power_w < 760
+    total = sum(w.energy_j for w in wins)
+    if truth is not None:
+        assert total == pytest.approx(truth, rel=0.15)
