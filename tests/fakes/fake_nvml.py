@@ -10,6 +10,7 @@ from __future__ import annotations
 import fcntl
 import json
 import os
+import threading
 import time
 from contextlib import contextmanager
 from pathlib import Path
@@ -42,7 +43,8 @@ class NVMLError(Exception):
         super().__init__(value)
 
     def __str__(self):
-        return {2: "Invalid Argument", 3: "Not Supported", 4: "Insufficient Permissions"}.get(self.value, f"error {self.value}")
+        return {2: "Invalid Argument", 3: "Not Supported", 4: "Insufficient Permissions",
+                12: "NVML Shared Library Not Found"}.get(self.value, f"error {self.value}")
 
 
 def _sub(name, code):
@@ -77,11 +79,17 @@ class FakeNvml:
     NVML_CLOCK_SM = NVML_CLOCK_SM
     NVML_CLOCK_MEM = NVML_CLOCK_MEM
 
-    def __init__(self, gpus: int = 1, privileged: bool = True, state_path: str | os.PathLike | None = None):
+    def __init__(self, gpus: int = 1, privileged: bool = True, state_path: str | os.PathLike | None = None,
+                 driver: bool = True):
         self.state_path = Path(state_path) if state_path else None
+        self.driver = driver
         self._mem_state = None
         self.calls: list[tuple] = []
         self._initialised = 0
+        # A signal handler may re-enter the fake on the thread that holds the file lock (a real
+        # driver call would simply finish first): let that thread in instead of deadlocking.
+        self._tlock = threading.RLock()
+        self._depth = 0
         if self.state_path is None or not self.state_path.exists():
             self._save({
                 "privileged": privileged,
@@ -99,18 +107,30 @@ class FakeNvml:
         if self.state_path is None:
             yield self._mem_state
             return
-        with open(self.state_path.with_suffix(".lock"), "a+") as lk:
-            fcntl.flock(lk, fcntl.LOCK_EX)
-            state = json.loads(self.state_path.read_text())
-            yield state
-            if write:
-                self.state_path.write_text(json.dumps(state))
+        with self._tlock:
+            lk = None
+            if self._depth == 0:
+                lk = open(self.state_path.with_suffix(".lock"), "a+")
+                fcntl.flock(lk, fcntl.LOCK_EX)
+            self._depth += 1
+            try:
+                state = json.loads(self.state_path.read_text())
+                yield state
+                if write:
+                    self._save(state)
+            finally:
+                self._depth -= 1
+                if lk is not None:
+                    lk.close()
 
     def _save(self, state):
         if self.state_path is None:
             self._mem_state = state
         else:
-            self.state_path.write_text(json.dumps(state))
+            # Atomic: a process killed mid-write, or a reader, never sees half a file.
+            tmp = self.state_path.with_name(f"{self.state_path.name}.{os.getpid()}.tmp")
+            tmp.write_text(json.dumps(state))
+            os.replace(tmp, self.state_path)
 
     @property
     def privileged(self) -> bool:
@@ -139,6 +159,8 @@ class FakeNvml:
             raise NVMLError(NVML_ERROR_UNINITIALIZED)
 
     def nvmlInit(self):
+        if not self.driver:
+            raise NVMLError(NVML_ERROR_LIBRARY_NOT_FOUND)
         self._initialised += 1
 
     def nvmlShutdown(self):

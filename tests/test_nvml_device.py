@@ -1,0 +1,121 @@
+"""NvmlDevice against the fake NVML's state: every write, every reset, every error mapping."""
+import time
+
+import pytest
+
+from kdvfs_plugins import ClockPair
+from kdvfs_plugins.devices import NvmlDevice
+from kdvfs_plugins.devices.base import HostMarker
+from kdvfs_plugins.errors import DeviceUnavailableError, InvalidClockError, NoPermissionError
+
+from fakes.fake_nvml import FakeNvml
+
+WRITES = ("sm_locked", "mem_locked")
+
+
+@pytest.fixture
+def fake():
+    return FakeNvml(gpus=2)
+
+
+def open_dev(fake, index=0):
+    return NvmlDevice(index, nvml=fake, marker_factory=HostMarker)
+
+
+def test_set_clocks_locks_memory_and_sm_clocks(fake):
+    dev = open_dev(fake)
+    dev.set_clocks(ClockPair(1500, 1593))
+    g = fake.gpu_state(0)
+    assert g["sm_locked"] == [1500, 1500] and g["mem_locked"] == [1593, 1593] and g["writes"] == 2
+    assert [c[0] for c in fake.calls] == ["mem_locked", "sm_locked"]  # memory first, as the driver wants
+    assert dev.current_clocks() == ClockPair(1500, 1593)
+    assert fake.gpu_state(1)["writes"] == 0  # the other GPU is untouched
+
+
+def test_reset_undoes_both_locks(fake):
+    dev = open_dev(fake)
+    dev.set_clocks(ClockPair(1005, 2619))
+    dev.reset_clocks()
+    g = fake.gpu_state(0)
+    assert g["sm_locked"] is None and g["mem_locked"] is None and g["writes"] == 4
+
+
+@pytest.mark.parametrize("clocks, named", [
+    (ClockPair(1234, 2619), "SM clock 1234 MHz"),
+    (ClockPair(1500, 2000), "memory clock 2000 MHz"),
+])
+def test_unsupported_clock_is_refused_before_any_nvml_write(fake, clocks, named):
+    dev = open_dev(fake)
+    with pytest.raises(InvalidClockError, match=named):
+        dev.set_clocks(clocks)
+    assert fake.calls == [] and fake.gpu_state(0)["writes"] == 0
+
+
+def test_no_permission_becomes_typed_error_with_how_to(fake):
+    fake.privileged = False
+    dev = open_dev(fake)
+    with pytest.raises(NoPermissionError) as err:
+        dev.set_clocks(ClockPair(1500, 2619))
+    msg = str(err.value)
+    assert "no permission" in msg and "root" in msg and "--cap-add SYS_ADMIN" in msg and "observe" in msg
+    with pytest.raises(NoPermissionError):
+        dev.reset_clocks()
+    g = fake.gpu_state(0)
+    assert g["sm_locked"] is None and g["mem_locked"] is None and g["writes"] == 0
+
+
+def test_info_reads_the_clock_table_and_limits(fake):
+    info = open_dev(fake, 1).info()
+    assert info.uuid == "GPU-fake-0001" and info.name.startswith("NVIDIA H100")
+    assert info.clocks.mem_mhz == (2619, 1593)
+    assert len(info.clocks.sm_mhz_by_mem[2619]) == 110 and info.clocks.sm_mhz_by_mem[1593][0] == 1980
+    assert info.clocks.default == ClockPair(1980, 2619)
+    assert info.power_limit_w == 700.0
+
+
+def test_energy_counter_grows(fake):
+    dev = open_dev(fake)
+    e0 = dev.energy_mj()
+    time.sleep(0.02)
+    assert dev.energy_mj() > e0
+    assert dev.power_mw() > 0
+
+
+def test_open_by_uuid_and_unknown_uuid(fake):
+    dev = NvmlDevice.open_by_uuid("GPU-fake-0001", nvml=fake, marker_factory=HostMarker)
+    assert dev.nvml_index == 1
+    dev.set_clocks(ClockPair(1500, 2619))
+    assert fake.gpu_state(1)["sm_locked"] == [1500, 1500] and fake.gpu_state(0)["writes"] == 0
+    with pytest.raises(DeviceUnavailableError, match="GPU-nope"):
+        NvmlDevice.open_by_uuid("GPU-nope", nvml=fake)
+
+
+def test_cuda_visible_devices_maps_to_nvml_index(fake, monkeypatch):
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "GPU-fake-0001")
+    assert open_dev(fake, 0).nvml_index == 1
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "1,0")
+    assert open_dev(fake, 1).nvml_index == 0
+    with pytest.raises(DeviceUnavailableError, match="not visible"):
+        open_dev(fake, 2)
+
+
+def test_nvml_sessions_are_counted_per_module():
+    # Two NVML modules in one process (two fakes here): closing a device of one must not end the
+    # other's session, and opening one must initialise it even while the other is open.
+    a, b = FakeNvml(), FakeNvml()
+    da = open_dev(a)
+    db = open_dev(b)
+    assert a._initialised == 1 and b._initialised == 1
+    da2 = open_dev(a)
+    da.close()
+    assert a._initialised == 1  # da2 still needs it
+    da2.set_clocks(ClockPair(1500, 2619))
+    da2.close()
+    db.close()
+    assert a._initialised == 0 and b._initialised == 0
+
+
+def test_failed_open_leaves_no_nvml_session(fake):
+    with pytest.raises(Exception):
+        NvmlDevice(nvml=fake, nvml_index=7)
+    assert fake._initialised == 0
