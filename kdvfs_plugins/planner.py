@@ -376,36 +376,40 @@ class _Units:
         return bool(np.all(runs[:-1] >= lim))
 
     def delta(self, x: np.ndarray, j: int):
-        """Step time and energy for every clock of name ``j`` with the other names as in ``x``."""
+        """Change of step time and energy for every clock of name ``j``, the others as in ``x``.
+
+        Only name j's units and their successors change cost. A switch's lag term vanishes when
+        the clocks are equal, so every term is a row sum or a count: O(units of j x clocks).
+        """
         uj = self.units_of_name[j]
         m, C = self.m, self.C
-        w = np.unique(np.concatenate([uj, (uj + 1) % m if self.periodic else uj[uj + 1 < m]]))
         in_j = np.zeros(m, dtype=bool)
         in_j[uj] = True
-        cand = np.arange(C)[:, None]
-        cur_new = np.where(in_j[w], cand, x[w])
         if self.periodic:
-            pw = (w - 1) % m
-            prev_old = x[pw]
-            prev_new = np.where(in_j[pw], cand, x[pw])
+            pu = (uj - 1) % m
+            a = uj[~in_j[pu]]  # entered from another name
+            pa = x[(a - 1) % m]
+            v = (uj + 1) % m
         else:
-            pw = w - 1
-            prev_old = np.where(pw >= 0, x[np.maximum(pw, 0)], self.s0)
-            prev_new = np.where(pw >= 0, np.where(in_j[np.maximum(pw, 0)], cand, prev_old), self.s0)
-        prev_new = np.broadcast_to(prev_new, cur_new.shape)
+            pu = uj - 1
+            entered = (pu < 0) | ~in_j[np.maximum(pu, 0)]
+            a = uj[entered]
+            pa = np.where(a > 0, x[np.maximum(a - 1, 0)], self.s0)
+            v = uj[uj + 1 < m] + 1
+        v = v[~in_j[v]]  # left into another name
+        xv = x[v]
+        n_sw = (len(a) - np.bincount(pa, minlength=C)) + (len(v) - np.bincount(xv, minlength=C))
 
-        def tau(prev, cur):
-            sw = prev != cur
-            t = self.T[w, cur] + sw * self.sw_t
-            e = self.E[w, cur] + sw * self.sw_e
-            if self.lagT is not None:
-                t = t + sw * (self.lagT[w, prev] - self.lagT[w, cur])
-                e = e + sw * (self.lagE[w, prev] - self.lagE[w, cur])
-            return t.sum(-1), e.sum(-1)
+        def f(tab, lag, per_switch):
+            out = tab[uj].sum(0) + per_switch * n_sw
+            if lag is not None:
+                out = out + (lag[a, pa].sum() - lag[a].sum(0)) + (lag[v].sum(0) - lag[v, xv].sum())
+            return out
 
-        t_old, e_old = tau(prev_old, x[w])
-        t_new, e_new = tau(prev_new, cur_new)
-        return t_new - t_old, e_new - e_old
+        ft = f(self.T, self.lagT, self.sw_t)
+        fe = f(self.E, self.lagE, self.sw_e)
+        cur = x[uj[0]]
+        return ft - ft[cur], fe - fe[cur]
 
     # ---- relaxed dynamic programme -------------------------------------------------------------
 
@@ -624,8 +628,11 @@ def plan(problem: PlanningProblem, *, granularity: str = "kernel", objective: st
     search = _Search(units, objective, budget_s)
 
     # Seeds: every one-clock plan (always interval-feasible), and the coarser plans.
-    for c in range(C):
-        search.offer(np.full(k, c, dtype=np.intp))
+    # One clock everywhere has no switch inside the step, so every such plan is interval-feasible.
+    one = np.repeat(np.arange(C, dtype=np.intp)[:, None], k, axis=1)
+    t1, e1, _ = units.evaluate(one[:, units.name_of_unit])
+    ex1, ob1 = search.key(t1, e1)
+    search.offer(one[np.lexsort((ob1, ex1))[0]])
     lam_found = 0.0
     if granularity != "iteration":
         coarser = "pass" if granularity == "kernel" else "iteration"
@@ -680,10 +687,10 @@ def _enumerate(search: _Search, k: int, C: int, chunk: int = 4096) -> None:
 
 def _lagrangian(search: _Search, units: _Units, objective: str, budget_s: float) -> tuple[float, float]:
     """Dual search with DP; offers repaired relaxed plans; returns (lower bound, multiplier)."""
-    d = units.s0
-    scale = _lam_scale(units, d)
+    scale = _lam_scale(units, units.s0)
     lams_all: list[np.ndarray] = []
     vals_all: list[np.ndarray] = []
+    points: dict[float, tuple[float, float]] = {}  # lam -> relaxed (time, energy) of its path
     candidates: list[np.ndarray] = []
 
     def run(lams):
@@ -691,32 +698,48 @@ def _lagrangian(search: _Search, units: _Units, objective: str, budget_s: float)
         v, X = units.dp(np.ones_like(lams), lams)
         lams_all.append(lams)
         vals_all.append(v)
-        for y in units.to_names(X):
-            candidates.append(y)
+        t, e, _ = units.evaluate(X, wrap=False)
+        for i, lam in enumerate(lams):
+            points[float(lam)] = (float(t[i]), float(e[i]))
+        candidates.extend(units.to_names(X))
         return v
 
-    grid = np.concatenate([[0.0], scale * np.geomspace(1e-3, 1e3, 11)])
+    # A coarse geometric grid around the default power, then the multiplier is refined where the
+    # relaxed step time crosses the budget, by the slope between the two bracketing solutions
+    # (the next breakpoint of the concave dual), falling back to bisection.
+    grid = np.concatenate([[0.0], scale * np.geomspace(1e-2, 1e2, 7)])
+    run(grid)
     if objective in ("strict", "relaxed"):
-        lams = grid
-        for _ in range(3):
-            v = run(lams)
-            g = v - lams * budget_s
-            i = int(np.argmax(g))
-            lo = lams[i - 1] if i > 0 else 0.0
-            hi = lams[i + 1] if i + 1 < len(lams) else lams[i] * 10.0
-            lams = np.linspace(lo, hi, 10)[1:-1]
+        if points[grid[-1]][0] > budget_s:
+            run(scale * np.geomspace(1e3, 1e6, 4))
+        for _ in range(8):
+            lams = sorted(points)
+            feas = [lam for lam in lams if points[lam][0] <= budget_s * (1 + _TIME_RTOL)]
+            infeas = [lam for lam in lams if points[lam][0] > budget_s * (1 + _TIME_RTOL)]
+            if not feas or not infeas or min(feas) == 0.0:
+                break
+            hi = min(feas)
+            lo = max(lam for lam in infeas if lam < hi) if any(lam < hi for lam in infeas) else 0.0
+            (t_lo, e_lo), (t_hi, e_hi) = points[lo], points[hi]
+            nxt = (e_hi - e_lo) / (t_lo - t_hi) if t_lo > t_hi else math.nan
+            if not (lo < nxt < hi) or nxt in points:
+                if nxt in points or hi - lo <= 1e-9 * hi:
+                    break  # the bracketing solutions meet at the breakpoint: the dual optimum
+                nxt = 0.5 * (lo + hi)
+            run([nxt])
         lam_all = np.concatenate(lams_all)
         g_all = np.concatenate(vals_all) - lam_all * budget_s
         i = int(np.argmax(g_all))
         lower, lam = float(g_all[i]), float(lam_all[i])
     else:
-        run(grid)
         t_min = float(units.dp(np.zeros(1), np.ones(1), paths=False)[0][0])
         _offer_all(search, candidates)
         for _ in range(2):
             t, e = search.best_te
             lam0 = e / t
-            run(lam0 * np.linspace(0.7, 1.4, 8))
+            # Dinkelbach step: the edp optimum minimises energy + (E*/T*) * time.
+            run(lam0 * np.array([0.9, 1.0, 1.1]))
+            _offer_all(search, candidates)
         lam_all = np.concatenate(lams_all)
         v_all = np.concatenate(vals_all)
         lower = _edp_bound(lam_all, v_all, t_min)
@@ -726,7 +749,7 @@ def _lagrangian(search: _Search, units: _Units, objective: str, budget_s: float)
     return lower, lam
 
 
-def _offer_all(search: _Search, candidates: list[np.ndarray], n_polish: int = 3) -> None:
+def _offer_all(search: _Search, candidates: list[np.ndarray], n_polish: int = 2) -> None:
     seen = search.seen
     fresh = []
     for y in candidates:
