@@ -87,7 +87,7 @@ class VirtualGPU:
         self._lock: Optional[ClockPair] = None
         # Controller state: windowed average of power curves; starts as if idle for a long time.
         self._mix = np.full_like(self.model.grid_sm_mhz, self.model.idle_power_w())
-        self._idle_since: Optional[float] = 0.0
+        self._idle_since: Optional[float] = -p.idle_hold_s  # idle since long before t=0
         self._counter_mj = 0
         #: (virtual time, counter mJ) at every refresh, for readers that need the exact instants.
         self.counter_history: list[tuple[float, int]] = []

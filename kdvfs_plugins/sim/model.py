@@ -325,6 +325,7 @@ class H100Model:
         fixed-point iteration over the time weights, which change with the clock.
         """
         p = self.params
+        items = self._grouped(items)
         ceiling = float(p.sm_max_mhz)
         for _ in range(8):
             num = np.zeros_like(self.grid_sm_mhz)
@@ -346,6 +347,37 @@ class H100Model:
                 return new
             ceiling = new
         return ceiling
+
+    def _grouped(self, items) -> list[tuple[Work, Optional[object]]]:
+        """Items merged per (class, lock): time is linear in a Work's duration, so this is exact."""
+        acc: dict = {}
+        for work, lock in items:
+            key = (self.class_of(work).name, lock)
+            acc[key] = acc.get(key, 0.0) + work.duration_s
+        return [(Work(name, d), lock) for (name, lock), d in acc.items()]
+
+    def mix_time_energy(self, items: Sequence[tuple[Work, Optional[object]]], gap_s: float = 0.0
+                        ) -> tuple[float, float, float]:
+        """Steady-state (time_s, energy_j, controller SM MHz) of a mix repeated back to back.
+
+        A noise-free shortcut for the virtual GPU's long-window behaviour: every item runs at its
+        lock lowered to the mix's controller clock (:meth:`mix_ceiling_sm_mhz`); gaps draw static
+        power at that clock. Switch latency is not modelled here.
+        """
+        p = self.params
+        items = self._grouped(items)
+        ceiling = self.mix_ceiling_sm_mhz(items, gap_s)
+        t = e = 0.0
+        for work, lock in items:
+            m = p.mem_max_mhz if lock is None else lock.mem_mhz
+            f = ceiling if lock is None else min(ceiling, lock.sm_mhz)
+            d = float(self.time_s(work, f, m))
+            t += d
+            e += d * float(self.power_w(work, f, m))
+        if gap_s > 0:
+            t += gap_s
+            e += gap_s * float(self.static_power_w(ceiling, p.mem_max_mhz))
+        return t, e, ceiling
 
     def work_from_counts(self, category: str, flops: float = 0.0, bytes: float = 0.0) -> Work:
         """A Work item with an H100-like duration for counted FLOPs and bytes.
