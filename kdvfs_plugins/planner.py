@@ -16,14 +16,17 @@ lands_late=False, stall_power_w=100.0)``
       so the first ``latency_s`` (measured at the default clock) of the region that follows the
       switch still runs at the previous clock: its time and energy are a mix of the two clocks.
       This is what makes switching into short regions worthless. The lag is not carried past the
-      end of that region (a region is a stretch of consecutive occurrences of one name).
-      ``energy_j_per_switch`` defaults to 0: the energy during the lag is already in the mix.
+      end of that region (a region is a stretch of consecutive occurrences of one name), and a
+      change cannot be issued before the previous one landed: the floor between switches is at
+      least ``latency_s`` (``effective_min_interval_s``). ``energy_j_per_switch`` defaults to 0:
+      the energy during the lag is already in the mix.
     - ``"hidden"`` (``hide_latency=True``): the actuator issues the change ``latency_s`` ahead of
       the boundary, so it lands on time; a switch costs only ``energy_j_per_switch`` (default
       ``latency_s * stall_power_w``, the price of the overlapping transition).
 
     ``min_interval_s``: every run of one clock that ends with a switch must last at least this
-    long (time at the run's own clock, idle gaps included) -- the actuator's floor between changes.
+    long (time at the run's own clock, idle gaps included) -- the actuator's floor between changes
+    (``effective_min_interval_s`` is the floor enforced).
 
 ``PlanningProblem(names, time_s, energy_j, clocks, default_index, gap_time_s=None,
 gap_energy_j=None, periodic=True)``
@@ -146,6 +149,14 @@ class SwitchModel:
     def time_s_per_switch(self) -> float:
         """Time a switch adds to the step (only a stall adds time directly)."""
         return self.latency_s if self.mode == "stall" else 0.0
+
+    @property
+    def effective_min_interval_s(self) -> float:
+        """The floor between switches the planner enforces. A late-landing change cannot be
+        followed by another before it has landed, so there the floor is at least ``latency_s``."""
+        if self.mode == "late":
+            return max(self.min_interval_s, self.latency_s)
+        return self.min_interval_s
 
     @property
     def energy_j(self) -> float:
@@ -299,7 +310,7 @@ class _Units:
         self.tdef = self.T[:, p.default_index]
         self.sw_t = switch.time_s_per_switch
         self.sw_e = switch.energy_j
-        self.min_int = float(switch.min_interval_s)
+        self.min_int = float(switch.effective_min_interval_s)
         self.lagT = self.lagE = None
         if switch.mode == "late" and switch.latency_s > 0:
             # The lag covers the first latency_s (default-clock time) of the fine region (block of
