@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import os
 import threading
+import weakref
 from typing import Optional
 
 from ..clocks import ClockPair, ClockTable
@@ -17,7 +18,8 @@ from .base import Device, DeviceInfo, Marker, make_real_marker_factory
 
 _init_lock = threading.Lock()
 # Counted per NVML module: an injected module (a test double, another binding) has its own session.
-_init_counts: dict[int, int] = {}
+# Weak keys: a module dropped with devices still open must not pass its count to a newcomer.
+_init_counts: "weakref.WeakKeyDictionary[object, int]" = weakref.WeakKeyDictionary()
 
 
 def import_nvml():
@@ -48,19 +50,19 @@ def _nvml_errors(nvml, what: str):
 
 def nvml_init(nvml) -> None:
     with _init_lock:
-        if _init_counts.get(id(nvml), 0) == 0:
+        if _init_counts.get(nvml, 0) == 0:
             with _nvml_errors(nvml, "nvmlInit"):
                 nvml.nvmlInit()
-        _init_counts[id(nvml)] = _init_counts.get(id(nvml), 0) + 1
+        _init_counts[nvml] = _init_counts.get(nvml, 0) + 1
 
 
 def nvml_shutdown(nvml) -> None:
     with _init_lock:
-        left = max(0, _init_counts.get(id(nvml), 0) - 1)
+        left = max(0, _init_counts.get(nvml, 0) - 1)
         if left:
-            _init_counts[id(nvml)] = left
+            _init_counts[nvml] = left
             return
-        _init_counts.pop(id(nvml), None)
+        _init_counts.pop(nvml, None)
         with contextlib.suppress(Exception):
             nvml.nvmlShutdown()
 
