@@ -15,6 +15,7 @@ from __future__ import annotations
 import atexit
 import functools
 import os
+import sys
 import time
 import weakref
 from typing import Any, Callable, Iterable, Optional
@@ -319,13 +320,10 @@ def _managed_accumulation(ds) -> bool:
 
 
 def _rank_and_world() -> tuple[int, int]:
-    try:
-        import deepspeed.comm as dist
-
-        if dist.is_initialized():
-            return dist.get_rank(), dist.get_world_size()
-    except ImportError:
-        pass
+    # An engine exists, so DeepSpeed is imported already; looking it up imports nothing.
+    dist = sys.modules.get("deepspeed.comm")
+    if dist is not None and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
     return int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
 
 
