@@ -12,7 +12,7 @@ from kdvfs_plugins.sim.trace import Trace
 
 @pytest.fixture(scope="module")
 def report():
-    return calibrate.calibration_report(load_params())
+    return calibrate.calibration_report(load_params(), standalone_s=0.3, steps=2)
 
 
 @pytest.fixture(scope="module")
@@ -50,7 +50,7 @@ def test_default_clocks_cap_gemms_not_copies():
 
 
 def test_shipped_fit_matches_a_fresh_fit():
-    fresh = calibrate.fit(window_s=load_params().power_window_s)
+    fresh = calibrate.fit(window_s=load_params().power_window_s, with_report=False)
     shipped = load_params()
     assert fresh.board_w == pytest.approx(shipped.board_w, rel=1e-6)
     for name, c in shipped.classes.items():

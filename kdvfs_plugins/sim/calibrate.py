@@ -140,7 +140,7 @@ def op_counts(op: dict) -> tuple[float, float]:
     return flops, nbytes
 
 
-def fit(window_s: Optional[float] = None, verbose: bool = False) -> ModelParams:
+def fit(window_s: Optional[float] = None, verbose: bool = False, with_report: bool = True) -> ModelParams:
     """Fit the parameters to the measured data; with ``window_s`` None, also pick the window."""
     data = h100_default_clocks()
     ops = data["ops_at_default_clocks"]
@@ -204,9 +204,8 @@ def fit(window_s: Optional[float] = None, verbose: bool = False) -> ModelParams:
                 best = (err, w)
         d["power_window_s"] = best[1]
 
-    params = ModelParams.from_dict(d)
-    report = calibration_report(params)
-    d["calibration"] = report
+    if with_report:
+        d["calibration"] = calibration_report(ModelParams.from_dict(d))
     d["what"] = ("Virtual H100 model parameters, fitted by `python -m kdvfs_plugins.sim.calibrate` to "
                  "data/h100-default-clocks.json. Predictions from this model are model predictions.")
     d["assumptions"] = {k: why for k, (_, why) in ASSUMED.items()}
@@ -220,7 +219,7 @@ def _with_dyn(d: dict, cls: str, dyn_w: float) -> dict:
     return d2
 
 
-def standalone(params: ModelParams, op_name: str) -> dict:
+def standalone(params: ModelParams, op_name: str, seconds: float = STANDALONE_S) -> dict:
     """Run one measured op back to back at default clocks on a noise-free virtual GPU."""
     from .gpu import VirtualGPU
 
@@ -236,7 +235,7 @@ def standalone(params: ModelParams, op_name: str) -> dict:
     t0, e0 = gpu.now_s, gpu.energy_j
     clocks = []
     n = 0
-    while gpu.now_s - t0 < STANDALONE_S:
+    while gpu.now_s - t0 < seconds:
         gpu.run(work)
         clocks.append(gpu.last_sm_mhz)
         n += 1
@@ -265,11 +264,12 @@ def gpt_step_at_default(params: ModelParams, steps: int = 4) -> dict:
     }
 
 
-def calibration_report(params: ModelParams) -> dict:
+def calibration_report(params: ModelParams, standalone_s: float = STANDALONE_S, steps: int = 4) -> dict:
+    """Model vs measured for every op (run alone for ``standalone_s``) and the GPT step."""
     data = h100_default_clocks()
     rows = {}
     for name, op in data["ops_at_default_clocks"].items():
-        r = standalone(params, name)
+        r = standalone(params, name, standalone_s)
         rows[name] = {
             "class": OP_TO_CLASS[name],
             "measured_us": op["us_per_call"],
@@ -282,7 +282,7 @@ def calibration_report(params: ModelParams) -> dict:
             "model_sm_mhz": round(r["median_sm_mhz"], 1),
         }
     g = data["gpt_training_step"]
-    s = gpt_step_at_default(params)
+    s = gpt_step_at_default(params, steps)
     rows["gpt_training_step"] = {
         "class": "trace",
         "measured_s": g["s_per_step"],
