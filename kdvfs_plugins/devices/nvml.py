@@ -121,7 +121,9 @@ class NvmlDevice(Device):
         except BaseException:
             nvml_shutdown(self.nvml)
             raise
-        self._marker_factory = marker_factory or make_real_marker_factory()
+        # Resolved at the first marker: choosing it imports torch, which `kdvfs info` and
+        # `kdvfs reset` never need.
+        self._marker_factory = marker_factory
         self._info: Optional[DeviceInfo] = None
         self._closed = False
 
@@ -185,6 +187,8 @@ class NvmlDevice(Device):
             return int(self.nvml.nvmlDeviceGetPowerUsage(self.handle))
 
     def marker(self) -> Marker:
+        if self._marker_factory is None:
+            self._marker_factory = make_real_marker_factory()
         return self._marker_factory()
 
     # ------------------------------------------------------------------ writes
