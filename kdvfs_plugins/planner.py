@@ -370,21 +370,30 @@ class _Units:
 
     def interval_ok(self, x: np.ndarray) -> bool:
         """Every run that ends with a switch lasts at least min_interval_s."""
+        return bool(self.interval_ok_batch(np.asarray(x)[None, :])[0])
+
+    def interval_ok_batch(self, X: np.ndarray) -> np.ndarray:
+        """``interval_ok`` for each row of ``X`` ``[batch, m]``: run sums by one bincount."""
+        B, m = X.shape
         if self.min_int <= 0:
-            return True
-        x = np.asarray(x)
-        sw = self._prev(x) != x
-        d = self.T[np.arange(self.m), x]
-        lim = self.min_int - 1e-9 * self.min_int
+            return np.ones(B, dtype=bool)
+        sw = self._prev(X) != X
+        d = self.T[np.arange(m), X]
+        rid = np.cumsum(sw, axis=1)  # run number of each unit
+        flat = (np.arange(B)[:, None] * (m + 1) + rid).ravel()
+        sums = np.bincount(flat, weights=d.ravel(), minlength=B * (m + 1)).reshape(B, m + 1)
+        last = rid[:, -1]
+        rows = np.arange(B)
         if self.periodic:
-            st = np.flatnonzero(sw)
-            if len(st) == 0:
-                return True
-            runs = np.add.reduceat(np.roll(d, -st[0]), st - st[0])
-            return bool(np.all(runs >= lim))
-        st = np.flatnonzero(sw[1:]) + 1
-        runs = np.add.reduceat(d, np.concatenate([[0], st]))
-        return bool(np.all(runs[:-1] >= lim))
+            # Units before the first switch close the cyclic run that the last switch opens.
+            sums[rows, last] += np.where(last > 0, sums[:, 0], 0.0)
+            lo, hi = np.ones(B, dtype=np.intp), last
+        else:
+            lo, hi = rid[:, 0], last - 1  # the step's last run ends without a switch
+        ids = np.arange(m + 1)[None, :]
+        check = (ids >= lo[:, None]) & (ids <= hi[:, None])
+        lim = self.min_int - 1e-9 * self.min_int
+        return np.all((sums >= lim) | ~check, axis=1)
 
     def delta(self, x: np.ndarray, j: int):
         """Change of step time and energy for every clock of name ``j``, the others as in ``x``.
@@ -594,18 +603,20 @@ class _Search:
                 nt, ne = t + dt, e + de
                 ex, ob = self.key(nt, ne)
                 ex0, ob0 = (float(v) for v in self.key(t, e))
-                cands = np.lexsort((ob, ex))
-                for c in cands:
-                    if (ex[c], ob[c]) >= (ex0, ob0 - 1e-12 * abs(ob0)) or c == y[j]:
-                        break
-                    x_try = x.copy()
-                    x_try[u.units_of_name[j]] = c
-                    if u.interval_ok(x_try):
-                        y[j] = c
-                        x = x_try
-                        t, e = float(nt[c]), float(ne[c])
-                        improved = True
-                        break
+                cands = np.lexsort((ob, ex))[:16]
+                better = (ex[cands] < ex0) | ((ex[cands] == ex0) & (ob[cands] < ob0 - 1e-12 * abs(ob0)))
+                cands = cands[better & (cands != y[j])]
+                if len(cands) == 0:
+                    continue
+                X_try = np.repeat(x[None, :], len(cands), axis=0)
+                X_try[:, u.units_of_name[j]] = cands[:, None]
+                ok = np.flatnonzero(u.interval_ok_batch(X_try))
+                if len(ok):
+                    c = int(cands[ok[0]])
+                    y[j] = c
+                    x = X_try[ok[0]]
+                    t, e = float(nt[c]), float(ne[c])
+                    improved = True
             if not improved:
                 break
         self.offer(y)
