@@ -60,6 +60,9 @@ class KdvfsConfig:
     #: Clock switch latency the planner assumes; None uses the device's measured or default figure.
     switch_latency_ms: Optional[float] = None
     warmup_steps: int = 3
+    #: Record every region boundary on one step in N (1: every step). Other steps mark only the
+    #: boundaries where clocks change, which keeps the CPU cost per step small.
+    profile_every_n_steps: int = 10
     window_steps: int = 10
     #: Slowdown that exploration may cost, averaged over the exploration phase.
     explore_max_slowdown: float = 0.02
@@ -222,6 +225,7 @@ _CHECKS = {
     "min_switch_interval_ms": _number(0.0, 10000.0),
     "switch_latency_ms": _number(0.0, 10000.0, optional=True),
     "warmup_steps": _number(0, 100000, integer=True),
+    "profile_every_n_steps": _number(1, 1_000_000, integer=True),
     "window_steps": _number(1, 100000, integer=True),
     "explore_max_slowdown": _number(0.0, 1.0),
     "explore_max_steps": _number(1, 10_000_000, integer=True),

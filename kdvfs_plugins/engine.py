@@ -27,6 +27,10 @@ from .policy import PlanPolicy, as_clocks
 from .regions import STEP
 
 
+#: "leave the clocks as they are" (observe mode chooses nothing).
+_KEEP = object()
+
+
 class Engine:
     """One per rank (per GPU). Build, :meth:`start` before training, :meth:`close` after."""
 
@@ -51,6 +55,9 @@ class Engine:
         self._closed = False
         self.changes: list[ClockChange] = []
         self._hook = self.pm.hook
+        #: Whether this step records every boundary (a profiled step) or only clock changes.
+        self.profiling = True
+        self._region_hooks = False
 
     # ------------------------------------------------------------------ lifecycle
     @property
@@ -61,6 +68,11 @@ class Engine:
     def current_phase(self) -> Optional[str]:
         """The open phase region (forward, backward, ...), if any."""
         return self._stack[1].partition("/")[0] if len(self._stack) > 1 else None
+
+    @property
+    def profiling_or_switching(self) -> bool:
+        """Whether module boundaries matter in this step: it is profiled, or clocks differ by region."""
+        return self.profiling or self.config.mode != "observe"
 
     @property
     def wants_module_regions(self) -> bool:
@@ -86,12 +98,14 @@ class Engine:
         )
         self.meter = Meter(self.device, window_steps=cfg.window_steps, on_step=self._on_step, on_window=self._on_window)
         self.meter.window_clocks = self._window_clocks
+        self.meter.warmup_steps = cfg.warmup_steps
         self.meter.start()
         self.session = SessionInfo(
             framework=self.framework, rank=self.rank, local_rank=self.local_rank, world_size=self.world_size,
             device_kind=self.device.kind, device_name=info.name, device_index=self.local_rank,
             mode=cfg.mode, run_dir=cfg.run_dir,
         )
+        self._region_hooks = bool(self._hook.kdvfs_region_enter.get_hookimpls() or self._hook.kdvfs_region_exit.get_hookimpls())
         self._started = True
         if self.plan is not None:
             self._hook.kdvfs_plan_ready.call_historic(kwargs=dict(plan=self.plan))
@@ -159,9 +173,11 @@ class Engine:
             self.step_end()
         self.step = self.step + 1 if step is None else step
         self._in_step = True
+        after_warmup = self.step - self.config.warmup_steps
+        self.profiling = self._region_hooks or (after_warmup >= 0 and after_warmup % self.config.profile_every_n_steps == 0)
         self._stack = [STEP]
         marker = self.device.marker()
-        st = self.meter.step_begin(self.step, marker, STEP)
+        st = self.meter.step_begin(self.step, marker, STEP, profiled=self.profiling)
         self.actuator.stamp(marker, lambda t, st=st, m=marker: self.meter.reached(st, "begin", t, m))
         self._apply(marker, STEP)
 
@@ -181,6 +197,22 @@ class Engine:
         self._stack.pop()
         self._boundary(name, False)
 
+    def region_switch(self, name: str) -> None:
+        """Enter ``name`` in place of the kernel group now open in the same phase.
+
+        For boundaries known only as starts (backward gradients arriving at a module's output):
+        the previous group ends where the next begins.
+        """
+        if not (self.active and self._in_step):
+            return
+        top = self._stack[-1]
+        if "/" in top and top.partition("/")[0] == name.partition("/")[0]:
+            if top == name:
+                return
+            self._stack.pop()
+        self._stack.append(name)
+        self._boundary(name, True)
+
     def step_end(self) -> list[StepRecord]:
         """Close the step; returns the steps the GPU has finished since the last call."""
         if not (self.active and self._in_step):
@@ -193,19 +225,28 @@ class Engine:
         return self.meter.poll()
 
     def _boundary(self, name: str, enter: bool) -> None:
-        marker = self.device.marker()
         current = self._stack[-1]
-        self.meter.boundary(marker, current)
-        if self._hook.kdvfs_region_enter.get_hookimpls() or self._hook.kdvfs_region_exit.get_hookimpls():
+        clocks = self._choose(current)
+        change = clocks is not _KEEP and clocks != self.actuator.requested
+        if not (self.profiling or change):
+            return  # nothing to time and nothing to change: no marker, no cost
+        marker = self.device.marker()
+        if self.profiling:
+            self.meter.boundary(marker, current)
+        if self._region_hooks:
             ev = RegionEvent(name, self.step, enter, time.perf_counter())
             (self._hook.kdvfs_region_enter if enter else self._hook.kdvfs_region_exit)(event=ev)
-        self._apply(marker, current)
+        if change and self.actuator.submit(marker, clocks, current, self.step):
+            self.meter.count_change()
+
+    def _choose(self, region: str):
+        if self.config.mode == "observe":
+            return _KEEP
+        return as_clocks(self._hook.kdvfs_choose_clocks(region=region, step=self.step))
 
     def _apply(self, marker, region: str) -> None:
-        if self.config.mode == "observe":
-            return
-        clocks = as_clocks(self._hook.kdvfs_choose_clocks(region=region, step=self.step))
-        if self.actuator.submit(marker, clocks, region, self.step):
+        clocks = self._choose(region)
+        if clocks is not _KEEP and self.actuator.submit(marker, clocks, region, self.step):
             self.meter.count_change()
 
     # ------------------------------------------------------------------ callbacks

@@ -102,6 +102,7 @@ class _Step:
     t_end_s: Optional[float] = None
     clock_changes: int = 0
     record: Optional[StepRecord] = None
+    profiled: bool = True
 
 
 class Meter:
@@ -127,6 +128,8 @@ class Meter:
         self.region_totals_ms: dict[str, float] = defaultdict(float)
         self.region_steps = 0
         self.window_clocks: Callable[[], dict] = dict
+        #: Steps before this one are left out of the region table (allocator and autotuning warm-up).
+        self.warmup_steps = 0
 
     def start(self) -> None:
         if self.sampler is not None:
@@ -137,8 +140,8 @@ class Meter:
             self.sampler.stop()
 
     # ------------------------------------------------------------------ training thread
-    def step_begin(self, step: int, marker: Marker, region: str) -> _Step:
-        self._open = _Step(step, [(marker, region)])
+    def step_begin(self, step: int, marker: Marker, region: str, profiled: bool = True) -> _Step:
+        self._open = _Step(step, [(marker, region)], profiled=profiled)
         return self._open
 
     def boundary(self, marker: Marker, region: str) -> None:
@@ -179,7 +182,9 @@ class Meter:
                 if not self._pending:
                     break
                 st = self._pending[0]
-                if not wait and not st.end.query():
+                # t_end_s is set by the actuator's worker once it has handled every earlier job,
+                # so no queued clock change still waits on a marker about to be reused.
+                if not wait and (st.t_end_s is None or not st.end.query()):
                     break
                 self._pending.popleft()
             if wait:
@@ -193,11 +198,15 @@ class Meter:
         marks = st.marks + [(st.end, None)]
         for (m0, region), (m1, _) in zip(marks, marks[1:]):
             region_ms[region] += m0.elapsed_ms(m1)
-        rec = StepRecord(st.step, sum(region_ms.values()), dict(region_ms), st.clock_changes)
+        rec = StepRecord(st.step, sum(region_ms.values()), dict(region_ms) if st.profiled else {}, st.clock_changes)
+        # the begin and end markers stay with the step (energy stamps); the rest can be reused
+        self.device.release_markers([m for m, _ in st.marks[1:]])
+        st.marks = st.marks[:1]
         st.record = rec
-        for k, v in region_ms.items():
-            self.region_totals_ms[k] += v
-        self.region_steps += 1
+        if st.profiled and st.step >= self.warmup_steps:
+            for k, v in region_ms.items():
+                self.region_totals_ms[k] += v
+            self.region_steps += 1
         self.steps.append(rec)
         self._window.append(st)
         if self.on_step is not None:
@@ -241,7 +250,7 @@ class Meter:
         self._close_windows(final=True)
 
     def region_table(self) -> list[tuple[str, float, float]]:
-        """(region, mean GPU ms per step, share of step) over every resolved step."""
+        """(region, mean GPU ms per step, share of step) over the profiled steps after warm-up."""
         n = max(1, self.region_steps)
         total = sum(self.region_totals_ms.values()) or 1.0
         rows = [(r, v / n, v / total) for r, v in self.region_totals_ms.items()]

@@ -1,4 +1,5 @@
-"""Kernel-group regions from module hooks (forward pre/post, full backward pre/post).
+"""Kernel-group regions from module hooks: forward pre/post hooks, and in backward a gradient
+hook on each module's output.
 
 Region names are module paths with layer indices folded (``layers.*.mlp``), inside the phase
 that is open when the module runs, so every layer shares one region and one set of clocks.
@@ -64,22 +65,30 @@ class ModuleRegions:
             return f"{eng.current_phase or default_phase}/{group}"
 
         def fwd_pre(mod, args):
-            eng.region_enter(name(FORWARD))
+            if eng.profiling_or_switching:
+                eng.region_enter(name(FORWARD))
+
+        def fwd_post(mod, args, out):
+            if not eng.profiling_or_switching:
+                return
+            eng.region_exit(name(FORWARD))
+
+        def bwd_start(grad):
+            eng.region_switch(name(BACKWARD))
 
         def fwd_post(mod, args, out):
             eng.region_exit(name(FORWARD))
+            # The module's backward starts when the gradient of its output arrives. A tensor hook
+            # marks that point at a fraction of the CPU cost of a full backward hook, which wraps
+            # every input and output in an extra autograd node; the group then lasts until the
+            # next group's gradient arrives.
+            if self.backward and eng.active:
+                t = out[0] if isinstance(out, (tuple, list)) and out else out
+                if getattr(t, "requires_grad", False):
+                    t.register_hook(bwd_start)
 
         self._handles.append(module.register_forward_pre_hook(fwd_pre))
         self._handles.append(module.register_forward_hook(fwd_post))
-        if self.backward:
-            def bwd_pre(mod, grad_output):
-                eng.region_enter(name(BACKWARD))
-
-            def bwd_post(mod, grad_input, grad_output):
-                eng.region_exit(name(BACKWARD))
-
-            self._handles.append(module.register_full_backward_pre_hook(bwd_pre))
-            self._handles.append(module.register_full_backward_hook(bwd_post))
 
     def remove(self) -> None:
         for h in self._handles:

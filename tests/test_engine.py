@@ -53,7 +53,7 @@ class TimelineDevice(SimulatedDevice):
 
 def test_region_times_are_exclusive_and_sum_to_the_step(tmp_path):
     dev = TimelineDevice()
-    eng = Engine(KdvfsConfig.from_dict({"mode": "observe", "run_dir": str(tmp_path)}), device=dev).start()
+    eng = Engine(KdvfsConfig.from_dict({"mode": "observe", "run_dir": str(tmp_path), "warmup_steps": 0}), device=dev).start()
     rec = run_steps(eng, 1)[0]
     eng.close()
     # markers: step, fwd, mlp, /mlp, /fwd, bwd, /bwd, opt, /opt, end -> stretches of 1..9 ms
@@ -164,7 +164,7 @@ def test_a_change_overtaken_by_a_later_reached_one_is_skipped():
 
 
 def test_energy_windows_come_from_the_100_ms_counter(tmp_path):
-    eng, dev = sim_engine(tmp_path, durations=[0.02], window_steps=2, mode="observe")
+    eng, dev = sim_engine(tmp_path, durations=[0.02], window_steps=2, mode="observe", profile_every_n_steps=1, warmup_steps=0)
     run_steps(eng, 10)  # 9 stretches of about 20 ms: about 0.18 s a step
     eng.close()
     wins = eng.meter.windows
