@@ -194,7 +194,6 @@ def _killed_run(fake, path):
     return proc.pid
 
 
-@pytest.mark.slow
 def test_sigkill_then_kdvfs_reset_restores(shared_fake):
     fake, path = shared_fake
     pid = _killed_run(fake, path)
