@@ -14,6 +14,16 @@ def toy_config(**overrides):
     return TransformerConfig(num_layers=2, hidden_size=HIDDEN, num_attention_heads=1, **overrides)
 
 
+class Block(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(HIDDEN, HIDDEN)
+        self.act = nn.ReLU()
+
+    def forward(self, x):
+        return self.act(self.fc(x))
+
+
 class ToyModel(nn.Module):
     """What the schedules ask of a model: ``config``, ``model_type``, ``set_input_tensor``, and
     for ``finalize_model_grads`` a ``finish_grad_sync`` (Megatron's DDP has one; a single
@@ -25,7 +35,7 @@ class ToyModel(nn.Module):
         super().__init__()
         self.config = config if config is not None else toy_config()
         self.model_type = ModelType.encoder_or_decoder
-        self.layers = nn.ModuleList(nn.Linear(HIDDEN, HIDDEN) for _ in range(2))
+        self.layers = nn.ModuleList(Block() for _ in range(2))
         self.head = nn.Linear(HIDDEN, 1)
         self.input_tensor = None
         self.grad_syncs = 0
@@ -38,7 +48,7 @@ class ToyModel(nn.Module):
 
     def forward(self, x):
         for layer in self.layers:
-            x = torch.relu(layer(x))
+            x = layer(x)
         return self.head(x)
 
 
