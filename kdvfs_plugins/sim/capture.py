@@ -1,0 +1,171 @@
+"""Record a training step's kernels, tagged by kdvfs region, in the trace CSV format.
+
+The training code marks regions with :func:`region` (a ``torch.profiler.record_function`` range
+named ``kdvfs:<region>``); :func:`record` runs the step function under ``torch.profiler`` with each
+step in a ``kdvfs_step:<n>`` range and writes ``step, phase, category, kernel, start_us, dur_us,
+region``. On a GPU the ranges also appear on the GPU timeline (as user annotations), so kernels are
+tagged by the range they run inside, not by when the CPU enqueued them.
+
+The conversion from profiler events to rows, :func:`events_to_rows`, is a pure function over
+plain records so it can be tested without a GPU. torch is imported only when recording.
+"""
+from __future__ import annotations
+
+import csv
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Iterable, Optional, Sequence, Union
+
+from ..regions import Region
+
+REGION_PREFIX = "kdvfs:"
+STEP_PREFIX = "kdvfs_step:"
+COLUMNS = ("step", "phase", "category", "kernel", "start_us", "dur_us", "region")
+
+# Kernel name patterns -> trace category, first match wins (names as CUDA/cuBLAS/cuDNN report them).
+_KERNEL_CATEGORIES = [
+    (r"^Memset|^aten::(zeros|ones|fill|zero_|new_zeros)", "memset"),
+    (r"^Memcpy", "memcpy"),
+    (r"flash|fmha|sdpa|attention|_attn", "attention"),
+    (r"nvjet|gemm|cutlass|cublas|sm90_xmma|ampere_.*s16816|mm_|matmul|addmm|\bmm\b|bmm|conv|aten::linear", "gemm"),
+    (r"layer_norm|LayerNorm|rms_norm|RmsNorm|GammaBeta|batch_norm", "layernorm"),
+    (r"softmax|SoftMax|nll_loss|cross_entropy", "softmax_loss"),
+    (r"gelu|Gelu|GELU|silu|Silu", "gelu"),
+    (r"multi_tensor_apply|adam|Adam|sgd|_foreach", "optimizer"),
+    (r"embedding|Embedding", "embedding"),
+    (r"reduce_kernel|Reduce|reduce|sum_|norm|aten::(sum|mean|amax|max|var)\b", "reduce"),
+    (r"copy|Copy|cast|to_copy|clone|cat_|CatArray", "copy_cast"),
+]
+_KERNEL_RES = [(re.compile(p), c) for p, c in _KERNEL_CATEGORIES]
+
+
+def categorize_kernel(name: str) -> str:
+    """Trace category of a kernel (or CPU op) name."""
+    for rx, cat in _KERNEL_RES:
+        if rx.search(name):
+            return cat
+    return "elementwise"
+
+
+@dataclass(frozen=True)
+class Span:
+    """A named interval on one timeline, in microseconds."""
+
+    name: str
+    start_us: float
+    dur_us: float
+
+    @property
+    def end_us(self) -> float:
+        return self.start_us + self.dur_us
+
+
+def events_to_rows(kernels: Iterable[Span], ranges: Iterable[Span],
+                   categorize: Callable[[str], str] = categorize_kernel) -> list[dict]:
+    """Turn kernels and kdvfs ranges (one timeline) into trace rows.
+
+    Each kernel belongs to the innermost ``kdvfs:<region>`` range that contains its midpoint and to
+    the ``kdvfs_step:<n>`` range around it; kernels outside every step range are dropped. The
+    phase is the region's phase (``step`` when outside any region). ``start_us`` counts from the
+    first kernel of the step's range, as in the shipped trace.
+    """
+    ranges = list(ranges)
+    steps = sorted((r for r in ranges if r.name.startswith(STEP_PREFIX)), key=lambda r: r.start_us)
+    regions = [r for r in ranges if r.name.startswith(REGION_PREFIX)]
+    rows: list[dict] = []
+    by_step: dict[int, list[tuple[Span, str]]] = {}
+    for k in sorted(kernels, key=lambda s: s.start_us):
+        mid = k.start_us + k.dur_us / 2
+        step = next((s for s in steps if s.start_us <= mid <= s.end_us), None)
+        if step is None:
+            continue
+        inside = [r for r in regions if r.start_us <= mid <= r.end_us]
+        region = min(inside, key=lambda r: r.dur_us).name[len(REGION_PREFIX):] if inside else "step"
+        by_step.setdefault(int(step.name[len(STEP_PREFIX):]), []).append((k, region))
+    for idx in sorted(by_step):
+        items = by_step[idx]
+        t0 = items[0][0].start_us
+        for k, region in items:
+            rows.append({
+                "step": idx,
+                "phase": Region.parse(region).phase,
+                "category": categorize(k.name),
+                "kernel": k.name.replace(",", ";")[:80],
+                "start_us": round(k.start_us - t0, 3),
+                "dur_us": round(k.dur_us, 3),
+                "region": region,
+            })
+    return rows
+
+
+def write_csv(rows: Sequence[dict], out: Union[str, Path]) -> Path:
+    out = Path(out)
+    with out.open("w", newline="") as fh:
+        w = csv.DictWriter(fh, fieldnames=COLUMNS)
+        w.writeheader()
+        w.writerows(rows)
+    return out
+
+
+def region(name: str):
+    """Context manager that marks a kdvfs region for the recorder (``with region("forward"): ...``)."""
+    import torch
+
+    Region.parse(name)  # reject malformed names early
+    return torch.profiler.record_function(REGION_PREFIX + name)
+
+
+def profiler_spans(events, device: str = "cuda") -> tuple[list[Span], list[Span]]:
+    """(kernels, kdvfs ranges) from ``prof.events()``.
+
+    ``device="cuda"``: kernels are GPU events and ranges their GPU-timeline annotations (CPU
+    ranges if the annotations are missing). ``device="cpu"``: CPU ops stand in for kernels (to
+    test the pipeline without a GPU); outermost aten ops only, so nested ops are not counted twice.
+    """
+    kernels: list[Span] = []
+    ranges_gpu: list[Span] = []
+    ranges_cpu: list[Span] = []
+    for e in events:
+        name = e.name
+        start, dur = float(e.time_range.start), float(e.time_range.elapsed_us())
+        on_gpu = "cuda" in str(getattr(e, "device_type", "")).lower()
+        if name.startswith((REGION_PREFIX, STEP_PREFIX)):
+            (ranges_gpu if on_gpu else ranges_cpu).append(Span(name, start, dur))
+        elif device == "cuda" and on_gpu:
+            kernels.append(Span(name, start, dur))
+        elif device == "cpu" and not on_gpu and name.startswith("aten::"):
+            parent = getattr(e, "cpu_parent", None)
+            if parent is None or not parent.name.startswith("aten::"):
+                kernels.append(Span(name, start, dur))
+    return kernels, (ranges_gpu if (device == "cuda" and ranges_gpu) else ranges_cpu)
+
+
+def record(step_fn: Callable[[int], object], steps: int = 2, warmup_steps: int = 1,
+           out: Optional[Union[str, Path]] = None, device: str = "cuda") -> list[dict]:
+    """Profile ``steps`` calls of ``step_fn(i)`` (after ``warmup_steps`` unprofiled ones) into rows.
+
+    Regions inside the step are marked with :func:`region`. Writes the CSV to ``out`` if given.
+    """
+    import torch
+    from torch.profiler import ProfilerActivity, profile, record_function
+
+    from ..errors import DeviceUnavailableError
+
+    if device == "cuda" and not torch.cuda.is_available():
+        raise DeviceUnavailableError("recording GPU kernels needs a CUDA GPU; use device='cpu' "
+                                     "(kdvfs trace --cpu) to record CPU ops instead")
+    for i in range(warmup_steps):
+        step_fn(i)
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device == "cuda" else [])
+    with profile(activities=activities) as prof:
+        for i in range(steps):
+            with record_function(f"{STEP_PREFIX}{i}"):
+                step_fn(warmup_steps + i)
+            if device == "cuda":
+                torch.cuda.synchronize()
+    kernels, ranges = profiler_spans(prof.events(), device)
+    rows = events_to_rows(kernels, ranges)
+    if out is not None:
+        write_csv(rows, out)
+    return rows
