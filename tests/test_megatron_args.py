@@ -157,3 +157,18 @@ def test_chain_providers_calls_each_in_order_and_skips_none():
     args = megatron_parser(provider).parse_args(["--other-flag", "--kernel-dvfs"])
     assert seen == ["other", "nothing"]
     assert args.other_flag and args.kernel_dvfs
+
+
+def test_overhead_benchmark_parses_the_kdvfs_flags():
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "bench_megatron_overhead.py"
+    spec = importlib.util.spec_from_file_location("bench_megatron_overhead", path)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    args = bench.build_parser().parse_args(["--tiny", "--kernel-dvfs", "--kernel-dvfs-mode", "observe",
+                                            "--kernel-dvfs-device", "observe"])
+    bench.apply_tiny_defaults(args)
+    assert (args.steps, args.block_steps, args.num_layers) == (24, 4, 2)
+    assert config_from_args(args).device == "observe"

@@ -151,9 +151,12 @@ def test_kernel_granularity_adds_module_regions(world, tmp_path):
     names = entered(rec)
     assert names[:6] == ["forward", "forward/layers.*.fc", "forward/layers.*.act", "forward/layers.*.fc",
                          "forward/layers.*.act", "forward/head"]
-    assert names[6:] == ["backward", "backward/head", "backward/layers.*.act", "backward/layers.*.fc",
-                         "backward/layers.*.act", "backward/layers.*.fc", "communication/grads", "communication/grads",
-                         "communication/grads", "communication/grads", "optimizer"]
+    # Backward groups are the core's business (how it detects them may change); the adapter's
+    # part is that they fall inside the backward phase, before gradient sync and the optimizer.
+    tail = names[6:]
+    assert tail[0] == "backward" and tail[-5:] == ["communication/grads"] * 4 + ["optimizer"]
+    assert {n.partition("/")[0] for n in tail[1:-5]} == {"backward"}
+    assert {"backward/head", "backward/layers.*.fc"} <= set(tail)
     kdvfs_megatron.uninstall()
     rec.events.clear()
     train_step(model, opt, toy_batches(1), num_microbatches=1)
