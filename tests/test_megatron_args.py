@@ -172,3 +172,23 @@ def test_overhead_benchmark_parses_the_kdvfs_flags():
     bench.apply_tiny_defaults(args)
     assert (args.steps, args.block_steps, args.num_layers) == (24, 4, 2)
     assert config_from_args(args).device == "observe"
+
+
+def test_every_timer_of_the_installed_megatron_is_mapped():
+    """Timer names are the adapter's contract with Megatron: a renamed timer must fail here."""
+    import importlib
+    import re
+    from pathlib import Path
+
+    pytest.importorskip("megatron.core")
+    from kdvfs_megatron import GRADS_REGION, PIPELINE_REGION, REGION_OF_TIMER
+
+    def timer_names(module):
+        return set(re.findall(r"timers\('([a-z-]+)'", Path(importlib.import_module(module).__file__).read_text()))
+
+    p2p = timer_names("megatron.core.pipeline_parallel.p2p_communication")
+    assert p2p and all(REGION_OF_TIMER.get(n) == PIPELINE_REGION for n in p2p), p2p
+    grads = timer_names("megatron.core.distributed.finalize_model_grads")
+    assert grads and all(REGION_OF_TIMER.get(n) == GRADS_REGION for n in grads), grads
+    assert timer_names("megatron.core.pipeline_parallel.schedules") == {"forward-compute", "backward-compute",
+                                                                         "forward-backward"}

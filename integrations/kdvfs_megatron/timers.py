@@ -41,6 +41,7 @@ REGION_OF_TIMER: dict[str, str] = {
     "backward-send-forward-recv": PIPELINE_REGION,
     "forward-send-forward-recv": PIPELINE_REGION,
     "backward-send-backward-recv": PIPELINE_REGION,
+    "forward-backward-send-forward-backward-recv": PIPELINE_REGION,
     "all-grads-sync": GRADS_REGION,
     "conditional-embedder-grads-all-reduce": GRADS_REGION,
     "non-tensor-parallel-grads-all-reduce": GRADS_REGION,
