@@ -181,7 +181,8 @@ class Actuator:
 
     def _note_error(self, msg: str) -> None:
         with self._lock:
+            first = not self.errors
             if len(self.errors) < 100:
                 self.errors.append(msg)
-        if len(self.errors) == 1:
+        if first:
             logger.warning("clock change failed: %s (further failures are counted, not printed)", msg)

@@ -86,6 +86,17 @@ class Engine:
         self._hook.kdvfs_configure.call_historic(kwargs=dict(config=cfg))
         if self.device is None:
             self.device = self._hook.kdvfs_make_device(config=cfg, index=self.local_rank)
+        try:
+            self._start_on_device(cfg)
+        except BaseException:
+            # Nothing was written yet, but the GPU's lock and the device session must not leak.
+            if self.guard is not None:
+                self.guard.release()
+            self.device.close()
+            raise
+        return self
+
+    def _start_on_device(self, cfg: KdvfsConfig) -> None:
         info = self.device.info()
         self._check_config_clocks(info)
         self.plan = self._initial_plan(info)
@@ -110,7 +121,6 @@ class Engine:
         if self.plan is not None:
             self._hook.kdvfs_plan_ready.call_historic(kwargs=dict(plan=self.plan))
         self._hook.kdvfs_session_start(session=self.session)
-        return self
 
     def _check_config_clocks(self, info) -> None:
         cfg = self.config
