@@ -18,6 +18,7 @@ import os
 import sys
 import time
 import weakref
+from collections import deque
 from typing import Any, Callable, Iterable, Optional
 
 from kdvfs_plugins.config import KdvfsConfig
@@ -78,7 +79,8 @@ class DeepSpeedAdapter:
         self.engine = Engine(config, framework="deepspeed", rank=rank, local_rank=local_rank, world_size=world,
                              plugins=tuple(plugins))
         self.pipeline = _is_pipeline(ds_engine)
-        self.records: list = []
+        #: Finished steps (the latest ones: a long run must not grow without bound).
+        self.records: deque = deque(maxlen=10_000)
         self._saved: list[tuple] = []  # (owner, name, had an instance attribute, old value, ours)
         self._modules: Optional[ModuleRegions] = None
         self._comm_depth = 0
@@ -88,6 +90,14 @@ class DeepSpeedAdapter:
     # ------------------------------------------------------------------ lifecycle
     def install(self) -> "DeepSpeedAdapter":
         self.engine.start()
+        try:
+            self._install()
+        except BaseException as exc:
+            self.close(exc)  # leave no half-wrapped engine and no changed clocks behind
+            raise
+        return self
+
+    def _install(self) -> None:
         ds = self.ds
         if self.pipeline:
             self._wrap(ds, "train_batch", self._train_batch)
@@ -106,7 +116,6 @@ class DeepSpeedAdapter:
             self._modules = ModuleRegions(self.engine, ds.module, self.config.module_depth).install()
         setattr(ds, ATTR, self)
         _LIVE.add(self)
-        return self
 
     def close(self, error: Optional[BaseException] = None) -> None:
         """Unwrap the engine, restore the clocks and write the run directory. Idempotent."""
