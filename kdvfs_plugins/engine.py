@@ -65,6 +65,11 @@ class Engine:
         return self._started and not self._closed
 
     @property
+    def in_step(self) -> bool:
+        """Whether a step is open (between step_begin and step_end)."""
+        return self._in_step
+
+    @property
     def current_phase(self) -> Optional[str]:
         """The open phase region (forward, backward, ...), if any."""
         return self._stack[1].partition("/")[0] if len(self._stack) > 1 else None

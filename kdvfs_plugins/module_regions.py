@@ -68,15 +68,12 @@ class ModuleRegions:
             if eng.profiling_or_switching:
                 eng.region_enter(name(FORWARD))
 
-        def fwd_post(mod, args, out):
-            if not eng.profiling_or_switching:
-                return
-            eng.region_exit(name(FORWARD))
-
         def bwd_start(grad):
             eng.region_switch(name(BACKWARD))
 
         def fwd_post(mod, args, out):
+            if not eng.profiling_or_switching:
+                return
             eng.region_exit(name(FORWARD))
             # The module's backward starts when the gradient of its output arrives. A tensor hook
             # marks that point at a fraction of the CPU cost of a full backward hook, which wraps

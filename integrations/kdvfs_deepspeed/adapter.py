@@ -176,7 +176,7 @@ class DeepSpeedAdapter:
             if self._closed or not self.ds.training or not _grad_enabled():
                 return original(*args, **kwargs)
             t0 = time.perf_counter()
-            if not eng._in_step:
+            if not eng.in_step:
                 eng.step_begin(self.ds.global_steps)
             eng.region_enter(FORWARD)
             self._overhead_s += time.perf_counter() - t0

@@ -96,7 +96,7 @@ class KernelDVFS(Callback):
         if eng is None:
             return
         t0 = time.perf_counter()
-        if not eng._in_step:
+        if not eng.in_step:
             eng.step_begin(trainer.global_step)
             self._stepped = False
         eng.region_enter(FORWARD)
