@@ -32,6 +32,8 @@ from megatron_fixtures.models import (  # noqa: E402
     ToyModel, gpt_batches, gpt_forward_step, tiny_gpt, toy_batches, toy_forward_step,
 )
 
+pytestmark = pytest.mark.filterwarnings("ignore::UserWarning:megatron")  # TE/Apex fallbacks, deprecations
+
 CLOCKS = ["--kernel-dvfs-device", "simulated", "--kernel-dvfs-sm-mhz", "1500", "--kernel-dvfs-mem-mhz", "2619"]
 
 
