@@ -70,6 +70,8 @@ class KdvfsConfig:
     log_every_n_steps: int = 1
     progress: Any = "auto"
     state_dir: str = field(default_factory=default_state_dir)
+    #: Unix socket of a kdvfsd clock service (default: $KDVFSD_SOCKET); clock writes go through it.
+    kdvfsd_socket: Optional[str] = None
     #: Simulated device: seeded noise and switch latency (None: the model's default).
     sim_noise: bool = True
     sim_seed: int = 0
@@ -232,6 +234,7 @@ _CHECKS = {
     "log_every_n_steps": _number(1, 1_000_000, integer=True),
     "progress": _progress,
     "state_dir": _str,
+    "kdvfsd_socket": _optional_str,
     "sim_noise": _bool,
     "sim_seed": _number(0, 2**31 - 1, integer=True),
     "sim_switch_latency_ms": _number(0.0, 10000.0, optional=True),

@@ -10,15 +10,16 @@ from .base import Device, DeviceInfo, HostMarker, Marker
 from . import nvml as _nvml
 from .nvml import NvmlDevice, import_nvml, writes_permitted
 from .observe import ObserveDevice, observe_instead
+from .service import ServiceNvmlDevice, probe_service, service_socket_path
 from .simulated import SimulatedDevice
 
 __all__ = [
     "Device", "DeviceInfo", "Marker", "HostMarker", "NvmlDevice", "ObserveDevice", "SimulatedDevice",
-    "open_device", "choose_kind", "observe_instead",
+    "open_device", "choose_kind", "observe_instead", "ServiceNvmlDevice",
 ]
 
 
-def choose_kind(requested: str, nvml=None) -> tuple[str, str]:
+def choose_kind(requested: str, nvml=None, config=None) -> tuple[str, str]:
     """Resolve ``auto`` to a device kind. Returns (kind, why)."""
     if requested != "auto":
         return requested, "as configured"
@@ -35,6 +36,14 @@ def choose_kind(requested: str, nvml=None) -> tuple[str, str]:
         return "simulated", f"no NVIDIA driver found ({type(cause).__name__}); using the virtual H100"
     if count == 0:
         return "simulated", "NVML reports no GPU; using the virtual H100"
+    # A named clock service comes first, even for root: it keeps one writer per GPU machine-wide.
+    socket_path = service_socket_path(config)
+    if socket_path:
+        usable, why = probe_service(socket_path)
+        if usable:
+            return "nvml", why
+        if not _nvml.writes_permitted():
+            return "observe", f"{why}; measuring only"
     # Looked up on the module so that one replacement (a test, a clock service) governs every caller.
     if _nvml.writes_permitted():
         return "nvml", "NVML present and this process may set clocks"
@@ -52,6 +61,9 @@ def open_device(kind: str, index: int, *, nvml=None, config=None) -> Device:
             )
         return SimulatedDevice(index)
     if kind == "nvml":
+        socket_path = service_socket_path(config)
+        if socket_path and (not _nvml.writes_permitted() or probe_service(socket_path)[0]):
+            return ServiceNvmlDevice(index, nvml=nvml, socket_path=socket_path)
         return NvmlDevice(index, nvml=nvml)
     if kind == "observe":
         return ObserveDevice(index, nvml=nvml)
@@ -67,7 +79,7 @@ class BuiltinDevices:
 
     @hookimpl(trylast=True)
     def kdvfs_make_device(self, config, index):
-        kind, why = choose_kind(config.device, nvml=self.nvml)
+        kind, why = choose_kind(config.device, nvml=self.nvml, config=config)
         if not self._said:
             logger.info("device %s for GPU %d: %s", kind, index, why)
             self._said = True
