@@ -16,8 +16,6 @@ import statistics
 import time
 
 import torch
-from torch import nn
-from torch.nn import functional as F
 
 try:
     import lightning.pytorch as pl
@@ -25,72 +23,8 @@ except ImportError:
     import pytorch_lightning as pl
 
 from kdvfs_lightning import KernelDVFS
+from kdvfs_lightning.demo import GPT_350M, RandomTokens, TinyGPT
 from kdvfs_plugins.engine import format_region_table
-
-
-class Block(nn.Module):
-    def __init__(self, d: int, heads: int):
-        super().__init__()
-        self.heads = heads
-        self.ln_1 = nn.LayerNorm(d)
-        self.attn = SelfAttention(d, heads)
-        self.ln_2 = nn.LayerNorm(d)
-        self.mlp = nn.Sequential(nn.Linear(d, 4 * d), nn.GELU(approximate="tanh"), nn.Linear(4 * d, d))
-
-    def forward(self, x):
-        x = x + self.attn(self.ln_1(x))
-        return x + self.mlp(self.ln_2(x))
-
-
-class SelfAttention(nn.Module):
-    def __init__(self, d: int, heads: int):
-        super().__init__()
-        self.heads = heads
-        self.qkv = nn.Linear(d, 3 * d)
-        self.proj = nn.Linear(d, d)
-
-    def forward(self, x):
-        b, t, d = x.shape
-        q, k, v = self.qkv(x).view(b, t, 3, self.heads, d // self.heads).permute(2, 0, 3, 1, 4)
-        y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
-        return self.proj(y.transpose(1, 2).reshape(b, t, d))
-
-
-class GPT(pl.LightningModule):
-    def __init__(self, vocab: int, d: int, layers: int, heads: int, seq: int):
-        super().__init__()
-        self.wte = nn.Embedding(vocab, d)
-        self.wpe = nn.Embedding(seq, d)
-        self.layers = nn.ModuleList(Block(d, heads) for _ in range(layers))
-        self.ln_f = nn.LayerNorm(d)
-        self.head = nn.Linear(d, vocab, bias=False)
-
-    def forward(self, idx):
-        x = self.wte(idx) + self.wpe(torch.arange(idx.shape[1], device=idx.device))
-        for block in self.layers:
-            x = block(x)
-        return self.head(self.ln_f(x))
-
-    def training_step(self, batch, batch_idx):
-        idx, target = batch
-        return F.cross_entropy(self(idx).flatten(0, 1).float(), target.flatten())
-
-    def configure_optimizers(self):
-        fused = self.device.type == "cuda"
-        return torch.optim.AdamW(self.parameters(), lr=1e-4, fused=fused)
-
-
-class Tokens(torch.utils.data.Dataset):
-    def __init__(self, n: int, seq: int, vocab: int):
-        self.n, self.seq, self.vocab = n, seq, vocab
-
-    def __len__(self):
-        return self.n
-
-    def __getitem__(self, i):
-        g = torch.Generator().manual_seed(i)
-        x = torch.randint(0, self.vocab, (self.seq + 1,), generator=g)
-        return x[:-1], x[1:]
 
 
 class BlockTimer(pl.Callback):
@@ -149,11 +83,11 @@ def main(argv=None) -> None:
         batch, args.precision = 4, "32-true"
         args.steps, args.warmup, args.rounds = min(args.steps, 5), min(args.warmup, 2), min(args.rounds, 2)
     else:
-        cfg = dict(vocab=50304, d=1024, layers=24, heads=16, seq=1024)
+        cfg = dict(GPT_350M)
         batch, args.precision = 8, "bf16-mixed"
-    model = GPT(**cfg)
+    model = TinyGPT(**cfg)
     params = sum(p.numel() for p in model.parameters())
-    loader = torch.utils.data.DataLoader(Tokens(10**6, cfg["seq"], cfg["vocab"]), batch_size=batch, num_workers=2)
+    loader = torch.utils.data.DataLoader(RandomTokens(10**6, cfg["seq"], cfg["vocab"]), batch_size=batch, num_workers=2)
     print(f"GPT: {params / 1e6:.0f} M parameters, {cfg['layers']} layers, d={cfg['d']}, seq {cfg['seq']}, batch {batch}, {args.precision}")
     with_s, without_s, last = [], [], None
     for r in range(args.rounds):

@@ -34,7 +34,13 @@ class Block(nn.Module):
         return x + self.mlp(self.ln_2(x))
 
 
+#: The GPT-style model of the GPU benchmarks and the shipped Lightning trace (about 350 M parameters).
+GPT_350M = dict(vocab=50304, d=1024, layers=24, heads=16, seq=1024)
+
+
 class TinyGPT(pl.LightningModule):
+    """A GPT-style model: tiny by default, ``TinyGPT(**GPT_350M)`` for GPU runs."""
+
     def __init__(self, vocab: int = 256, d: int = 64, layers: int = 2, heads: int = 4, seq: int = 32):
         super().__init__()
         self.wte = nn.Embedding(vocab, d)
@@ -51,10 +57,24 @@ class TinyGPT(pl.LightningModule):
 
     def training_step(self, batch, batch_idx):
         idx, target = batch
-        return F.cross_entropy(self(idx).flatten(0, 1), target.flatten())
+        return F.cross_entropy(self(idx).flatten(0, 1).float(), target.flatten())
 
     def configure_optimizers(self):
-        return torch.optim.AdamW(self.parameters(), lr=1e-3)
+        return torch.optim.AdamW(self.parameters(), lr=1e-4, fused=self.device.type == "cuda")
+
+
+class RandomTokens(torch.utils.data.Dataset):
+    """Endless-looking random token sequences, generated per item (no big tensor in memory)."""
+
+    def __init__(self, n: int, seq: int, vocab: int):
+        self.n, self.seq, self.vocab = n, seq, vocab
+
+    def __len__(self):
+        return self.n
+
+    def __getitem__(self, i):
+        x = torch.randint(0, self.vocab, (self.seq + 1,), generator=torch.Generator().manual_seed(i))
+        return x[:-1], x[1:]
 
 
 def random_tokens(n: int = 256, seq: int = 32, vocab: int = 256, seed: int = 0):
