@@ -83,6 +83,7 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--mode", default="auto", help="kdvfs mode")
     p.add_argument("--granularity", default="kernel", help="kdvfs granularity (kernel installs module hooks)")
     p.add_argument("--run-dir", default="kdvfs_runs/bench_deepspeed_overhead")
+    p.add_argument("--energy-period-ms", type=float, default=100.0, help="energy counter read period (0: off)")
     p.add_argument("--json", default=None, help="also write the results to this file")
     p.add_argument("--local_rank", type=int, default=-1, help="set by the deepspeed launcher")
     a = p.parse_args()
@@ -114,7 +115,8 @@ def main() -> None:
         "bf16": {"enabled": a.dtype == "bf16"},
         "gradient_clipping": 1.0,
         "steps_per_print": 10**9,
-        "kernel_dvfs": {"device": a.device, "mode": a.mode, "granularity": a.granularity, "run_dir": a.run_dir},
+        "kernel_dvfs": {"device": a.device, "mode": a.mode, "granularity": a.granularity, "run_dir": a.run_dir,
+                        "energy_sample_period_ms": a.energy_period_ms},
     }
     torch.manual_seed(0)
     model = GPT(a.vocab, a.width, a.layers, a.heads, a.seq + 1)

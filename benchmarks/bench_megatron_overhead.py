@@ -123,6 +123,11 @@ def build_model(args, device):
     )
     model = GPTModel(cfg, get_gpt_layer_local_spec(), vocab_size=args.vocab_size,
                      max_sequence_length=args.seq_length).to(device)
+    if dtype is torch.bfloat16:
+        # As Megatron's training loop does: the wrapper casts inputs and outputs around bf16 weights.
+        from megatron.core.transformer.module import Float16Module
+
+        model = Float16Module(cfg, model)
     # What pretrain() sets up: timers at --timing-log-level 0 and the gradient finaliser.
     cfg.timers = Timers(0, "minmax")
     cfg.finalize_model_grads_func = finalize_model_grads

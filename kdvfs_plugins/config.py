@@ -62,8 +62,10 @@ class KdvfsConfig:
     warmup_steps: int = 3
     #: Record every region boundary on one step in N (1: every step). Other steps mark only the
     #: boundaries where clocks change, which keeps the CPU cost per step small.
-    profile_every_n_steps: int = 10
+    profile_every_n_steps: int = 25
     window_steps: int = 10
+    #: How often a background thread reads the energy counter (it refreshes every 100 ms); 0: never.
+    energy_sample_period_ms: float = 100.0
     #: Slowdown that exploration may cost, averaged over the exploration phase.
     explore_max_slowdown: float = 0.02
     explore_max_steps: int = 1500
@@ -229,6 +231,7 @@ _CHECKS = {
     "warmup_steps": _number(0, 100000, integer=True),
     "profile_every_n_steps": _number(1, 1_000_000, integer=True),
     "window_steps": _number(1, 100000, integer=True),
+    "energy_sample_period_ms": _number(0.0, 60000.0),
     "explore_max_slowdown": _number(0.0, 1.0),
     "explore_max_steps": _number(1, 10_000_000, integer=True),
     "log_every_n_steps": _number(1, 1_000_000, integer=True),

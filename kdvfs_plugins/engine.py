@@ -112,7 +112,8 @@ class Engine:
             self.device, self.guard, min_interval_s=cfg.min_switch_interval_ms / 1e3,
             on_applied=self._on_applied, on_device_changed=self._on_device_changed,
         )
-        self.meter = Meter(self.device, window_steps=cfg.window_steps, on_step=self._on_step, on_window=self._on_window)
+        self.meter = Meter(self.device, window_steps=cfg.window_steps, on_step=self._on_step, on_window=self._on_window,
+                           energy_period_s=cfg.energy_sample_period_ms / 1e3)
         self.meter.window_clocks = self._window_clocks
         self.meter.warmup_steps = cfg.warmup_steps
         self.meter.start()

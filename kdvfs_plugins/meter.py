@@ -64,7 +64,7 @@ class EnergySeries:
 class EnergySampler:
     """Reads a slow energy counter on its own thread; keeps the points where it changed."""
 
-    def __init__(self, device, series: EnergySeries, period_s: float = 0.05):
+    def __init__(self, device, series: EnergySeries, period_s: float = 0.1):
         self.device = device
         self.series = series
         self.period_s = period_s
@@ -111,14 +111,14 @@ class Meter:
     def __init__(self, device, *, window_steps: int = 10,
                  on_step: Optional[Callable[[StepRecord], None]] = None,
                  on_window: Optional[Callable[[WindowRecord], None]] = None,
-                 sample_energy_in_background: Optional[bool] = None):
+                 sample_energy_in_background: Optional[bool] = None, energy_period_s: float = 0.1):
         self.device = device
         self.window_steps = window_steps
         self.on_step = on_step
         self.on_window = on_window
         self.series = EnergySeries()
         background = device.kind != "simulated" if sample_energy_in_background is None else sample_energy_in_background
-        self.sampler = EnergySampler(device, self.series) if background else None
+        self.sampler = EnergySampler(device, self.series, energy_period_s) if background and energy_period_s > 0 else None
         self._open: Optional[_Step] = None
         self._pending: deque[_Step] = deque()
         self._window: list[_Step] = []

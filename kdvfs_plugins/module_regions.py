@@ -52,11 +52,24 @@ class ModuleRegions:
         self.depth = depth
         self.backward = backward
         self._handles: list = []
+        self._root_handle = None
 
     def install(self) -> "ModuleRegions":
-        for path, module in select_modules(self.model, self.depth):
-            self._hook(fold_module_path(path), module)
+        """Watch the model: the per-module hooks are put on only for steps that use them.
+
+        A step that is neither profiled nor switching clocks by region pays for one hook call
+        (on the model's own forward), not for two per module.
+        """
+        self._root_handle = self.model.register_forward_pre_hook(self._on_model_forward)
         return self
+
+    def _on_model_forward(self, model, args) -> None:
+        wanted = self.engine.active and self.engine.profiling_or_switching
+        if wanted and not self._handles:
+            for path, module in select_modules(self.model, self.depth):
+                self._hook(fold_module_path(path), module)
+        elif not wanted and self._handles:
+            self._remove_module_hooks()
 
     def _hook(self, group: str, module) -> None:
         eng = self.engine
@@ -87,10 +100,16 @@ class ModuleRegions:
         self._handles.append(module.register_forward_pre_hook(fwd_pre))
         self._handles.append(module.register_forward_hook(fwd_post))
 
-    def remove(self) -> None:
+    def _remove_module_hooks(self) -> None:
         for h in self._handles:
             h.remove()
         self._handles.clear()
+
+    def remove(self) -> None:
+        self._remove_module_hooks()
+        if self._root_handle is not None:
+            self._root_handle.remove()
+            self._root_handle = None
 
     @property
     def groups(self) -> Iterable[str]:

@@ -124,21 +124,28 @@ def profiler_spans(events, device: str = "cuda") -> tuple[list[Span], list[Span]
     test the pipeline without a GPU); outermost aten ops only, so nested ops are not counted twice.
     """
     kernels: list[Span] = []
-    ranges_gpu: list[Span] = []
-    ranges_cpu: list[Span] = []
+    steps_cpu: list[Span] = []
+    regions_gpu: list[Span] = []
+    regions_cpu: list[Span] = []
     for e in events:
         name = e.name
         start, dur = float(e.time_range.start), float(e.time_range.elapsed_us())
         on_gpu = "cuda" in str(getattr(e, "device_type", "")).lower()
-        if name.startswith((REGION_PREFIX, STEP_PREFIX)):
-            (ranges_gpu if on_gpu else ranges_cpu).append(Span(name, start, dur))
+        if name.startswith(STEP_PREFIX):
+            # A step's GPU annotation covers only the first kernels it launched (seen on an H100),
+            # so steps come from the CPU range, which :func:`record` closes after synchronising.
+            if not on_gpu:
+                steps_cpu.append(Span(name, start, dur))
+        elif name.startswith(REGION_PREFIX):
+            (regions_gpu if on_gpu else regions_cpu).append(Span(name, start, dur))
         elif device == "cuda" and on_gpu:
             kernels.append(Span(name, start, dur))
         elif device == "cpu" and not on_gpu and name.startswith("aten::"):
             parent = getattr(e, "cpu_parent", None)
             if parent is None or not parent.name.startswith("aten::"):
                 kernels.append(Span(name, start, dur))
-    return kernels, (ranges_gpu if (device == "cuda" and ranges_gpu) else ranges_cpu)
+    regions = regions_gpu if (device == "cuda" and regions_gpu) else regions_cpu
+    return kernels, steps_cpu + regions
 
 
 def record(step_fn: Callable[[int], object], steps: int = 2, warmup_steps: int = 1,
@@ -162,8 +169,8 @@ def record(step_fn: Callable[[int], object], steps: int = 2, warmup_steps: int =
         for i in range(steps):
             with record_function(f"{STEP_PREFIX}{i}"):
                 step_fn(warmup_steps + i)
-            if device == "cuda":
-                torch.cuda.synchronize()
+                if device == "cuda":
+                    torch.cuda.synchronize()  # inside the range: it then spans the step's kernels
     kernels, ranges = profiler_spans(prof.events(), device)
     rows = events_to_rows(kernels, ranges)
     if out is not None:
