@@ -14,6 +14,7 @@ follows them (cuBLAS and cuDNN zero their workspace right before they run).
 from __future__ import annotations
 
 import csv
+import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterable, Mapping, Optional, Sequence, Union
@@ -258,27 +259,73 @@ class ReplayResult:
 
 
 def replay(gpu, trace: Trace, steps: Optional[int] = None, clocks_for: Optional[ClocksFor] = None,
-           warmup_steps: int = 1, on_region: Optional[Callable[[str, float], None]] = None) -> ReplayResult:
+           warmup_steps: int = 1, on_region: Optional[Callable[[str, float], None]] = None,
+           lead_s: float = 0.0, lead_offsets_s: Optional[Sequence[float]] = None) -> ReplayResult:
     """Replay ``steps`` steps of ``trace`` (cycling its steps) on ``gpu`` after ``warmup_steps``.
 
     ``clocks_for(region)`` gives the clocks for each region (None: default); a change is requested
     at the region boundary (when the GPU reaches it) and lands after the switch latency. Returns
     per-step time and energy (true model values) and the counter-based average power.
+
+    ``lead_s`` > 0 issues each change ahead of its boundary ("issue ahead"): steps repeat, so a
+    boundary's time is predicted as the step's start plus that boundary's offset in the previous
+    step (when it had the same regions), and the change is requested ``lead_s`` before it. With
+    ``lead_s`` equal to the switch latency the change lands on the predicted boundary; prediction
+    errors (noise, a plan that changes the step's timing) make it land a little early or late.
+    The prediction is re-anchored at every boundary the GPU reaches, so errors do not add up
+    over the step. A change for a boundary less than ``lead_s`` after the step's start is issued
+    in the tail of the previous step. ``lead_offsets_s`` (one offset per region stretch) seeds the
+    prediction for the first step, e.g. from the plan's own predicted timing; without it the first
+    step requests at the boundaries.
     """
     n = len(trace.steps) if steps is None else steps
     if n < 1:
         raise ConfigError("steps", n, "at least 1", source="kdvfs simulate")
+    if not (lead_s >= 0.0):
+        raise ConfigError("lead_s", lead_s, "a lead in seconds >= 0", source="kdvfs simulate")
     current: list[Optional[ClockPair]] = [None]
     changes = [0]
+    #: Boundary offsets from the step's start, per recorded step (the issue-ahead prediction):
+    #: the replay cycles the trace's recorded steps, and a repeat of one is predicted from its last
+    #: repeat, as a steady training run's step is predicted from the step before it.
+    seed_offsets = None if lead_offsets_s is None else [float(x) for x in lead_offsets_s]
+    last_offsets: dict[int, list[float]] = {}
 
     def run_step(ts: TraceStep) -> StepResult:
         t0, e0 = gpu.now_s, gpu.energy_j
         clocks_w: list[tuple[float, float]] = []
         regions: list[tuple[str, float, float]] = []
-        for region, kernels in ts.stretches():
+        stretches = ts.stretches()
+        prev = last_offsets.get(ts.index, seed_offsets)
+        ahead = clocks_for is not None and lead_s > 0 and prev is not None and len(prev) == len(stretches)
+        todo: list[tuple[int, Optional[ClockPair]]] = []  # (stretch index, clocks) of each change
+        if ahead:
+            for j, (region, _) in enumerate(stretches):
+                want = clocks_for(region)
+                if want != current[0]:
+                    todo.append((j, want))
+                    current[0] = want
+                    changes[0] += 1
+        offsets: list[float] = []
+        for k, (region, kernels) in enumerate(stretches):
+            offsets.append(gpu.now_s - t0)
+            if ahead:
+                # Re-anchored at every boundary the GPU reaches (as an actuator sees its markers):
+                # schedule each change whose issue time falls before the next boundary, at its
+                # predicted boundary minus the lead. The first boundaries' changes are due before
+                # the step starts: they stand for changes issued in the previous step's tail.
+                now = gpu.now_s
+                nxt = now + prev[k + 1] - prev[k] if k + 1 < len(prev) else math.inf
+                while todo:
+                    j, want = todo[0]
+                    at = now + prev[j] - prev[k] - lead_s
+                    if at >= nxt:
+                        break
+                    gpu.request_clocks(want, at)
+                    todo.pop(0)
             if on_region is not None:
                 on_region(region, gpu.now_s)
-            if clocks_for is not None:
+            if clocks_for is not None and not ahead:
                 want = clocks_for(region)
                 if want != current[0]:
                     gpu.request_clocks(want, gpu.now_s)
@@ -298,6 +345,7 @@ def replay(gpu, trace: Trace, steps: Optional[int] = None, clocks_for: Optional[
             regions.append((region, rt, re))
         if ts.tail_gap_s > 0:
             gpu.idle(ts.tail_gap_s)
+        last_offsets[ts.index] = offsets
         f = np.array([c for c, _ in clocks_w])
         w = np.array([d for _, d in clocks_w])
         order = np.argsort(f)
