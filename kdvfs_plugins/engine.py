@@ -21,7 +21,7 @@ from .events import ClockChange, RegionEvent, SessionInfo, StepRecord, WindowRec
 from .guard import ClockGuard
 from .log import logger
 from .meter import Meter
-from .plan import Plan, uniform_plan
+from .plan import Plan, plan_key, uniform_plan
 from .plugins import make_plugin_manager
 from .policy import PlanPolicy, as_clocks
 from .regions import STEP
@@ -29,6 +29,25 @@ from .regions import STEP
 
 #: "leave the clocks as they are" (observe mode chooses nothing).
 _KEEP = object()
+
+
+class _LayoutMeter(Meter):
+    """A meter that can also hand over one profiled step's stretches in order (the explorer's layout).
+
+    The stretch list is read before the markers go back to the device's pool.
+    """
+
+    want_layout_from: Optional[int] = None
+    on_layout = None
+
+    def _resolve(self, st):
+        if (self.want_layout_from is not None and st.profiled and st.step >= self.want_layout_from
+                and self.on_layout is not None):
+            marks = st.marks + [(st.end, None)]
+            layout = [(region, m0.elapsed_ms(m1)) for (m0, region), (m1, _) in zip(marks, marks[1:])]
+            self.want_layout_from = None
+            self.on_layout(st.step, layout)
+        return super()._resolve(st)
 
 
 class Engine:
@@ -58,6 +77,14 @@ class Engine:
         #: Whether this step records every boundary (a profiled step) or only clock changes.
         self.profiling = True
         self._region_hooks = False
+        #: The explorer while mode auto/explore runs without a valid plan (None otherwise).
+        self.explorer = None
+        self.explore_result = None
+        #: Parallel layout for the plan key, where the adapter knows it: {"tp": 2, "pp": 1, "dp": 4}.
+        self.parallel: dict = {}
+        self._plan_key: dict = {}
+        self._regions_checked = False
+        self._progress = None
 
     # ------------------------------------------------------------------ lifecycle
     @property
@@ -140,6 +167,7 @@ class Engine:
 
     def _initial_plan(self, info) -> Optional[Plan]:
         cfg = self.config
+        self._plan_key = plan_key(info.name, info.driver, self.world_size, self.parallel)
         if cfg.mode == "observe":
             return None
         if cfg.region_clocks or cfg.fixed_clocks:
@@ -148,11 +176,86 @@ class Engine:
                 regions.setdefault(STEP, cfg.fixed_clocks)
             return Plan(info.name, info.clocks, regions, granularity=cfg.granularity, source="config")
         path = cfg.resolved_plan_path()
-        if cfg.mode == "apply" or path.exists():
+        if cfg.mode == "apply" or (cfg.mode == "auto" and path.exists()):
             plan = Plan.load(path)
-            plan.check_device(info.name, info.clocks, where=f"plan file {path}")
+            try:
+                plan.check_device(info.name, info.clocks, where=f"plan file {path}")
+                plan.check_key(self._plan_key, where=f"plan file {path}")
+            except PlanError as exc:
+                if cfg.mode == "apply":
+                    raise
+                logger.warning("%s -- exploring again", exc)
+                return None
             return plan
         return None
+
+    # ------------------------------------------------------------------ exploration
+    def _start_explorer(self) -> None:
+        """Mode auto/explore without a plan: explore from the first window boundary after warm-up."""
+        from .explore import ExploreSettings, Explorer
+        from .progress import ProgressLine, wants_progress
+
+        cfg, info = self.config, self.device.info()
+        ws = cfg.window_steps
+        # the meter's windows count from the first step; blocks must start on a window boundary
+        first = self.step + ws * (-(-cfg.warmup_steps // ws))
+        latency = cfg.switch_latency_ms
+        if latency is None:
+            gpu = getattr(self.device, "gpu", None)
+            latency = gpu.switch_latency_s * 1e3 if gpu is not None else 6.0
+        settings = ExploreSettings(
+            clock_table=info.clocks, max_slowdown=cfg.max_slowdown, objective=cfg.effective_objective,
+            granularity=cfg.granularity, explore_max_slowdown=cfg.explore_max_slowdown,
+            explore_max_steps=cfg.explore_max_steps, window_steps=ws, switch_latency_ms=float(latency),
+            min_switch_interval_ms=cfg.min_switch_interval_ms, start_step=first, seed=cfg.sim_seed + self.rank,
+        )
+        self.explorer = Explorer(settings, on_done=self._explore_done, apply=cfg.mode == "auto")
+        self.pm.register(self.explorer, name=f"kdvfs-explorer-{id(self)}")
+        self.meter.want_layout_from = first
+        self.meter.on_layout = self._on_layout
+        self._progress = ProgressLine(wants_progress(cfg.progress))
+
+    def _on_layout(self, step: int, layout) -> None:
+        from .explore import Occurrence
+
+        if self.explorer is not None:
+            self.explorer.set_layout([Occurrence(r, ms) for r, ms in layout if r is not None])
+        self._check_regions([r for r, _ in layout])
+
+    def _check_regions(self, regions) -> None:
+        """The region set is known after the first profiled step: complete the key, check a loaded plan."""
+        if self._regions_checked:
+            return
+        self._regions_checked = True
+        self._plan_key = plan_key(self._plan_key["gpu"], self._plan_key["driver"], self.world_size, self.parallel,
+                                  regions=[r for r in regions if r != STEP])
+        if self.plan is not None and self.plan.source == "explore":
+            self.plan.check_key(self._plan_key, where=f"plan file {self.config.resolved_plan_path()}")
+
+    def _explore_done(self, result) -> None:
+        from .progress import format_summary
+
+        self.explore_result = result
+        info = self.device.info()
+        plan = Plan(info.name, info.clocks, dict(result.clocks_by_name), granularity=self.config.granularity,
+                    objective=self.config.effective_objective, max_slowdown=self.config.max_slowdown,
+                    key=dict(self._plan_key),
+                    predicted={**{f"predicted_{k}": v for k, v in result.predicted.items()},
+                               **{f"validated_{k}": v for k, v in result.validated.items()},
+                               "exploration_time_change": result.exploration_time_change,
+                               "exploration_steps": float(result.steps)},
+                    source="explore")
+        path = self.config.resolved_plan_path()
+        if self.rank == 0 or self.config.plan_path is None:
+            try:
+                plan.save(path)
+            except OSError as exc:
+                logger.warning("could not save the plan to %s: %s", path, exc)
+        if result.status == "applied":
+            self.set_plan(plan)
+        if self._progress is not None:
+            self._progress.close()
+        logger.info("%s\nplan file: %s", format_summary(result, simulated=self.device.kind == "simulated"), path)
 
     def set_plan(self, plan: Plan) -> None:
         """Put a plan in force (from the planner or the explorer)."""
@@ -178,6 +281,12 @@ class Engine:
             self.meter.finish()
             self.meter.stop()
         finally:
+            if self.explorer is not None and not self.explorer.done:
+                if self._progress is not None:
+                    self._progress.close()
+                logger.info("kdvfs exploration did not finish: training ended after %d of up to %d exploration "
+                            "steps; the next run (mode='auto') explores again",
+                            max(0, self.step + 1 - self.explorer.s.start_step), self.explorer.s.explore_max_steps)
             self._hook.kdvfs_session_end(session=self.session, error=error)
             self.device.close()
 
@@ -189,8 +298,20 @@ class Engine:
             self.step_end()
         self.step = self.step + 1 if step is None else step
         self._in_step = True
+        if self.explorer is None and self.plan is None and self.config.mode in ("auto", "explore") \
+                and self.explore_result is None:
+            self._start_explorer()
         after_warmup = self.step - self.config.warmup_steps
-        self.profiling = self._region_hooks or (after_warmup >= 0 and after_warmup % self.config.profile_every_n_steps == 0)
+        exploring = self.explorer is not None and not self.explorer.done
+        self.profiling = exploring or self._region_hooks or (
+            after_warmup >= 0 and after_warmup % self.config.profile_every_n_steps == 0)
+        if exploring and self._progress is not None and self._progress.enabled:
+            from .progress import explore_status
+
+            self._progress.update(explore_status(self.explorer))
+        elif not self._regions_checked and self.profiling and self.plan is not None and self.plan.source == "explore":
+            self.meter.want_layout_from = self.step
+            self.meter.on_layout = self._on_layout
         self._stack = [STEP]
         marker = self.device.marker()
         st = self.meter.step_begin(self.step, marker, STEP, profiled=self.profiling)
@@ -310,6 +431,13 @@ class Engine:
             "clock_errors": list(self.actuator.errors) if self.actuator else [],
             "regions": [{"region": r, "gpu_ms_per_step": ms, "share": sh} for r, ms, sh in self.region_table()],
             "model_prediction": bool(self.device is not None and self.device.kind == "simulated"),
+            "exploration": None if self.explore_result is None else {
+                "status": self.explore_result.status, "steps": self.explore_result.steps,
+                "exploration_time_change": self.explore_result.exploration_time_change,
+                "predicted": dict(self.explore_result.predicted), "validated": dict(self.explore_result.validated),
+                "clocks": {k: (None if v is None else v.to_dict()) for k, v in self.explore_result.clocks_by_name.items()},
+                "message": self.explore_result.message,
+            },
         }
 
     def write_run_dir(self) -> Optional[Path]:

@@ -5,6 +5,7 @@ GPU, or with a clock that GPU does not support, is a :class:`~kdvfs_plugins.erro
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import time
@@ -58,6 +59,21 @@ class Plan:
                     table.check(clocks, where=f"{where}, region {region!r}")
                 except InvalidClockError as exc:
                     raise PlanError(str(exc)) from None
+
+    def check_key(self, expected: Mapping[str, str], where: str = "plan") -> None:
+        """Raise PlanError naming every field of the key that differs from ``expected``.
+
+        Only fields present on both sides are compared: a hand-written plan without a key, or a
+        key field this run cannot know (the region set before the first step), passes.
+        """
+        changed = [(k, self.key[k], v) for k, v in expected.items() if k in self.key and str(self.key[k]) != str(v)]
+        if not changed:
+            return
+        what = "; ".join(f"{KEY_LABELS.get(k, k)} was {old!r}, now {new!r}" for k, old, new in changed)
+        raise PlanError(
+            f"{where} no longer fits this run: {what}. Its clocks were measured for the old setting; "
+            "explore again (mode='auto' re-explores and overwrites it) or pass another plan_path"
+        )
 
     # ------------------------------------------------------------------ file
     def to_dict(self) -> dict:
@@ -122,6 +138,31 @@ class Plan:
         except ValueError as exc:
             raise PlanError(f"plan file {path} is not valid JSON: {exc}") from None
         return cls.from_dict(raw, where=f"plan file {path}")
+
+
+#: Human names of the plan key's fields, for error messages.
+KEY_LABELS = {
+    "gpu": "the GPU model", "driver": "the driver", "regions": "the model's region set (hash)",
+    "region_count": "the number of regions", "world_size": "the world size", "parallel": "the parallel layout",
+}
+
+
+def region_set_hash(regions) -> str:
+    """A short, order-free hash of region names (the model's structure as kdvfs sees it)."""
+    names = sorted({str(r) for r in regions})
+    return hashlib.sha256("\n".join(names).encode()).hexdigest()[:16]
+
+
+def plan_key(device_name: str, driver: str, world_size: int = 1, parallel: Optional[Mapping[str, int]] = None,
+             regions=None) -> dict:
+    """What a plan is valid for: GPU model, driver, parallel layout and (once known) region set."""
+    key = {"gpu": device_name, "driver": driver, "world_size": str(world_size)}
+    if parallel:
+        key["parallel"] = ",".join(f"{k}={parallel[k]}" for k in sorted(parallel))
+    if regions is not None:
+        key["regions"] = region_set_hash(regions)
+        key["region_count"] = str(len(set(regions)))
+    return key
 
 
 def uniform_plan(device_name: str, table: ClockTable, clocks: Optional[ClockPair], source: str = "config") -> Plan:

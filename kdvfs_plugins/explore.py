@@ -1,0 +1,697 @@
+"""Online exploration: learn each region's clock response during training, plan, validate, apply.
+
+The instruments decide the method. Region GPU times are precise every step (markers), so the time
+response of a region at a clock is known after one block of steps at that clock. Energy is not:
+the counter refreshes every 100 ms and is read with a lag, so one reading is good to about a tenth
+of a second of power. Energy is therefore attributed statistically, over *blocks* of steps: each
+block holds one design (a clock state per knob), and a linear model of physically shaped terms is
+fitted by least squares over all blocks.
+
+Knobs. A clock change lands milliseconds after it is asked for, so a region whose stretches are
+shorter than the switch allows cannot usefully get its own clock: it is merged into its phase
+(``forward``, ``backward``, ...). A region becomes its own knob only where most of its time lies in
+stretches several switch latencies long (with a 6 ms switch on the GPT step, only the optimizer).
+
+Energy model (per step, per knob ``k`` at state ``c``; ``f`` its effective SM clock, ``m`` memory
+clock, ``t_k(c)`` its measured time)::
+
+    E_k(c) = A_k * V(f)^2  +  t_k(c) * S(f, m)  +  B_k
+    S(f, m) = s0 + s1 * V(f)^2 + s2 * (f/f_max) * V(f)^2 + s3 * (m/m_max)
+
+The first term is the SM's switching energy (charge per operation times V^2: fixed work costs
+V^2, not time); ``S`` is the power drawn while clocked (board, leakage, clock tree, memory
+interface) for as long as the knob runs; ``B_k`` (memory traffic, fixed per work) does not depend
+on the clocks and cancels in every comparison. ``V(f)`` is a generic DVFS voltage curve, flat at
+``V_MIN`` up to ``V_KNEE_FRACTION`` of the top clock, then linear to 1 (an assumption, see
+docs/exploration.md). Unknowns ``A_k`` (one per knob), ``s0..s3`` and one constant: a handful, so
+a few dozen blocks determine them. The default state's effective SM clock is not observable as a
+lock; it is estimated per knob from the time response (the locked clock whose time equals the
+default time).
+
+Design. Blocks alternate between designs that set every knob to a random state (or leave it at
+default) and default blocks, which anchor the comparison. A design is accepted only if its
+predicted slowdown, from the time responses learned so far (for unmeasured states an upper bound:
+time grows at most like the clock ratio), keeps the cumulative exploration slowdown within
+``explore_max_slowdown``; otherwise its costliest knobs fall back to default.
+
+Plan and validation. The fitted tables (time and energy for every knob at every clock state)
+feed :func:`kdvfs_plugins.planner.plan` with the step's stretches in order and the switch model.
+The plan is then validated: plan blocks interleaved with default blocks, energy and time change
+per pair (mean, min, max; the paper's re-measurement). It is applied only if the energy saving is
+significant (mean + 2 standard errors < 0) and the slowdown within the budget (mean - 2 standard
+errors <= max_slowdown). A plan that was too slow is re-planned once with the budget tightened by
+the measured excess.
+"""
+from __future__ import annotations
+
+import math
+import random
+from dataclasses import dataclass, field
+from typing import Callable, Mapping, Optional, Sequence
+
+import numpy as np
+
+from .clocks import ClockPair, ClockTable
+from .hookspecs import hookimpl
+from .planner import PlanningProblem, SwitchModel, plan as plan_step
+from .policy import DEFAULT_CLOCKS
+from .regions import STEP, Region
+
+#: Generic voltage-frequency curve: flat up to this share of the top clock, then linear to 1.
+V_MIN = 0.7
+V_KNEE_FRACTION = 0.45
+#: SM clocks (as fractions of the top clock) and memory clocks explored; the rest is interpolated.
+SM_FRACTIONS = (0.85, 0.76, 0.68, 0.6, 0.52, 0.44)
+#: Seconds of GPU time per block: long blocks make the counter's ~0.1 s reading error small.
+BLOCK_S = 6.0
+#: Validation: plan/default block pairs.
+VALIDATION_PAIRS = 4
+#: Share of exploration blocks kept at default clocks (the anchor of the comparison).
+DEFAULT_SHARE = 0.25
+
+
+def voltage(f_mhz, f_max_mhz: float) -> np.ndarray:
+    x = np.asarray(f_mhz, dtype=float) / f_max_mhz
+    return np.clip(V_MIN + (1.0 - V_MIN) * (x - V_KNEE_FRACTION) / (1.0 - V_KNEE_FRACTION), V_MIN, 1.0)
+
+
+@dataclass(frozen=True)
+class Occurrence:
+    """One stretch of a default-clock step: region and its GPU time."""
+
+    region: str
+    time_ms: float
+
+
+@dataclass(frozen=True)
+class ExploreSettings:
+    """What the explorer needs from the configuration and the device (frozen: it crosses hooks)."""
+
+    clock_table: ClockTable
+    max_slowdown: float = 0.0
+    objective: str = "strict"
+    granularity: str = "kernel"
+    explore_max_slowdown: float = 0.02
+    explore_max_steps: int = 1500
+    window_steps: int = 10
+    switch_latency_ms: float = 6.0
+    min_switch_interval_ms: float = 1.0
+    #: steps per block; None: about BLOCK_S of GPU time, a multiple of window_steps
+    block_steps: Optional[int] = None
+    #: the first step the explorer sees (after the engine's warm-up)
+    start_step: int = 0
+    seed: int = 0
+    validation_pairs: int = VALIDATION_PAIRS
+
+
+@dataclass(frozen=True)
+class ExploreResult:
+    """How exploration ended (frozen: handed to the engine and reported)."""
+
+    status: str  # "applied" | "rejected" | "explored"
+    clocks_by_name: Mapping[str, Optional[ClockPair]]
+    predicted: Mapping[str, float]
+    validated: Mapping[str, float]
+    steps: int
+    exploration_time_change: float
+    knobs: tuple[str, ...]
+    message: str = ""
+
+
+@dataclass
+class _Block:
+    index: int
+    first_step: int
+    steps: int
+    kind: str  # baseline | default | explore | validate
+    design: dict  # knob -> state index (0 = default)
+    energy_j: float = 0.0
+    energy_steps: int = 0
+    time_ms: list = field(default_factory=list)
+    region_ms: dict = field(default_factory=dict)
+
+    @property
+    def last_step(self) -> int:
+        return self.first_step + self.steps - 1
+
+
+class Explorer:
+    """Chooses clocks while exploring; fed by step and window records from any source.
+
+    ``clocks_for(region, step)`` answers what each region gets; ``observe_step`` and
+    ``observe_window`` take the measurements; ``on_done(result, plan_clocks)`` is called once when
+    exploration ends. The engine registers it as a plugin (``kdvfs_choose_clocks`` and the meter
+    hooks); the fast simulator calls the same methods directly.
+    """
+
+    def __init__(self, settings: ExploreSettings, on_done: Optional[Callable[[ExploreResult], None]] = None,
+                 apply: bool = True):
+        self.s = settings
+        self.on_done = on_done
+        self.apply = apply
+        t = settings.clock_table
+        self.f_max = float(max(t.sm_mhz))
+        self.m_max = float(max(t.mem_mhz))
+        self.states: list[Optional[ClockPair]] = [None] + t.pairs()
+        self._rng = random.Random(settings.seed)
+        self.blocks: list[_Block] = []
+        self.block_steps = settings.block_steps
+        self.layout: list[Occurrence] = []
+        self.knobs: tuple[str, ...] = ()
+        self.knob_of: dict[str, str] = {}
+        self.grid: list[int] = []  # explored state indices
+        self.phase = "baseline"
+        self.result: Optional[ExploreResult] = None
+        self.plan_clocks: dict[str, Optional[ClockPair]] = {}
+        self.predicted: dict = {}
+        self.replans = 0
+        self.default_step_ms: Optional[float] = None
+        self.excess_ms = 0.0
+        self.explore_ms = 0.0
+        self.explore_steps = 0
+        self._fit = None
+        self.steps_seen = 0
+
+    # ------------------------------------------------------------------ inputs
+    def set_layout(self, occurrences: Sequence[Occurrence]) -> None:
+        """The step's stretches in order at default clocks (from a profiled default step)."""
+        if not self.layout and occurrences:
+            self.layout = list(occurrences)
+
+    @property
+    def done(self) -> bool:
+        return self.result is not None
+
+    @property
+    def exploration_time_change(self) -> float:
+        """Measured slowdown of the exploration steps so far against the default step."""
+        if not self.explore_steps or not self.default_step_ms:
+            return 0.0
+        return self.excess_ms / (self.explore_steps * self.default_step_ms)
+
+    def _block_at(self, step: int) -> Optional[_Block]:
+        if step < self.s.start_step:
+            return None
+        while not self.blocks or self.blocks[-1].last_step < step:
+            if self.done:
+                return None
+            self._new_block()
+            if self.done:
+                return None
+        return self._find_block(step)
+
+    def _block_len(self) -> int:
+        if self.block_steps is None:
+            return max(self.s.window_steps, 1)  # the baseline block before the step time is known
+        return self.block_steps
+
+    def clocks_for(self, region: str, step: int):
+        """Clocks for ``region`` in ``step``: a ClockPair, DEFAULT_CLOCKS, or None once done."""
+        if self.done:
+            return None
+        b = self._block_at(step)
+        if b is None:
+            return None if self.done else DEFAULT_CLOCKS
+        knob = self._knob(region)
+        if knob is None:
+            return DEFAULT_CLOCKS
+        st = b.design.get(knob, 0)
+        c = self.states[st]
+        return DEFAULT_CLOCKS if c is None else c
+
+    def _knob(self, region: str) -> Optional[str]:
+        if region in self.knob_of:
+            return self.knob_of[region]
+        r = Region.parse(region)
+        if r.name in self.knobs:
+            return r.name
+        if r.phase in self.knobs:
+            return r.phase
+        return None
+
+    def observe_step(self, step: int, gpu_time_ms: float, region_time_ms: Mapping[str, float]) -> None:
+        if self.done:
+            return
+        b = self._find_block(step)
+        if b is None:
+            return
+        self.steps_seen += 1
+        b.time_ms.append(gpu_time_ms)
+        for r, v in region_time_ms.items():
+            b.region_ms.setdefault(r, []).append(v)
+        if b.kind != "baseline" and self.default_step_ms is not None:
+            self.explore_ms += gpu_time_ms
+            self.explore_steps += 1
+            self.excess_ms += gpu_time_ms - self.default_step_ms
+
+    def observe_window(self, first_step: int, last_step: int, energy_j: float) -> None:
+        if self.done:
+            return
+        b = self._find_block(first_step)
+        if b is None or last_step > b.last_step:
+            return  # a window across two designs says nothing about either
+        b.energy_j += energy_j
+        b.energy_steps += last_step - first_step + 1
+
+    def _find_block(self, step: int) -> Optional[_Block]:
+        for b in reversed(self.blocks):
+            if b.first_step <= step <= b.last_step:
+                return b
+        return None
+
+    # ------------------------------------------------------------------ schedule
+    def _new_block(self) -> None:
+        i = len(self.blocks)
+        first = self.blocks[-1].last_step + 1 if self.blocks else self.s.start_step
+        if i == 0:
+            self.blocks.append(_Block(0, first, self._block_len(), "baseline", {}))
+            return
+        if self.block_steps is None:
+            self._setup_after_baseline()
+        used = first - self.s.start_step
+        left = self.s.explore_max_steps - used
+        bs = self.block_steps
+        if self.phase == "explore":
+            reserve = 2 * self.s.validation_pairs * bs
+            if left - reserve < bs or self._explored_enough():
+                self._make_plan()
+                if self.done:
+                    return
+        if self.phase == "validate":
+            vb = [b for b in self.blocks if b.kind.startswith("validate")]
+            if len(vb) >= 2 * self.s.validation_pairs or left < bs:
+                self._judge()
+                if self.done:
+                    return
+                vb = []
+            kind = "validate-plan" if len(vb) % 2 == 0 else "validate-default"
+            # alternate which comes first in each pair, so drift does not favour either
+            if (len(vb) // 2) % 2 == 1:
+                kind = "validate-default" if kind == "validate-plan" else "validate-plan"
+            design = dict(self._plan_design) if kind == "validate-plan" else {}
+            self.blocks.append(_Block(i, first, bs, kind, design))
+            return
+        if left < bs:
+            self._finish("rejected", "the step budget ran out before a plan could be validated")
+            return
+        ndef = sum(1 for b in self.blocks if b.kind in ("default", "baseline"))
+        nexp = sum(1 for b in self.blocks if b.kind == "explore")
+        if ndef < DEFAULT_SHARE * (ndef + nexp + 1) or not self.knobs:
+            self.blocks.append(_Block(i, first, bs, "default", {}))
+            return
+        self.blocks.append(_Block(i, first, bs, "explore", self._design(bs)))
+
+    def _setup_after_baseline(self) -> None:
+        b = self.blocks[0]
+        times = b.time_ms[1:] or b.time_ms
+        self.default_step_ms = float(np.median(times)) if times else 100.0
+        ws = max(1, self.s.window_steps)
+        want = max(1, int(math.ceil(BLOCK_S / max(self.default_step_ms / 1e3, 1e-6))))
+        self.block_steps = self.s.block_steps or max(ws, int(math.ceil(want / ws)) * ws)
+        # the baseline block keeps its own length; later blocks start after it
+        self._choose_knobs(b)
+        self._build_grid()
+        self.phase = "explore"
+
+    def _choose_knobs(self, baseline: _Block) -> None:
+        region_ms = {r: float(np.mean(v)) for r, v in baseline.region_ms.items()}
+        total = sum(region_ms.values()) or 1.0
+        lat = self.s.switch_latency_ms
+        own: set[str] = set()
+        if self.layout:
+            long_ms: dict[str, float] = {}
+            all_ms: dict[str, float] = {}
+            for o in self._stretches():
+                all_ms[o.region] = all_ms.get(o.region, 0.0) + o.time_ms
+                if o.time_ms >= 3.0 * lat:
+                    long_ms[o.region] = long_ms.get(o.region, 0.0) + o.time_ms
+            own = {r for r in all_ms if long_ms.get(r, 0.0) >= 0.5 * all_ms[r] and all_ms[r] >= 0.01 * total}
+        knobs: dict[str, float] = {}
+        for r, ms in region_ms.items():
+            if r == STEP:
+                continue
+            name = r if (r in own or "/" not in r) else Region.parse(r).phase
+            self.knob_of[r] = name
+            knobs[name] = knobs.get(name, 0.0) + ms
+        # knobs too small to matter stay at default (they only add unknowns)
+        self.knobs = tuple(k for k, ms in sorted(knobs.items(), key=lambda kv: -kv[1]) if ms >= 0.01 * total)
+        self.knob_of = {r: k for r, k in self.knob_of.items() if k in self.knobs}
+
+    def _stretches(self) -> list[Occurrence]:
+        """Layout with consecutive occurrences of one region merged."""
+        out: list[Occurrence] = []
+        for o in self.layout:
+            if out and out[-1].region == o.region:
+                out[-1] = Occurrence(o.region, out[-1].time_ms + o.time_ms)
+            else:
+                out.append(o)
+        return out
+
+    def _build_grid(self) -> None:
+        t = self.s.clock_table
+        grid = []
+        for m in t.mem_mhz:
+            allowed = t.sm_mhz_by_mem[m]
+            want = [self.f_max] + [fr * self.f_max for fr in SM_FRACTIONS]
+            for f in want:
+                s = min(allowed, key=lambda a: abs(a - f))
+                c = ClockPair(s, m)
+                if c in self.states and self.states.index(c) not in grid:
+                    grid.append(self.states.index(c))
+        self.grid = grid
+
+    # ------------------------------------------------------------------ time model
+    def _knob_times(self, b: _Block) -> dict[str, float]:
+        """Mean ms per step of each knob in a block."""
+        out: dict[str, float] = {}
+        for r, v in b.region_ms.items():
+            k = self.knob_of.get(r)
+            if k is not None and v:
+                out[k] = out.get(k, 0.0) + float(np.mean(v))
+        return out
+
+    def _time_table(self) -> dict[str, dict[int, float]]:
+        """knob -> state -> mean measured ms per step (state 0: default)."""
+        acc: dict[str, dict[int, list[float]]] = {k: {} for k in self.knobs}
+        for b in self.blocks:
+            if not b.time_ms or b.kind == "validate-plan":
+                continue
+            for k, ms in self._knob_times(b).items():
+                acc[k].setdefault(b.design.get(k, 0), []).append(ms)
+        return {k: {s: float(np.mean(v)) for s, v in d.items()} for k, d in acc.items()}
+
+    def _predict_ms(self, knob: str, st: int, table: dict) -> float:
+        """Predicted ms of a knob at a state: measured, else an upper bound from measured states."""
+        d = table[knob]
+        if st in d:
+            return d[st]
+        base = d.get(0, 0.0)
+        c = self.states[st]
+        f_ratio_bound = []
+        for s2, ms in d.items():
+            c2 = self.states[s2]
+            f2 = self.f_max if c2 is None else c2.sm_mhz
+            m2 = self.m_max if c2 is None else c2.mem_mhz
+            # time grows at most like the larger clock ratio (a roofline bound)
+            r = max(f2 / c.sm_mhz, m2 / c.mem_mhz, 1.0) if True else 1.0
+            f_ratio_bound.append(ms * r)
+        return min(f_ratio_bound) if f_ratio_bound else base * max(self.f_max / c.sm_mhz, self.m_max / c.mem_mhz)
+
+    def _design(self, bs: int) -> dict:
+        table = self._time_table()
+        budget = self.s.explore_max_slowdown
+        # allowance: what keeps the cumulative slowdown of the exploration phase within budget
+        # after this block (validation blocks count too; they should cost nothing).
+        done_steps = self.explore_steps
+        allowance_ms = budget * (done_steps + bs) * self.default_step_ms - self.excess_ms
+        design = {}
+        cost = {}
+        for k in self.knobs:
+            if self._rng.random() < 0.3:
+                continue
+            counts = {s: 0 for s in self.grid}
+            for b in self.blocks:
+                st = b.design.get(k)
+                if st in counts:
+                    counts[st] += 1
+            # prefer states seen least, cheap ones first among equals
+            opts = sorted(self.grid, key=lambda s: (counts[s] + self._rng.random() * 1.5,))
+            st = opts[0]
+            design[k] = st
+            base = table[k].get(0, 0.0)
+            cost[k] = max(0.0, self._predict_ms(k, st, table) - base)
+        while design and sum(cost.values()) * bs > allowance_ms:
+            worst = max(cost, key=cost.get)
+            # try a cheaper explored state for the costliest knob before giving it up
+            base = table[worst].get(0, 0.0)
+            cheaper = [s for s in self.grid if max(0.0, self._predict_ms(worst, s, table) - base) < 0.5 * cost[worst]]
+            if cheaper and cost[worst] > 0:
+                st = self._rng.choice(cheaper)
+                design[worst] = st
+                cost[worst] = max(0.0, self._predict_ms(worst, st, table) - base)
+                if cost[worst] > 0 and sum(cost.values()) * bs <= allowance_ms:
+                    break
+                if cost[worst] == 0:
+                    continue
+            del design[worst]
+            del cost[worst]
+        return design
+
+    def _explored_enough(self) -> bool:
+        return False
+
+    # ------------------------------------------------------------------ energy model
+    def _feff(self, knob: str, st: int, fd: dict) -> tuple[float, float]:
+        c = self.states[st]
+        if c is None:
+            return fd[knob], self.m_max
+        return min(float(c.sm_mhz), fd[knob]), float(c.mem_mhz)
+
+    def _default_clock(self, table: dict) -> dict[str, float]:
+        """Per knob: the locked SM clock (top memory clock) whose time equals the default time."""
+        out = {}
+        for k in self.knobs:
+            d = table[k]
+            t0 = d.get(0)
+            pts = sorted((self.states[s].sm_mhz, ms) for s, ms in d.items()
+                         if s and self.states[s].mem_mhz == self.m_max)
+            f_est = self.f_max
+            if t0 is not None and len(pts) >= 2:
+                fs = np.array([p[0] for p in pts], float)
+                ts = np.array([p[1] for p in pts], float)
+                slope = (ts[0] - ts[-1]) / max(ts[-1], 1e-9)
+                if slope > 0.02:  # responds to the SM clock: invert t(1/f) where it crosses t0
+                    inv = 1.0 / fs
+                    order = np.argsort(ts)
+                    f_est = float(1.0 / np.interp(t0, ts[order], inv[order]))
+            out[k] = float(np.clip(f_est, min(self.f_max * 0.5, f_est), self.f_max))
+        return out
+
+    def _regressors(self, knob_ms: Mapping[str, float], design: Mapping[str, int], fd: dict) -> np.ndarray:
+        """Per-step regressors: [1, A_k V^2 for each knob, T*1, T*V^2, T*fV^2, T*m]."""
+        row = np.zeros(1 + len(self.knobs) + 4)
+        row[0] = 1.0
+        other_ms = 0.0
+        for j, k in enumerate(self.knobs):
+            f, m = self._feff(k, design.get(k, 0), fd)
+            v2 = float(voltage(f, self.f_max)) ** 2
+            t = knob_ms.get(k, 0.0) / 1e3
+            row[1 + j] = v2
+            row[1 + len(self.knobs):] += t * np.array([1.0, v2, f / self.f_max * v2, m / self.m_max])
+        return row
+
+    def _fit_energy(self, table):
+        fd = self._default_clock(table)
+        X, y, w = [], [], []
+        for b in self.blocks:
+            if b.energy_steps <= 0 or not b.time_ms or b.kind == "validate-plan":
+                continue
+            km = self._knob_times(b)
+            row = self._regressors(km, b.design, fd)
+            # rest of the step (regions at default that are no knob) as time at default static power
+            rest = float(np.mean(b.time_ms)) / 1e3 - sum(km.values()) / 1e3
+            row[1 + len(self.knobs):] += rest * np.array([1.0, float(voltage(max(fd.values() or [self.f_max]), self.f_max)) ** 2, 0, 1.0]) * 0
+            X.append(row * b.energy_steps)
+            y.append(b.energy_j)
+            w.append(1.0)
+        X, y = np.array(X), np.array(y)
+        if len(y) < X.shape[1] // 2 + 2:
+            return None, fd
+        # ridge toward zero on the static shape terms only lightly: they are collinear with the
+        # step time, and the plan's predictions only need their combination
+        lam = np.zeros(X.shape[1])
+        scale = np.sqrt((X ** 2).mean(0)) + 1e-12
+        Xs = X / scale
+        lam[1:] = 1e-6 * len(y)
+        lam[1 + len(self.knobs):] = 1e-3 * len(y)
+        A = Xs.T @ Xs + np.diag(lam)
+        coef = np.linalg.lstsq(A, Xs.T @ y, rcond=None)[0] / scale
+        resid = y - X @ coef
+        dof = max(1, len(y) - X.shape[1])
+        sigma = float(np.sqrt(resid @ resid / dof))
+        self._fit = dict(coef=coef, sigma_j=sigma, n=len(y), fd=fd)
+        return coef, fd
+
+    # ------------------------------------------------------------------ plan
+    def _tables(self, table, coef, fd):
+        """time_ms[k][state], energy_j[k][state] for all states (interpolated in 1/f per memory clock)."""
+        nk = len(self.knobs)
+        T = np.zeros((nk, len(self.states)))
+        E = np.zeros((nk, len(self.states)))
+        s_coef = coef[1 + nk:]
+        for j, k in enumerate(self.knobs):
+            d = table[k]
+            t0 = d.get(0, 0.0)
+            T[j, 0] = t0
+            for m in self.s.clock_table.mem_mhz:
+                pts = sorted((self.states[s].sm_mhz, ms) for s, ms in d.items() if s and self.states[s].mem_mhz == m)
+                idx = [i for i, c in enumerate(self.states) if c is not None and c.mem_mhz == m]
+                fs = np.array([self.states[i].sm_mhz for i in idx], float)
+                if pts:
+                    pf = np.array([p[0] for p in pts], float)
+                    pt = np.array([p[1] for p in pts], float)
+                    lo = pf.min()
+                    vals = np.interp(1.0 / fs, (1.0 / pf)[::-1], pt[::-1])
+                    # below the lowest measured clock: unknown, treated as unusable
+                    vals = np.where(fs < lo - 1e-9, np.inf, vals)
+                else:
+                    vals = np.full(len(fs), np.inf)
+                T[j, idx] = vals
+            for i in range(len(self.states)):
+                if not np.isfinite(T[j, i]):
+                    continue
+                f, m = self._feff(k, i, fd)
+                v2 = float(voltage(f, self.f_max)) ** 2
+                static = s_coef @ np.array([1.0, v2, f / self.f_max * v2, m / self.m_max])
+                E[j, i] = coef[1 + j] * v2 + T[j, i] / 1e3 * static
+        return T, E
+
+    def _make_plan(self, tighten: float = 0.0) -> None:
+        table = self._time_table()
+        coef, fd = self._fit_energy(table)
+        if coef is None:
+            self._finish("rejected", "too few energy windows to fit the energy model; run more steps "
+                         "(explore_max_steps) or use shorter windows (window_steps)")
+            return
+        T, E = self._tables(table, coef, fd)
+        usable = np.isfinite(T).all(0)
+        usable[0] = True
+        cols = [i for i in range(len(self.states)) if usable[i]]
+        occ = self._occurrences(T)
+        names = [o[0] for o in occ]
+        j_of = {k: j for j, k in enumerate(self.knobs)}
+        tt = np.array([[T[j_of[k], i] * sh for i in cols] for k, sh in occ]) / 1e3
+        ee = np.array([[E[j_of[k], i] * sh for i in cols] for k, sh in occ])
+        # the energy offset is arbitrary (B_k cancels); keep the planner's inputs positive
+        ee = ee - ee.min() + 1e-3 * np.abs(ee).max() + 1e-9
+        states = [self.states[i] for i in cols]
+        problem = PlanningProblem(tuple(names), tt, ee, tuple(states), 0)
+        lat = self.s.switch_latency_ms / 1e3
+        switch = SwitchModel(latency_s=lat, lands_late=lat > 0, min_interval_s=self.s.min_switch_interval_ms / 1e3)
+        budget = max(0.0, self.s.max_slowdown - tighten)
+        objective = self.s.objective if not (self.s.objective == "strict" and tighten > 0) else "relaxed"
+        if objective == "relaxed" and budget == 0.0 and tighten > 0:
+            # a tightened strict budget: plan for a step faster than default by `tighten`
+            pass
+        ps = plan_step(problem, granularity="kernel", objective=objective if budget > 0 else "strict",
+                       max_slowdown=budget, switch=switch)
+        if tighten > 0 and budget == 0.0:
+            ps = self._plan_faster(problem, switch, tighten)
+        design = {k: self.states.index(c) for k, c in ps.clocks_by_name.items() if c is not None}
+        e_def = float(sum(E[j_of[k], 0] for k in self.knobs))
+        self.predicted = {"time_change": ps.time_change,
+                          "energy_change": (ps.energy_j - ps.default_energy_j) / max(self._default_step_energy(), 1e-9),
+                          "energy_fit_sigma_j": self._fit["sigma_j"], "blocks": float(self._fit["n"])}
+        del e_def
+        if not design:
+            self._finish("rejected", "the fitted model predicts no saving within the slowdown budget: "
+                         "the default clocks stay")
+            return
+        self._plan_design = design
+        self.plan_clocks = {k: self.states[s] for k, s in design.items()}
+        self.phase = "validate"
+
+    def _plan_faster(self, problem, switch, tighten):
+        """Strict plan for a step ``tighten`` faster than default (after a too-slow validation)."""
+        from dataclasses import replace
+
+        t_scale = 1.0 / (1.0 - tighten)
+        p2 = PlanningProblem(problem.names, problem.time_s * np.where(np.arange(problem.n_clocks) == 0, 1.0, t_scale)[None, :],
+                             problem.energy_j, problem.clocks, 0)
+        del replace
+        return plan_step(p2, granularity="kernel", objective="strict", switch=switch)
+
+    def _default_step_energy(self) -> float:
+        vals = [b.energy_j / b.energy_steps for b in self.blocks
+                if b.energy_steps and b.kind in ("default", "baseline", "validate-default")]
+        return float(np.mean(vals)) if vals else float("nan")
+
+    def _occurrences(self, T) -> list[tuple[str, float]]:
+        """(knob, share of the knob's default time) per stretch in step order, knobs merged."""
+        j_of = {k: j for j, k in enumerate(self.knobs)}
+        occ: list[list] = []
+        layout = self._stretches() if self.layout else [Occurrence(k, T[j_of[k], 0]) for k in self.knobs]
+        tot: dict[str, float] = {}
+        seq = []
+        for o in layout:
+            k = self._knob(o.region)
+            if k is None:
+                continue  # not a knob: its time is the same whatever the plan
+            seq.append((k, o.time_ms))
+            tot[k] = tot.get(k, 0.0) + o.time_ms
+        for k, ms in seq:
+            if occ and occ[-1][0] == k:
+                occ[-1][1] += ms
+            else:
+                occ.append([k, ms])
+        return [(k, ms / tot[k]) for k, ms in occ if tot.get(k, 0) > 0]
+
+    # ------------------------------------------------------------------ validation
+    def _pairs(self):
+        vb = [b for b in self.blocks if b.kind.startswith("validate") and b.energy_steps and b.time_ms]
+        plan_b = [b for b in vb if b.kind == "validate-plan"]
+        def_b = [b for b in vb if b.kind == "validate-default"]
+        n = min(len(plan_b), len(def_b))
+        de, dt = [], []
+        for p, d in zip(plan_b[:n], def_b[:n]):
+            ep, ed = p.energy_j / p.energy_steps, d.energy_j / d.energy_steps
+            tp, td = float(np.mean(p.time_ms)), float(np.mean(d.time_ms))
+            de.append(ep / ed - 1.0)
+            dt.append(tp / td - 1.0)
+        return np.array(de), np.array(dt)
+
+    def _judge(self) -> None:
+        de, dt = self._pairs()
+        if len(de) < 2:
+            self._finish("rejected", "too few validation windows; raise explore_max_steps")
+            return
+        se_e = float(de.std(ddof=1) / math.sqrt(len(de)))
+        se_t = float(dt.std(ddof=1) / math.sqrt(len(dt)))
+        val = {"energy_change": float(de.mean()), "energy_change_min": float(de.min()),
+               "energy_change_max": float(de.max()), "energy_change_se": se_e,
+               "time_change": float(dt.mean()), "time_change_min": float(dt.min()),
+               "time_change_max": float(dt.max()), "time_change_se": se_t, "pairs": float(len(de))}
+        self.validated = val
+        saving_real = val["energy_change"] + 2 * se_e < 0
+        fast_enough = val["time_change"] - 2 * se_t <= self.s.max_slowdown
+        if saving_real and fast_enough:
+            self._finish("applied" if self.apply else "explored", "validated")
+            return
+        if saving_real and not fast_enough and self.replans < 1:
+            self.replans += 1
+            excess = val["time_change"] - self.s.max_slowdown
+            self._make_plan(tighten=excess + 2 * se_t)
+            if not self.done:
+                # drop the old validation blocks from the next judgement
+                for b in self.blocks:
+                    if b.kind.startswith("validate"):
+                        b.kind = "validated-" + b.kind
+            return
+        why = "the saving is not significant" if not saving_real else "the slowdown exceeds the budget"
+        self._finish("rejected", f"validation rejected the plan: {why} "
+                     f"(energy {val['energy_change']:+.2%} ± {2 * se_e:.2%}, time {val['time_change']:+.2%})")
+
+    def _finish(self, status: str, message: str) -> None:
+        last = self.blocks[-1].last_step if self.blocks else self.s.start_step
+        steps = last + 1 - self.s.start_step
+        expl = self.exploration_time_change
+        clocks = dict(self.plan_clocks) if status in ("applied", "explored") else {}
+        self.result = ExploreResult(status, clocks, dict(self.predicted), dict(getattr(self, "validated", {})),
+                                    steps, float(expl), self.knobs, message)
+        if self.on_done is not None:
+            self.on_done(self.result)
+
+    # ------------------------------------------------------------------ hooks (engine)
+    # trylast, registered after the plan policy: it answers before the policy, while a third-party
+    # policy (a plain hookimpl) still answers first.
+    @hookimpl(trylast=True)
+    def kdvfs_choose_clocks(self, region, step):
+        return self.clocks_for(region, step)
+
+    @hookimpl
+    def kdvfs_step_measured(self, record):
+        self.observe_step(record.step, record.gpu_time_ms, record.region_time_ms)
+
+    @hookimpl
+    def kdvfs_window_measured(self, window):
+        self.observe_window(window.first_step, window.last_step, window.energy_j)

@@ -1,0 +1,325 @@
+"""Exploration on the virtual GPU, fast: a stretch-level simulation and ``kdvfs simulate --explore``.
+
+Replaying ~1300 kernels per step through the :class:`~.gpu.VirtualGPU` costs about 0.2 s of CPU per
+step, far too slow for thousands of exploration steps over several seeds. Inside one exploration
+block every step has the same clocks, so a step's *noise-free* behaviour is the same each time:
+
+- :class:`StretchSim` runs the step once per clock configuration on a VirtualGPU (with the seed's
+  card-to-card factors, without per-kernel jitter), at chunk level (consecutive kernels of one class
+  inside a region stretch merged into one work item, which the virtual GPU costs identically up to
+  how often its power controller re-decides). The controller, the switch latency and the card
+  factors are therefore the virtual GPU's own. The result per region stretch (time, energy) is
+  cached per configuration; the first step after a change of configuration is simulated from the
+  previous configuration's end state (the switch lands late, the controller adapts).
+- Each simulated step then draws the per-kernel jitter analytically: a stretch of ``n`` kernels gets
+  relative noise ``sigma / sqrt(n_eff)`` on time and power.
+- The energy counter refreshes every 100 ms of virtual time and holds integer mJ; window energy is
+  read from it exactly as :class:`~kdvfs_plugins.meter.Meter` does on the simulated device (the
+  counter value at each step boundary, interpolated between the points where it changed).
+
+``tests/test_explore_sim.py`` checks it against :func:`~.trace.replay` on several configurations.
+Every number it produces is a model prediction.
+"""
+from __future__ import annotations
+
+import json
+import math
+import random
+import time as _time
+from dataclasses import dataclass, field
+from typing import Callable, Mapping, Optional, Sequence
+
+import numpy as np
+
+from ..clocks import ClockPair
+from ..events import StepRecord, WindowRecord
+from ..meter import EnergySeries
+from .gpu import ENERGY_REFRESH_S, VirtualGPU
+from .model import H100Model, Work, default_model
+from .trace import Trace, TraceStep
+
+ClocksFor = Callable[[str], Optional[ClockPair]]
+
+
+class _NoJitter(random.Random):
+    """Per-kernel jitter drawn elsewhere (analytically per stretch): the virtual GPU gets zeros."""
+
+    def gauss(self, mu=0.0, sigma=1.0):  # noqa: D401 - random.Random API
+        return 0.0
+
+
+@dataclass(frozen=True)
+class _Chunk:
+    category: str
+    duration_s: float
+    gap_before_s: float
+
+
+@dataclass(frozen=True)
+class StepLayout:
+    """One trace step as region stretches, each a list of chunks."""
+
+    regions: tuple[str, ...]
+    chunks: tuple[tuple[_Chunk, ...], ...]
+    tail_gap_s: float
+    #: effective number of kernels per stretch, for the jitter's averaging (sum d)^2 / sum d^2
+    n_eff: np.ndarray
+    #: share of each stretch's time that is idle gap (no jitter there)
+    gap_s: np.ndarray
+
+    @classmethod
+    def of(cls, ts: TraceStep) -> "StepLayout":
+        regions, chunks, n_eff, gaps = [], [], [], []
+        for region, kernels in ts.stretches():
+            out: list[_Chunk] = []
+            for k in kernels:
+                if out and out[-1].category == k.category:
+                    last = out[-1]
+                    out[-1] = _Chunk(last.category, last.duration_s + k.duration_s, last.gap_before_s + k.gap_before_s)
+                else:
+                    out.append(_Chunk(k.category, k.duration_s, k.gap_before_s))
+            d = np.array([k.duration_s for k in kernels])
+            regions.append(region)
+            chunks.append(tuple(out))
+            n_eff.append(d.sum() ** 2 / max(float((d ** 2).sum()), 1e-30))
+            gaps.append(sum(k.gap_before_s for k in kernels))
+        return cls(tuple(regions), tuple(chunks), ts.tail_gap_s, np.array(n_eff), np.array(gaps))
+
+
+class StretchSim:
+    """A fast, faithful stand-in for replaying a trace on a noisy :class:`VirtualGPU`.
+
+    ``run_step(clocks_for)`` simulates one step and returns ``(region_time_ms, step_time_s)``;
+    windows of steps are closed with :meth:`close_window` (energy from the 100 ms counter).
+    """
+
+    def __init__(self, trace: Trace, *, seed: int = 0, noise: bool = True,
+                 switch_latency_ms: Optional[float] = None, model: Optional[H100Model] = None):
+        self.model = model or default_model()
+        self.trace = trace
+        self.layouts = [StepLayout.of(ts) for ts in trace.steps]
+        self.noise = noise
+        self.seed = seed
+        self.switch_latency_ms = switch_latency_ms
+        self._gpu = self._new_gpu()
+        self.clock_table = self._gpu.clock_table
+        self._rng = np.random.default_rng(seed + 7919)
+        nz = self.model.params.noise
+        self._sig_t = nz["kernel_time_sigma"] if noise else 0.0
+        self._sig_p = nz["kernel_power_sigma"] if noise else 0.0
+        self._cache: dict = {}
+        self._config_key: Optional[tuple] = None
+        self._step_index = 0
+        # timeline
+        self.now_s = 0.0
+        self.energy_j = 0.0  # true energy so far
+        self._next_refresh_s = ENERGY_REFRESH_S
+        self._counter_mj = 0
+        self.series = EnergySeries()
+        self.series.add(0.0, 0)
+        self._win_begin_s: Optional[float] = None
+        self._win_steps: list[tuple[int, float]] = []
+        self.clock_changes = 0
+        self.true_log: list[tuple[float, float]] = []  # (time_s, energy_j) per step, noise included
+
+    def _new_gpu(self) -> VirtualGPU:
+        gpu = VirtualGPU(switch_latency_ms=self.switch_latency_ms, noise=self.noise, seed=self.seed, params=self.model)
+        gpu._rng = _NoJitter()
+        return gpu
+
+    # ------------------------------------------------------------------ noise-free step per configuration
+    def _simulate(self, gpu: VirtualGPU, layout: StepLayout, clocks_for: Optional[ClocksFor], current: list):
+        n = len(layout.regions)
+        t = np.zeros(n)
+        e = np.zeros(n)
+        changes = 0
+        for i, (region, chunks) in enumerate(zip(layout.regions, layout.chunks)):
+            if clocks_for is not None:
+                want = clocks_for(region)
+                if want != current[0]:
+                    gpu.request_clocks(want, gpu.now_s)
+                    current[0] = want
+                    changes += 1
+            t0, e0 = gpu.now_s, gpu.energy_j
+            for c in chunks:
+                if c.gap_before_s > 0:
+                    gpu.idle(c.gap_before_s)
+                gpu.run(Work(c.category, c.duration_s))
+            t[i], e[i] = gpu.now_s - t0, gpu.energy_j - e0
+        if layout.tail_gap_s > 0:
+            t0, e0 = gpu.now_s, gpu.energy_j
+            gpu.idle(layout.tail_gap_s)
+            t[-1] += gpu.now_s - t0
+            e[-1] += gpu.energy_j - e0
+        return t, e, changes
+
+    def _steady(self, key: tuple, clocks_for: Optional[ClocksFor], layout_i: int):
+        """(time, energy, changes) per stretch of a step repeated at one configuration."""
+        ck = (key, layout_i)
+        hit = self._cache.get(ck)
+        if hit is None:
+            gpu = self._new_gpu()
+            cur: list = [None]
+            nl = len(self.layouts)
+            for j in range(2):  # warm the controller and land the first switches
+                self._simulate(gpu, self.layouts[(layout_i + j - 2) % nl], clocks_for, cur)
+            hit = self._simulate(gpu, self.layouts[layout_i], clocks_for, cur)
+            self._cache[ck] = hit
+        return hit
+
+    def _transition(self, key: tuple, clocks_for: Optional[ClocksFor], layout_i: int):
+        """The first step at a configuration, after a step at the previous one."""
+        prev = self._config_key
+        if prev is None or prev == key:
+            return self._steady(key, clocks_for, layout_i)
+        ck = ("T", prev, key, layout_i)
+        hit = self._cache.get(ck)
+        if hit is None:
+            gpu = self._new_gpu()
+            cur: list = [None]
+            nl = len(self.layouts)
+            prev_for = self._prev_clocks_for
+            self._simulate(gpu, self.layouts[(layout_i - 2) % nl], prev_for, cur)
+            self._simulate(gpu, self.layouts[(layout_i - 1) % nl], prev_for, cur)
+            hit = self._simulate(gpu, self.layouts[layout_i], clocks_for, cur)
+            self._cache[ck] = hit
+        return hit
+
+    # ------------------------------------------------------------------ public
+    def run_step(self, clocks_for: Optional[ClocksFor], key: Optional[tuple] = None) -> tuple[dict, float, float]:
+        """One step at ``clocks_for`` (``key`` identifies the configuration for the cache).
+
+        Returns (region GPU ms of this step, step time s, true energy J of this step).
+        """
+        key = key if key is not None else ("default",) if clocks_for is None else (id(clocks_for),)
+        li = self._step_index % len(self.layouts)
+        layout = self.layouts[li]
+        t, e, changes = self._transition(key, clocks_for, li)
+        self._config_key, self._prev_clocks_for = key, clocks_for
+        self._step_index += 1
+        self.clock_changes += changes
+        if self.noise:
+            busy = np.maximum(t - layout.gap_s, 0.0)
+            zt = self._rng.standard_normal(len(t)) * self._sig_t / np.sqrt(layout.n_eff)
+            zp = self._rng.standard_normal(len(t)) * self._sig_p / np.sqrt(layout.n_eff)
+            p_busy = np.divide(e, np.maximum(t, 1e-30))  # gaps draw about the same power: fine for noise
+            t = t + busy * zt
+            e = t * p_busy * (1.0 + zp)
+        step_t, step_e = float(t.sum()), float(e.sum())
+        # the counter: refreshes inside this step see the energy at their own instant
+        t0, e0 = self.now_s, self.energy_j
+        if self._win_begin_s is None:
+            self._win_begin_s = t0
+            self.series.add(t0, self._counter_mj)
+        if self._next_refresh_s <= t0 + step_t:
+            cum_t = t0 + np.concatenate([[0.0], np.cumsum(t)])
+            cum_e = e0 + np.concatenate([[0.0], np.cumsum(e)])
+            while self._next_refresh_s <= t0 + step_t + 1e-12:
+                r = self._next_refresh_s
+                self._counter_mj = int(float(np.interp(r, cum_t, cum_e)) * 1e3)
+                self._next_refresh_s = r + ENERGY_REFRESH_S
+        self.now_s, self.energy_j = t0 + step_t, e0 + step_e
+        self.series.add(self.now_s, self._counter_mj)
+        self.true_log.append((step_t, step_e))
+        region_ms: dict[str, float] = {}
+        for name, ti in zip(layout.regions, t):
+            region_ms[name] = region_ms.get(name, 0.0) + ti * 1e3
+        return region_ms, step_t, step_e
+
+    def window_energy_j(self, begin_s: float, end_s: float) -> Optional[float]:
+        """Energy between two step boundaries as the meter reads it from the counter."""
+        e0, e1 = self.series.at(begin_s), self.series.at(end_s)
+        if e0 is None or e1 is None:
+            return None
+        return (e1 - e0) / 1e3
+
+
+# ---------------------------------------------------------------------- exploration run
+@dataclass(frozen=True)
+class SeedResult:
+    seed: int
+    energy_change: float
+    time_change: float
+    steps: int
+    exploration_time_change: float
+    applied: bool
+    predicted: Mapping[str, float] = field(default_factory=dict)
+    validated: Mapping[str, float] = field(default_factory=dict)
+
+    def to_dict(self) -> dict:
+        return {"seed": self.seed, "energy_change": self.energy_change, "time_change": self.time_change,
+                "steps": self.steps, "exploration_time_change": self.exploration_time_change,
+                "applied": self.applied, "predicted": dict(self.predicted), "validated": dict(self.validated)}
+
+
+def _as_clock(answer) -> Optional[ClockPair]:
+    from ..policy import as_clocks
+
+    return as_clocks(answer)
+
+
+def trace_layout(sim: StretchSim) -> list:
+    """The default step's stretches (region, ms) as a profiled step would show them."""
+    from ..explore import Occurrence
+
+    t, _, _ = sim._steady(("default",), None, 0)
+    return [Occurrence(r, float(x) * 1e3) for r, x in zip(sim.layouts[0].regions, t)]
+
+
+def run_seed(trace: Trace, seed: int, *, max_steps: int = 1500, max_slowdown: float = 0.0,
+             explore_max_slowdown: float = 0.02, window_steps: int = 10, noise: bool = True,
+             switch_latency_ms: Optional[float] = None, execute_steps: int = 10,
+             model: Optional[H100Model] = None, apply: bool = True) -> tuple[SeedResult, "Explorer"]:
+    """Explore on the fast stretch simulation of ``trace``; execute the applied plan on the VirtualGPU."""
+    from ..explore import ExploreSettings, Explorer
+    from .gpu import DEFAULT_SWITCH_LATENCY_MS
+
+    lat = DEFAULT_SWITCH_LATENCY_MS if switch_latency_ms is None else switch_latency_ms
+    sim = StretchSim(trace, seed=seed, noise=noise, switch_latency_ms=lat, model=model)
+    settings = ExploreSettings(clock_table=sim.clock_table, max_slowdown=max_slowdown,
+                               objective="strict" if max_slowdown == 0 else "relaxed",
+                               explore_max_slowdown=explore_max_slowdown, explore_max_steps=max_steps,
+                               window_steps=window_steps, switch_latency_ms=lat, seed=seed)
+    ex = Explorer(settings, apply=apply)
+    ex.set_layout(trace_layout(sim))
+    win_begin_s, win_first = sim.now_s, 0
+    step = 0
+    explore_time_s = 0.0
+    while not ex.done and step < max_steps + 1:
+        region_answers: dict = {}
+
+        def clocks_for(region: str, _step=step):
+            if region not in region_answers:
+                region_answers[region] = _as_clock(ex.clocks_for(region, _step))
+            return region_answers[region]
+
+        for r in sim.layouts[0].regions:  # decide the block (and its key) before the step runs
+            clocks_for(r)
+        if ex.done:
+            break
+        key = tuple(sorted((r, c) for r, c in region_answers.items() if c is not None))
+        region_ms, step_t, _ = sim.run_step(clocks_for, key=("cfg",) + key)
+        explore_time_s += step_t
+        ex.observe_step(step, step_t * 1e3, region_ms)
+        step += 1
+        if step - win_first >= window_steps:
+            e = sim.window_energy_j(win_begin_s, sim.now_s)
+            if e is not None:
+                ex.observe_window(win_first, step - 1, e)
+            win_begin_s, win_first = sim.now_s, step
+    res = ex.result
+    n = step
+    # the default step's true time at this seed (noise-free steady state of the stretch simulation)
+    t_def = float(sim._steady(("default",), None, 0)[0].sum() + sim._steady(("default",), None, 1 % len(sim.layouts))[0].sum()) / 2
+    expl = explore_time_s / max(n, 1) / t_def - 1.0
+    applied = res is not None and res.status in ("applied", "explored") and bool(res.clocks_by_name)
+    if applied:
+        from .planning import execute, plan_lookup
+
+        exe = execute(trace, plan_lookup(dict(res.clocks_by_name)), switch_latency_ms=lat, noise=noise, seed=seed,
+                      steps=execute_steps, model=model)
+        de, dt = exe.energy_change, exe.time_change
+    else:
+        de = dt = 0.0
+    return SeedResult(seed, float(de), float(dt), int(n), float(expl), bool(applied),
+                      dict(res.predicted) if res else {}, dict(res.validated) if res else {}), ex
