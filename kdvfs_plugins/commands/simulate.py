@@ -41,6 +41,20 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--switch-latency-ms", type=float, default=None,
                         help="clock switch latency of the virtual GPU (default 6 ms, published for H200)")
     parser.add_argument("--json", action="store_true", help="print one JSON object")
+    parser.add_argument("--compare", action="store_true",
+                        help="plan each granularity x objective, execute on the virtual GPU, print planned vs executed")
+    parser.add_argument("--sweep", action="store_true", help="energy saved vs slowdown budget 0..30%% (and a plot)")
+    parser.add_argument("--latency-sweep", action="store_true",
+                        help="kernel-level saving at switch latencies 0..30 ms (and a plot)")
+    parser.add_argument("--max-slowdown", type=float, default=0.05,
+                        help="slowdown budget of the relaxed objective, a fraction (default 0.05)")
+    parser.add_argument("--min-interval-ms", type=float, default=0.0,
+                        help="floor between clock changes the planner keeps (default 0: the replay has none; "
+                             "a live actuator's default is 1)")
+    parser.add_argument("--no-issue-ahead", action="store_true",
+                        help="request each change at its boundary (it lands one latency late) instead of ahead")
+    parser.add_argument("--plot", default=None, help="PNG path for --sweep/--latency-sweep (default under --out-dir)")
+    parser.add_argument("--out-dir", default="kdvfs_runs/simulate", help="where plots go (default kdvfs_runs/simulate)")
 
 
 def parse_clock(value, name: str) -> Optional[int]:
@@ -146,9 +160,74 @@ def run_single(args: argparse.Namespace) -> int:
     return 0
 
 
+def _latency(args: argparse.Namespace) -> float:
+    """--switch-latency-ms, else the stored measurement for the simulated device, else the default."""
+    if args.switch_latency_ms is not None:
+        if args.switch_latency_ms < 0:
+            raise ConfigError("--switch-latency-ms", args.switch_latency_ms, "a latency in ms >= 0",
+                              source="kdvfs simulate")
+        return float(args.switch_latency_ms)
+    from ..latency import switch_latency_for
+    from ..sim.gpu import VirtualGPU
+
+    return switch_latency_for(VirtualGPU.name, "simulated")
+
+
+def _context(args: argparse.Namespace):
+    from ..sim.planning import PlanningContext
+    from ..sim.trace import Trace
+
+    return PlanningContext(Trace.load(args.trace))
+
+
+def run_compare(args: argparse.Namespace) -> int:
+    from ..report import format_compare
+    from ..sim.planning import compare
+
+    if not (0 <= args.max_slowdown <= 1):
+        raise ConfigError("--max-slowdown", args.max_slowdown, "a fraction between 0 and 1, e.g. 0.05",
+                          source="kdvfs simulate")
+    data = compare(_context(args), switch_latency_ms=_latency(args), issue_ahead=not args.no_issue_ahead,
+                   max_slowdown=args.max_slowdown, noise=not args.no_noise, seed=args.seed, steps=args.steps,
+                   warmup_steps=args.warmup_steps, min_interval_ms=args.min_interval_ms)
+    print(json.dumps(data, indent=1) if args.json else format_compare(data))
+    return 0
+
+
+def _plot_path(args: argparse.Namespace, name: str):
+    from pathlib import Path
+
+    return Path(args.plot) if args.plot else Path(args.out_dir) / name
+
+
+def run_sweep(args: argparse.Namespace) -> int:
+    from ..report import format_sweep, plot_sweep
+    from ..sim.planning import sweep
+
+    data = sweep(_context(args), switch_latency_ms=_latency(args), issue_ahead=not args.no_issue_ahead,
+                 min_interval_ms=args.min_interval_ms)
+    data["plot"] = str(plot_sweep(data, _plot_path(args, "sweep.png")))
+    print(json.dumps(data, indent=1) if args.json else format_sweep(data) + f"\n  plot: {data['plot']}")
+    return 0
+
+
+def run_latency_sweep(args: argparse.Namespace) -> int:
+    from ..report import format_latency_sweep, plot_latency_sweep
+    from ..sim.planning import latency_sweep
+
+    data = latency_sweep(_context(args), min_interval_ms=args.min_interval_ms)
+    data["plot"] = str(plot_latency_sweep(data, _plot_path(args, "latency_sweep.png")))
+    print(json.dumps(data, indent=1) if args.json else format_latency_sweep(data) + f"\n  plot: {data['plot']}")
+    return 0
+
+
 #: (argument attribute, handler): the first whose attribute is set handles the command.
-#: Modes added later (for example --compare, --sweep, --explore) register here.
-MODES: list[tuple[str, Callable[[argparse.Namespace], int]]] = []
+#: Further modes (for example --explore) register here.
+MODES: list[tuple[str, Callable[[argparse.Namespace], int]]] = [
+    ("compare", run_compare),
+    ("sweep", run_sweep),
+    ("latency_sweep", run_latency_sweep),
+]
 
 
 def run(args: argparse.Namespace) -> int:

@@ -491,11 +491,15 @@ def plan_on_trace(trace_or_context: Union[Trace, PlanningContext], *, granularit
 
     # Longer floors between changes give plans with fewer, longer runs, whose changes a
     # predicted-ahead actuator lands reliably; the replay decides which floor pays.
-    floors = [float(min_interval_ms)]
+    # Changes issued ahead rely on the previous step's timing; hundreds of them in flight feed
+    # each other's prediction errors (a late change slows its stretch, which moves the next
+    # boundaries), and noise then makes the step unstable. So ahead of time at least 1 ms apart.
+    floors = [float(min_interval_ms) if not ahead else max(float(min_interval_ms), 1.0)]
     if lat > 0:
         floors += [f for f in (1.0, lat) if f > floors[0]]
     top = float(ctx.model.params.sm_max_mhz)
-    for floor, start in [(f, c) for f in dict.fromkeys(floors) for c in (None, top)]:
+    chains = [(floors[0], None), (floors[0], top)] + [(f, top) for f in dict.fromkeys(floors[1:])]
+    for floor, start in chains:
         switch_f = switch_model_for(lat, ahead, floor)
         ceil = start
         seen: set = set()
@@ -590,3 +594,112 @@ def plan_ceiling_sm_mhz(trace: Trace, clocks_for: ClocksFor, model: Optional[H10
     ts = trace.steps[step % len(trace.steps)]
     gaps = sum(k.gap_before_s for k in ts.kernels) + ts.tail_gap_s
     return model.mix_ceiling_sm_mhz([(k.work(), clocks_for(k.region)) for k in ts.kernels], gap_s=gaps)
+
+
+# --------------------------------------------------------------------------------------------
+# The paper's Table 2, Fig. 6 and the latency trade-off, for a trace
+# --------------------------------------------------------------------------------------------
+
+
+def _row(tp: TracePlan, ex: Optional[Execution], granularity: str, objective: str, slowdown: float) -> dict:
+    row = {
+        "granularity": granularity, "objective": objective,
+        "max_slowdown": slowdown if objective == "relaxed" else (0.0 if objective == "strict" else None),
+        "planned_time_change": tp.planned.time_change, "planned_energy_change": tp.planned.energy_change,
+        "replayed_time_change": tp.executed_time_change, "replayed_energy_change": tp.executed_energy_change,
+        "planned_switches_per_step": tp.planned.switches,
+        "clocks": {k: ("default" if v is None else f"{v.sm_mhz}/{v.mem_mhz}") for k, v in tp.clocks_by_name.items()},
+        "fixed_point_iterations": tp.iterations, "converged": tp.converged,
+    }
+    if ex is not None:
+        row.update(executed_time_change=ex.time_change, executed_energy_change=ex.energy_change,
+                   switches_per_step=ex.clock_changes_per_step)
+    else:
+        row.update(executed_time_change=tp.executed_time_change, executed_energy_change=tp.executed_energy_change,
+                   switches_per_step=tp.observed.clock_changes_per_step)
+    return row
+
+
+def compare(trace_or_context: Union[Trace, PlanningContext], *, switch_latency_ms: Optional[float] = None,
+            issue_ahead: bool = True, max_slowdown: float = 0.05, noise: bool = True, seed: int = 0,
+            steps: int = 4, warmup_steps: int = 2, min_interval_ms: float = DEFAULT_MIN_INTERVAL_MS,
+            objectives: Sequence[str] = OBJECTIVES, granularities: Sequence[str] = GRANULARITIES) -> dict:
+    """For each objective and granularity: the plan's planned change, then the plan executed on a
+    virtual GPU with switch latency and noise (``noise=False``: exact), against the default clocks
+    run with the same seed. Each granularity also considers the coarser one's plan."""
+    ctx = _as_context(trace_or_context)
+    lat = _latency_ms(switch_latency_ms)
+    ahead = bool(issue_ahead) and lat > 0
+    baseline = replay(VirtualGPU(switch_latency_ms=lat, noise=noise, seed=seed, params=ctx.model),
+                      ctx.trace, steps=steps, warmup_steps=warmup_steps)
+    executed: dict = {}
+    rows = []
+    for objective in objectives:
+        prev: Optional[TracePlan] = None
+        for granularity in granularities:
+            tp = plan_on_trace(ctx, granularity=granularity, objective=objective, max_slowdown=max_slowdown,
+                               switch_latency_ms=lat, issue_ahead=ahead, min_interval_ms=min_interval_ms,
+                               candidates=[prev] if prev is not None else [])
+            prev = tp
+            key = _plan_key(tp.clocks_by_name)
+            if key not in executed:
+                seed_offsets = ctx.observe(tp.clocks_by_name, 0.0).offsets_s if ahead else None
+                executed[key] = execute(ctx.trace, tp.clocks_for, switch_latency_ms=lat, noise=noise, seed=seed,
+                                        steps=steps, warmup_steps=warmup_steps, model=ctx.model, baseline=baseline,
+                                        issue_ahead=ahead, lead_offsets_s=seed_offsets)
+            rows.append(_row(tp, executed[key], granularity, objective, max_slowdown))
+    return {"model_prediction": True, "device": VirtualGPU.name, "trace": ctx.trace.source,
+            "switch_latency_ms": lat, "issue_ahead": ahead, "min_interval_ms": float(min_interval_ms),
+            "max_slowdown": float(max_slowdown), "noise": bool(noise), "seed": int(seed), "steps": int(steps),
+            "rows": rows}
+
+
+def sweep(trace_or_context: Union[Trace, PlanningContext], *, slowdowns: Sequence[float] = SWEEP_SLOWDOWNS,
+          switch_latency_ms: Optional[float] = None, issue_ahead: bool = True,
+          min_interval_ms: float = DEFAULT_MIN_INTERVAL_MS, granularities: Sequence[str] = GRANULARITIES) -> dict:
+    """Energy saved against slowdown for each granularity (the paper's Fig. 6): the relaxed plan for
+    each budget, planned and replayed noise-free on the virtual GPU."""
+    ctx = _as_context(trace_or_context)
+    lat = _latency_ms(switch_latency_ms)
+    points = []
+    for g_budget in slowdowns:
+        prev = None
+        for granularity in granularities:
+            objective = "strict" if g_budget == 0 else "relaxed"
+            tp = plan_on_trace(ctx, granularity=granularity, objective=objective, max_slowdown=g_budget,
+                               switch_latency_ms=lat, issue_ahead=issue_ahead, min_interval_ms=min_interval_ms,
+                               candidates=[prev] if prev is not None else [])
+            prev = tp
+            points.append({"granularity": granularity, "max_slowdown": float(g_budget),
+                           "planned_time_change": tp.planned.time_change,
+                           "planned_energy_change": tp.planned.energy_change,
+                           "executed_time_change": tp.executed_time_change,
+                           "executed_energy_change": tp.executed_energy_change})
+    return {"model_prediction": True, "device": VirtualGPU.name, "trace": ctx.trace.source,
+            "switch_latency_ms": lat, "issue_ahead": bool(issue_ahead) and lat > 0, "noise": False,
+            "points": points}
+
+
+def latency_sweep(trace_or_context: Union[Trace, PlanningContext], *, latencies_ms: Sequence[float] = LATENCY_SWEEP_MS,
+                  objective: str = "strict", min_interval_ms: float = DEFAULT_MIN_INTERVAL_MS,
+                  actuations: Sequence[str] = ("ahead", "late")) -> dict:
+    """Kernel-level (and pass-level) saving, replayed noise-free, at each switch latency: with changes
+    issued ahead of their boundaries, and with changes requested at the boundary (landing late)."""
+    ctx = _as_context(trace_or_context)
+    points = []
+    for lat in latencies_ms:
+        for actuation in actuations:
+            ahead = actuation == "ahead"
+            pass_plan = plan_on_trace(ctx, granularity="pass", objective=objective, switch_latency_ms=lat,
+                                      issue_ahead=ahead, min_interval_ms=min_interval_ms)
+            kern = plan_on_trace(ctx, granularity="kernel", objective=objective, switch_latency_ms=lat,
+                                 issue_ahead=ahead, min_interval_ms=min_interval_ms, candidates=[pass_plan])
+            points.append({"switch_latency_ms": float(lat), "actuation": actuation,
+                           "kernel_time_change": kern.executed_time_change,
+                           "kernel_energy_change": kern.executed_energy_change,
+                           "kernel_planned_energy_change": kern.planned.energy_change,
+                           "kernel_switches_per_step": kern.observed.clock_changes_per_step,
+                           "pass_time_change": pass_plan.executed_time_change,
+                           "pass_energy_change": pass_plan.executed_energy_change})
+    return {"model_prediction": True, "device": VirtualGPU.name, "trace": ctx.trace.source, "objective": objective,
+            "noise": False, "points": points}
