@@ -139,8 +139,9 @@ class Engine:
             self.device, self.guard, min_interval_s=cfg.min_switch_interval_ms / 1e3,
             on_applied=self._on_applied, on_device_changed=self._on_device_changed,
         )
-        self.meter = Meter(self.device, window_steps=cfg.window_steps, on_step=self._on_step, on_window=self._on_window,
-                           energy_period_s=cfg.energy_sample_period_ms / 1e3)
+        self.meter = _LayoutMeter(self.device, window_steps=cfg.window_steps, on_step=self._on_step, on_window=self._on_window,
+                           energy_period_s=cfg.energy_sample_period_ms / 1e3,
+                           counter_period_s=cfg.energy_counter_period_ms / 1e3)
         self.meter.window_clocks = self._window_clocks
         self.meter.warmup_steps = cfg.warmup_steps
         self.meter.start()
@@ -210,7 +211,15 @@ class Engine:
             min_switch_interval_ms=cfg.min_switch_interval_ms, start_step=first, seed=cfg.sim_seed + self.rank,
         )
         self.explorer = Explorer(settings, on_done=self._explore_done, apply=cfg.mode == "auto")
+        # Both the explorer and the plan policy are ``trylast`` (a third-party policy answers first);
+        # among trylast implementations the earlier registered is asked first, so the explorer goes
+        # in before the policy while it explores.
+        policy_name = self.pm.get_name(self.policy)
+        if policy_name is not None:
+            self.pm.unregister(self.policy)
         self.pm.register(self.explorer, name=f"kdvfs-explorer-{id(self)}")
+        if policy_name is not None:
+            self.pm.register(self.policy, name=policy_name)
         self.meter.want_layout_from = first
         self.meter.on_layout = self._on_layout
         self._progress = ProgressLine(wants_progress(cfg.progress))
