@@ -64,6 +64,8 @@ V_KNEE_FRACTION = 0.45
 SM_FRACTIONS = (0.85, 0.76, 0.68, 0.6, 0.52, 0.44)
 #: Seconds of GPU time per block: long blocks make the counter's ~0.1 s reading error small.
 BLOCK_S = 6.0
+#: Blocks the step budget must hold at least (fit and validation); shorter blocks otherwise.
+MIN_BLOCKS = 24
 #: Validation: plan/default block pairs.
 VALIDATION_PAIRS = 4
 #: Share of exploration blocks kept at default clocks (the anchor of the comparison).
@@ -307,6 +309,8 @@ class Explorer:
         self.default_step_ms = float(np.median(times)) if times else 100.0
         ws = max(1, self.s.window_steps)
         want = max(1, int(math.ceil(BLOCK_S / max(self.default_step_ms / 1e3, 1e-6))))
+        # but enough blocks for the fit and the validation within the step budget
+        want = min(want, max(1, self.s.explore_max_steps // MIN_BLOCKS))
         self.block_steps = self.s.block_steps or max(ws, int(math.ceil(want / ws)) * ws)
         # the baseline block keeps its own length; later blocks start after it
         self._choose_knobs(b)
@@ -381,60 +385,68 @@ class Explorer:
         return {k: {s: float(np.mean(v)) for s, v in d.items()} for k, d in acc.items()}
 
     def _predict_ms(self, knob: str, st: int, table: dict) -> float:
-        """Predicted ms of a knob at a state: measured, else an upper bound from measured states."""
+        """Predicted ms of a knob at a state: measured, else extrapolated from measured states.
+
+        From a measured state (f1, m1, t1) time grows at most like the clock ratio (a roofline
+        bound). Where the knob's sensitivity to the clock is measured, the prediction uses twice
+        that sensitivity plus a margin instead (time is convex in 1/f, so a straight line would
+        under-predict). The bound itself is enforced on measured times, not on this prediction.
+        """
         d = table[knob]
         if st in d:
             return d[st]
-        base = d.get(0, 0.0)
         c = self.states[st]
-        f_ratio_bound = []
+        base = d.get(0)
+        sens_sm = sens_mem = 1.0
+        if base:
+            for s2, ms in d.items():
+                c2 = self.states[s2]
+                if c2 is None:
+                    continue
+                if c2.mem_mhz == self.m_max and c2.sm_mhz < 0.97 * self.f_max:
+                    sens_sm = min(sens_sm, max(0.0, (ms / base - 1.0) / (self.f_max / c2.sm_mhz - 1.0)))
+                if c2.mem_mhz < self.m_max:
+                    sens_mem = min(sens_mem, max(0.0, (ms / base - 1.0) / (self.m_max / c2.mem_mhz - 1.0)))
+        best = math.inf
         for s2, ms in d.items():
             c2 = self.states[s2]
             f2 = self.f_max if c2 is None else c2.sm_mhz
             m2 = self.m_max if c2 is None else c2.mem_mhz
-            # time grows at most like the larger clock ratio (a roofline bound)
-            r = max(f2 / c.sm_mhz, m2 / c.mem_mhz, 1.0) if True else 1.0
-            f_ratio_bound.append(ms * r)
-        return min(f_ratio_bound) if f_ratio_bound else base * max(self.f_max / c.sm_mhz, self.m_max / c.mem_mhz)
+            grow_sm = max(f2 / c.sm_mhz - 1.0, 0.0) * min(1.0, 2.0 * sens_sm + 0.1)
+            grow_mem = max(m2 / c.mem_mhz - 1.0, 0.0) * min(1.0, 2.0 * sens_mem + 0.1)
+            best = min(best, ms * (1.0 + grow_sm + grow_mem))
+        return best
 
     def _design(self, bs: int) -> dict:
+        """Random states for a random subset of knobs, each only if the slowdown bound affords it.
+
+        Allowance: the slowdown the exploration phase may still spend so that, after this block,
+        the cumulative measured excess stays within ``explore_max_slowdown``. Each knob takes its
+        least explored state whose predicted cost fits what is left (states seen least first,
+        ties broken at random), or stays at default.
+        """
         table = self._time_table()
         budget = self.s.explore_max_slowdown
-        # allowance: what keeps the cumulative slowdown of the exploration phase within budget
-        # after this block (validation blocks count too; they should cost nothing).
-        done_steps = self.explore_steps
-        allowance_ms = budget * (done_steps + bs) * self.default_step_ms - self.excess_ms
+        allowance_ms = budget * (self.explore_steps + bs) * self.default_step_ms - self.excess_ms
+        left = allowance_ms / bs  # ms per step this block may cost
         design = {}
-        cost = {}
-        for k in self.knobs:
+        knobs = list(self.knobs)
+        self._rng.shuffle(knobs)
+        for k in knobs:
             if self._rng.random() < 0.3:
                 continue
-            counts = {s: 0 for s in self.grid}
-            for b in self.blocks:
-                st = b.design.get(k)
+            counts = {st: 0 for st in self.grid}
+            for blk in self.blocks:
+                st = blk.design.get(k)
                 if st in counts:
                     counts[st] += 1
-            # prefer states seen least, cheap ones first among equals
-            opts = sorted(self.grid, key=lambda s: (counts[s] + self._rng.random() * 1.5,))
-            st = opts[0]
-            design[k] = st
             base = table[k].get(0, 0.0)
-            cost[k] = max(0.0, self._predict_ms(k, st, table) - base)
-        while design and sum(cost.values()) * bs > allowance_ms:
-            worst = max(cost, key=cost.get)
-            # try a cheaper explored state for the costliest knob before giving it up
-            base = table[worst].get(0, 0.0)
-            cheaper = [s for s in self.grid if max(0.0, self._predict_ms(worst, s, table) - base) < 0.5 * cost[worst]]
-            if cheaper and cost[worst] > 0:
-                st = self._rng.choice(cheaper)
-                design[worst] = st
-                cost[worst] = max(0.0, self._predict_ms(worst, st, table) - base)
-                if cost[worst] > 0 and sum(cost.values()) * bs <= allowance_ms:
+            for st in sorted(self.grid, key=lambda x: counts[x] + self._rng.random()):
+                cost = max(0.0, self._predict_ms(k, st, table) - base)
+                if cost <= left:
+                    design[k] = st
+                    left -= cost
                     break
-                if cost[worst] == 0:
-                    continue
-            del design[worst]
-            del cost[worst]
         return design
 
     def _explored_enough(self) -> bool:

@@ -1,0 +1,95 @@
+"""Lightning on CPU with the simulated device: explore -> plan -> validate -> apply in one fit; the
+next fit in mode="apply" loads the saved plan and does not explore."""
+import json
+
+import pytest
+import torch
+from torch import nn
+
+pl = pytest.importorskip("lightning.pytorch")
+
+from kdvfs_lightning import KernelDVFS
+from kdvfs_plugins import PlanError, hookimpl
+from kdvfs_plugins.devices import SimulatedDevice
+from kdvfs_plugins.sim.gpu import Work
+
+
+class RegionWork:
+    """Every stretch between two markers is 40 ms of memory-bound work on the virtual GPU: a stable
+    GPU load (host time would make the step times jitter with the CPU)."""
+
+    def __call__(self):
+        return [Work("copy", 0.04)]
+
+
+class SimDevice:
+    def __init__(self):
+        self.device = None
+
+    @hookimpl
+    def kdvfs_make_device(self, config, index):
+        self.device = SimulatedDevice(index, work_source=RegionWork(), noise=True, seed=1, switch_latency_ms=1.0)
+        return self.device
+
+
+class Net(pl.LightningModule):
+    def __init__(self):
+        super().__init__()
+        self.layers = nn.ModuleList(nn.Sequential(nn.Linear(4, 4), nn.ReLU()) for _ in range(2))
+
+    def forward(self, x):
+        for layer in self.layers:
+            x = layer(x)
+        return x
+
+    def training_step(self, batch, batch_idx):
+        return self(batch[0]).pow(2).mean()
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=0.01)
+
+
+def fit(tmp_path, steps, **cfg):
+    sim = SimDevice()
+    cfg.setdefault("run_dir", str(tmp_path / "run"))
+    cb = KernelDVFS(plugins=[sim], window_steps=2, warmup_steps=1, progress=False, **cfg)
+    data = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(torch.randn(steps, 4)), batch_size=1)
+    trainer = pl.Trainer(max_steps=steps, accelerator="cpu", devices=1, logger=False, enable_checkpointing=False,
+                         enable_progress_bar=False, enable_model_summary=False, callbacks=[cb],
+                         default_root_dir=str(tmp_path))
+    trainer.fit(Net(), data)
+    return cb, sim
+
+
+def test_explore_then_apply_in_one_fit_and_reuse_in_the_next(tmp_path):
+    cb, sim = fit(tmp_path, 320, mode="auto", explore_max_steps=300, max_slowdown=0.05)
+    eng = cb.engine
+    res = eng.explore_result
+    assert res is not None and res.status == "applied", res
+    assert res.steps <= 300 and res.clocks_by_name
+    assert res.validated["energy_change"] < 0
+    assert eng.plan is not None and eng.plan.source == "explore"
+    plan_file = tmp_path / "run" / "plan.json"
+    saved = json.loads(plan_file.read_text())
+    assert saved["key"]["gpu"] == sim.device.info().name and "regions" in saved["key"]
+    # after exploration the plan's clocks are in force
+    planned = set(res.clocks_by_name.values())
+    late = [c for t, c in sim.device.requests[-10:]]
+    assert planned & set(late)
+    summary = json.loads((tmp_path / "run" / "rank0" / "summary.json").read_text())
+    assert summary["exploration"]["status"] == "applied"
+
+    cb2, sim2 = fit(tmp_path, 12, mode="apply", max_slowdown=0.05)
+    assert cb2.engine.explorer is None and cb2.engine.explore_result is None
+    assert cb2.engine.plan.regions == eng.plan.regions
+    assert set(c for _, c in sim2.device.requests) & planned
+
+
+def test_apply_rejects_a_plan_for_another_region_set(tmp_path):
+    fit(tmp_path, 320, mode="auto", explore_max_steps=300, max_slowdown=0.05)
+    path = tmp_path / "run" / "plan.json"
+    d = json.loads(path.read_text())
+    d["key"]["regions"] = "0" * 16
+    path.write_text(json.dumps(d))
+    with pytest.raises(PlanError, match="region set.*explore again"):
+        fit(tmp_path, 6, mode="apply", max_slowdown=0.05)
