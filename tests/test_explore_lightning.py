@@ -86,10 +86,11 @@ def test_explore_then_apply_in_one_fit_and_reuse_in_the_next(tmp_path):
 
 
 def test_apply_rejects_a_plan_for_another_region_set(tmp_path):
-    fit(tmp_path, 320, mode="auto", explore_max_steps=300, max_slowdown=0.05)
-    path = tmp_path / "run" / "plan.json"
-    d = json.loads(path.read_text())
-    d["key"]["regions"] = "0" * 16
-    path.write_text(json.dumps(d))
-    with pytest.raises(PlanError, match="region set.*explore again"):
+    from kdvfs_plugins.plan import Plan, plan_key
+
+    dev = SimulatedDevice(0)
+    info = dev.info()
+    key = plan_key(info.name, info.driver, 1, regions=["forward", "forward/other.*"])
+    Plan(info.name, info.clocks, {"forward": None}, key=key, source="explore").save(tmp_path / "run" / "plan.json")
+    with pytest.raises(PlanError, match=r"region set \(hash\) was .*explore again"):
         fit(tmp_path, 6, mode="apply", max_slowdown=0.05)

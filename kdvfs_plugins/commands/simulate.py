@@ -41,6 +41,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--switch-latency-ms", type=float, default=None,
                         help="clock switch latency of the virtual GPU (default 6 ms, published for H200)")
     parser.add_argument("--json", action="store_true", help="print one JSON object")
+    # explore: online exploration on the virtual GPU (kdvfs_plugins/sim/explore_run.py)
+    parser.add_argument("--explore", action="store_true", help="explore, plan, validate, apply; compare with the oracle")
+    parser.add_argument("--seeds", type=int, default=5, help="--explore: noise seeds to run (default 5)")
+    parser.add_argument("--explore-plan-slowdown", type=float, default=0.0,
+                        help="--explore: the plan's slowdown budget (default 0: strict, the config default)")
+    parser.add_argument("--explore-max-slowdown", type=float, default=0.02, help="--explore: exploration slowdown bound")
+    parser.add_argument("--explore-max-steps", type=int, default=1500, help="--explore: step budget (default 1500)")
     parser.add_argument("--compare", action="store_true",
                         help="plan each granularity x objective, execute on the virtual GPU, print planned vs executed")
     parser.add_argument("--sweep", action="store_true", help="energy saved vs slowdown budget 0..30%% (and a plot)")
@@ -228,6 +235,15 @@ MODES: list[tuple[str, Callable[[argparse.Namespace], int]]] = [
     ("sweep", run_sweep),
     ("latency_sweep", run_latency_sweep),
 ]
+
+
+def _run_explore(args: argparse.Namespace) -> int:
+    from ..sim.explore_run import run_command
+
+    return run_command(args)
+
+
+MODES.append(("explore", _run_explore))
 
 
 def run(args: argparse.Namespace) -> int:

@@ -323,3 +323,88 @@ def run_seed(trace: Trace, seed: int, *, max_steps: int = 1500, max_slowdown: fl
         de = dt = 0.0
     return SeedResult(seed, float(de), float(dt), int(n), float(expl), bool(applied),
                       dict(res.predicted) if res else {}, dict(res.validated) if res else {}), ex
+
+
+# ---------------------------------------------------------------------- command
+def oracle(trace: Trace, *, max_slowdown: float, switch_latency_ms: float, model: Optional[H100Model] = None):
+    """The planner given the true model (noise-free tables, fitted to the power controller)."""
+    from .planning import plan_on_trace
+
+    objective = "strict" if max_slowdown == 0 else "relaxed"
+    tp = plan_on_trace(trace, objective=objective, max_slowdown=max_slowdown,
+                       switch_latency_ms=switch_latency_ms, issue_ahead=False)
+    return tp
+
+
+def _stats(values: Sequence[float]) -> dict:
+    v = np.array(values, dtype=float)
+    return {"min": float(v.min()), "median": float(np.median(v)), "max": float(v.max())}
+
+
+def explore_report(trace_name: str = "gpt1b", seeds: int = 5, *, max_steps: int = 1500, max_slowdown: float = 0.0,
+                   explore_max_slowdown: float = 0.02, noise: bool = True,
+                   switch_latency_ms: Optional[float] = None, execute_steps: int = 10) -> dict:
+    """Explore on the virtual GPU for each seed; compare the applied plans with the oracle's."""
+    from .gpu import DEFAULT_SWITCH_LATENCY_MS
+    from .planning import execute
+
+    trace = Trace.load(trace_name)
+    lat = DEFAULT_SWITCH_LATENCY_MS if switch_latency_ms is None else switch_latency_ms
+    t0 = _time.perf_counter()
+    orc = oracle(trace, max_slowdown=max_slowdown, switch_latency_ms=lat)
+    rows, orc_e, orc_t = [], [], []
+    for seed in range(seeds):
+        res, _ = run_seed(trace, seed, max_steps=max_steps, max_slowdown=max_slowdown,
+                          explore_max_slowdown=explore_max_slowdown, noise=noise, switch_latency_ms=lat,
+                          execute_steps=execute_steps)
+        rows.append(res)
+        if orc.clocks_by_name and any(c is not None for c in orc.clocks_by_name.values()):
+            ex = execute(trace, orc.clocks_for, switch_latency_ms=lat, noise=noise, seed=seed, steps=execute_steps)
+            orc_e.append(ex.energy_change)
+            orc_t.append(ex.time_change)
+        else:
+            orc_e.append(0.0)
+            orc_t.append(0.0)
+    oe, ot = float(np.median(orc_e)), float(np.median(orc_t))
+    share = [(r.energy_change / oe) if oe < 0 else None for r in rows]
+    return {
+        "model_prediction": True,
+        "trace": trace.source,
+        "max_slowdown": max_slowdown,
+        "explore_max_slowdown": explore_max_slowdown,
+        "explore_max_steps": max_steps,
+        "switch_latency_ms": lat,
+        "noise": noise,
+        "oracle_energy_change": oe,
+        "oracle_time_change": ot,
+        "oracle_clocks": {k: (None if v is None else str(v)) for k, v in orc.clocks_by_name.items() if v is not None},
+        "seeds": [{**r.to_dict(), "share_of_oracle_saving": s} for r, s in zip(rows, share)],
+        "summary": {
+            "energy_change": _stats([r.energy_change for r in rows]),
+            "time_change": _stats([r.time_change for r in rows]),
+            "steps": _stats([r.steps for r in rows]),
+            "exploration_time_change": _stats([r.exploration_time_change for r in rows]),
+            "share_of_oracle_saving": _stats([s for s in share if s is not None]) if any(s is not None for s in share) else None,
+        },
+        "cpu_s": _time.perf_counter() - t0,
+    }
+
+
+def run_command(args) -> int:
+    """``kdvfs simulate --explore``: the handler registered in :data:`kdvfs_plugins.commands.simulate.MODES`."""
+    from ..errors import ConfigError
+
+    if args.seeds < 1:
+        raise ConfigError("--seeds", args.seeds, "at least 1", source="kdvfs simulate --explore")
+    out = explore_report(args.trace, args.seeds, max_steps=args.explore_max_steps, max_slowdown=args.explore_plan_slowdown,
+                         explore_max_slowdown=args.explore_max_slowdown, noise=not args.no_noise,
+                         switch_latency_ms=args.switch_latency_ms)
+    if args.json:
+        print(json.dumps(out, indent=1))
+        return 0
+    print("model prediction (simulated H100): online exploration vs the oracle plan")
+    print(f"  oracle: energy {out['oracle_energy_change']:+.2%}, time {out['oracle_time_change']:+.2%}")
+    for r in out["seeds"]:
+        print(f"  seed {r['seed']}: energy {r['energy_change']:+.2%}, time {r['time_change']:+.2%}, "
+              f"applied after {r['steps']} steps, exploration slowdown {r['exploration_time_change']:+.2%}")
+    return 0
