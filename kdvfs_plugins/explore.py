@@ -66,6 +66,8 @@ SM_FRACTIONS = (0.85, 0.76, 0.68, 0.6, 0.52, 0.44)
 BLOCK_S = 6.0
 #: Blocks the step budget must hold at least (fit and validation); shorter blocks otherwise.
 MIN_BLOCKS = 24
+#: Share of the exploration slowdown bound that designs plan to use (predictions can miss).
+BOUND_MARGIN = 0.85
 #: Validation: plan/default block pairs.
 VALIDATION_PAIRS = 4
 #: Share of exploration blocks kept at default clocks (the anchor of the comparison).
@@ -203,7 +205,7 @@ class Explorer:
         return self._find_block(step)
 
     def _block_len(self) -> int:
-        if self.block_steps is None:
+        if self.phase == "baseline" or self.block_steps is None:
             return max(self.s.window_steps, 1)  # the baseline block before the step time is known
         return self.block_steps
 
@@ -268,7 +270,7 @@ class Explorer:
         if i == 0:
             self.blocks.append(_Block(0, first, self._block_len(), "baseline", {}))
             return
-        if self.block_steps is None:
+        if self.phase == "baseline":
             self._setup_after_baseline()
         used = first - self.s.start_step
         left = self.s.explore_max_steps - used
@@ -312,6 +314,7 @@ class Explorer:
         # but enough blocks for the fit and the validation within the step budget
         want = min(want, max(1, self.s.explore_max_steps // MIN_BLOCKS))
         self.block_steps = self.s.block_steps or max(ws, int(math.ceil(want / ws)) * ws)
+        self.block_steps = max(ws, int(math.ceil(self.block_steps / ws)) * ws)
         # the baseline block keeps its own length; later blocks start after it
         self._choose_knobs(b)
         self._build_grid()
@@ -426,7 +429,8 @@ class Explorer:
         ties broken at random), or stays at default.
         """
         table = self._time_table()
-        budget = self.s.explore_max_slowdown
+        # a margin for predictions that miss: the bound is checked on measured times
+        budget = BOUND_MARGIN * self.s.explore_max_slowdown
         allowance_ms = budget * (self.explore_steps + bs) * self.default_step_ms - self.excess_ms
         left = allowance_ms / bs  # ms per step this block may cost
         design = {}

@@ -1,0 +1,172 @@
+"""The explorer's statistics and bounds on synthetic data, and plan keys."""
+import math
+
+import numpy as np
+import pytest
+
+from kdvfs_plugins import ClockPair, PlanError
+from kdvfs_plugins.clocks import ClockTable
+from kdvfs_plugins.data import h100_clock_lists
+from kdvfs_plugins.explore import ExploreSettings, Explorer, Occurrence, voltage
+from kdvfs_plugins.plan import Plan, plan_key
+from kdvfs_plugins.policy import DEFAULT_CLOCKS, as_clocks
+
+
+def table():
+    mem, sm = h100_clock_lists()
+    return ClockTable.from_lists(mem, sm)
+
+
+class World:
+    """Two knobs with known physics: a compute-bound 'forward' and a memory-bound 'optimizer'.
+
+    Time: roofline-like in the clocks. Energy per step: A_k V(f)^2 + t * S(f, m) + B, the model the
+    explorer fits, plus a reading error per window like the 100 ms counter's.
+    """
+
+    F_D = 1650.0  # the default state's SM clock
+
+    def __init__(self, seed=0, window_error_j=3.0):
+        self.rng = np.random.default_rng(seed)
+        self.err = window_error_j
+        self.a = {"forward": 60.0, "optimizer": 8.0}       # J per step at V = 1
+        self.t0 = {"forward": 0.080, "optimizer": 0.020}    # s per step at default
+        self.sm_share = {"forward": 0.95, "optimizer": 0.15}
+
+    def knob_time_s(self, k, c):
+        f = self.F_D if c is None else min(c.sm_mhz, self.F_D)
+        m = 2619 if c is None else c.mem_mhz
+        s = self.sm_share[k]
+        return self.t0[k] * (s * self.F_D / f + (1 - s) * max(1.0, 2619 / m * 0.8))
+
+    def knob_energy_j(self, k, c):
+        f = self.F_D if c is None else min(c.sm_mhz, self.F_D)
+        m = 2619 if c is None else c.mem_mhz
+        v2 = float(voltage(f, 1980.0)) ** 2
+        static = 60 + 40 * v2 + 50 * f / 1980 * v2 + 40 * m / 2619
+        return self.a[k] * v2 + self.knob_time_s(k, c) * static + 5.0
+
+    def step(self, clocks):
+        t = {k: self.knob_time_s(k, clocks[k]) for k in self.a}
+        e = sum(self.knob_energy_j(k, clocks[k]) for k in self.a)
+        return {k: v * 1e3 for k, v in t.items()}, sum(t.values()) * 1e3, e
+
+
+def drive(world, settings, steps, apply=True):
+    ex = Explorer(settings, apply=apply)
+    ex.set_layout([Occurrence("forward", 80.0), Occurrence("optimizer", 20.0)])
+    win_e, win_first = 0.0, 0
+    for step in range(steps):
+        if ex.done:
+            break
+        clocks = {k: as_clocks(ex.clocks_for(k, step)) for k in ("forward", "optimizer")}
+        region_ms, step_ms, e = world.step(clocks)
+        ex.observe_step(step, step_ms, region_ms)
+        win_e += e
+        if (step + 1) % settings.window_steps == 0:
+            ex.observe_window(win_first, step, win_e + world.rng.normal(0, world.err))
+            win_e, win_first = 0.0, step + 1
+    return ex
+
+
+def settings(**kw):
+    kw.setdefault("clock_table", table())
+    kw.setdefault("max_slowdown", 0.05)
+    kw.setdefault("objective", "relaxed")
+    kw.setdefault("window_steps", 5)
+    kw.setdefault("explore_max_steps", 1200)
+    kw.setdefault("switch_latency_ms", 1.0)
+    kw.setdefault("block_steps", 10)
+    return ExploreSettings(**kw)
+
+
+def test_the_energy_regression_recovers_the_clock_responses():
+    world = World(seed=1)
+    ex = drive(world, settings(), 1300)
+    assert ex.result is not None
+    tab = ex._time_table()
+    coef, fd = ex._fit_energy(tab)
+    T, E = ex._tables(tab, coef, fd)
+    # the differences between states are what the plan uses: compare them with the truth
+    errs = []
+    for j, k in enumerate(ex.knobs):
+        for st in set(tab[k]) - {0}:
+            c = ex.states[st]
+            true = world.knob_energy_j(k, c) - world.knob_energy_j(k, None)
+            fitted = E[j, st] - E[j, 0]
+            errs.append(abs(fitted - true) / world.knob_energy_j(k, None))
+    assert np.median(errs) < 0.03, errs
+
+
+def test_auto_finds_validates_and_applies_a_saving():
+    ex = drive(World(seed=2), settings(), 1300)
+    r = ex.result
+    assert r.status == "applied", r.message
+    assert r.validated["energy_change"] < -0.02 and r.validated["time_change"] <= 0.05 + 1e-3
+    assert r.clocks_by_name
+
+
+def test_explore_mode_writes_but_does_not_apply():
+    ex = drive(World(seed=2), settings(), 1300, apply=False)
+    assert ex.result.status == "explored" and ex.result.clocks_by_name
+
+
+@pytest.mark.parametrize("bound", [0.005, 0.02])
+def test_exploration_slowdown_stays_within_its_bound(bound):
+    # the plan's own validation blocks count as exploration too: keep its budget below the bound
+    ex = drive(World(seed=3), settings(explore_max_slowdown=bound, max_slowdown=bound / 2), 1300)
+    assert ex.explore_steps > 500
+    assert ex.exploration_time_change <= bound + 1e-9
+    # and exploration did move the clocks (it is not idle)
+    assert sum(1 for b in ex.blocks if b.kind == "explore" and b.design) >= 10
+
+
+def test_strict_budget_rejects_a_plan_that_only_saves_by_slowing_down():
+    world = World(seed=4)
+    world.sm_share = {"forward": 1.0, "optimizer": 1.0}  # every lower clock costs time
+    ex = drive(world, settings(max_slowdown=0.0, objective="strict"), 1300)
+    assert ex.result.status == "rejected"
+    assert ex.result.clocks_by_name == {}
+
+
+def test_knobs_merge_regions_shorter_than_the_switch_allows():
+    ex = Explorer(settings(switch_latency_ms=6.0))
+    ex.set_layout([Occurrence("forward/mm", 1.0), Occurrence("forward/ew", 0.5)] * 40
+                  + [Occurrence("optimizer", 30.0)])
+    for step in range(5):  # the baseline block: one window at default clocks
+        assert ex.clocks_for("forward/mm", step) is DEFAULT_CLOCKS
+        ex.observe_step(step, 90.0, {"forward/mm": 40.0, "forward/ew": 20.0, "optimizer": 30.0})
+    ex.clocks_for("forward/mm", 5)  # the first block after the baseline sets the knobs
+    assert set(ex.knobs) == {"forward", "optimizer"}
+
+
+def test_plan_key_change_names_what_changed():
+    key = plan_key("NVIDIA H100 80GB HBM3", "580.1", 8, {"tp": 2, "pp": 1, "dp": 4}, regions=["forward", "backward"])
+    plan = Plan("NVIDIA H100 80GB HBM3", table(), {"forward": ClockPair(1500, 2619)}, key=key, source="explore")
+    plan.check_key(key)
+    now = plan_key("NVIDIA H100 80GB HBM3", "590.2", 8, {"tp": 4, "pp": 1, "dp": 2}, regions=["forward", "backward"])
+    with pytest.raises(PlanError, match=r"the driver was '580.1', now '590.2'.*parallel layout.*explore again"):
+        plan.check_key(now)
+    other = plan_key("NVIDIA H100 80GB HBM3", "580.1", 8, {"tp": 2, "pp": 1, "dp": 4}, regions=["forward", "optimizer"])
+    with pytest.raises(PlanError, match=r"region set"):
+        plan.check_key(other)
+    # a hand-written plan without a key passes
+    Plan("NVIDIA H100 80GB HBM3", table(), {}).check_key(now)
+
+
+def test_engine_apply_with_a_plan_for_another_driver_fails_before_training(tmp_path):
+    from kdvfs_plugins import KdvfsConfig
+    from kdvfs_plugins.devices import SimulatedDevice
+    from kdvfs_plugins.engine import Engine
+
+    dev = SimulatedDevice(0, noise=False)
+    info = dev.info()
+    Plan(info.name, info.clocks, {"forward": None}, key=plan_key(info.name, "old-driver", 1),
+         source="explore").save(tmp_path / "plan.json")
+    cfg = KdvfsConfig.from_dict({"mode": "apply", "plan_path": str(tmp_path / "plan.json"), "run_dir": str(tmp_path)})
+    with pytest.raises(PlanError, match="driver was 'old-driver'"):
+        Engine(cfg, device=dev).start()
+    # auto explores again instead
+    eng = Engine(cfg.replace(mode="auto"), device=SimulatedDevice(0, noise=False)).start()
+    assert eng.plan is None
+    eng.close()
