@@ -55,7 +55,7 @@ def run_block(model, loader, args, with_kdvfs: bool):
     kd = None
     if with_kdvfs:
         kd = KernelDVFS(device=args.device, mode="observe", run_dir=args.run_dir, window_steps=5,
-                        granularity=args.granularity)
+                        granularity=args.granularity, warmup_steps=args.warmup)
         callbacks.append(kd)
     trainer = pl.Trainer(
         max_steps=args.warmup + args.steps, accelerator="auto", devices=1, precision=args.precision,
@@ -106,15 +106,20 @@ def main(argv=None) -> None:
     s = last.engine.summary()
     rows = last.engine.region_table()
     region_sum_ms = sum(r[1] for r in rows)
+    timed = [r for r in last.engine.meter.steps if r.step >= args.warmup]
+    gpu_ms = statistics.median(r.gpu_time_ms for r in timed)
+    profiled = [r.gpu_time_ms for r in timed if r.region_time_ms]
     print(f"\nkdvfs region table (last block, {s['device']} device):")
     print(format_region_table(rows, step_ms=med_with * 1e3, simulated=s["model_prediction"]))
     print(f"region sum / measured step time: {region_sum_ms / (med_with * 1e3):.3f}")
+    print(f"median GPU step time from the step markers (every step): {gpu_ms:.2f} ms; "
+          f"profiled steps: {', '.join(f'{x:.2f}' for x in profiled)} ms")
     if s["energy_j_per_step"]:
         print(f"energy per step {s['energy_j_per_step']:.1f} J, average power {s['avg_power_w']:.0f} W (device energy counter)")
     out = {
         "params": params, "median_with_ms": med_with * 1e3, "median_without_ms": med_without * 1e3,
         "overhead": overhead, "with_ms": [x * 1e3 for x in with_s], "without_ms": [x * 1e3 for x in without_s],
-        "region_sum_ms": region_sum_ms, "summary": s,
+        "region_sum_ms": region_sum_ms, "median_gpu_step_ms": gpu_ms, "profiled_step_ms": profiled, "summary": s,
     }
     if args.json_out:
         with open(args.json_out, "w") as f:
