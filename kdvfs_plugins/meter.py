@@ -172,6 +172,8 @@ class Meter:
         self.window_clocks: Callable[[], dict] = dict
         #: Steps before this one are left out of the region table (allocator and autotuning warm-up).
         self.warmup_steps = 0
+        self.profiled_steps_seen = 0
+        self.first_profiled: Optional[dict] = None
 
     def start(self) -> None:
         if self.sampler is not None:
@@ -246,6 +248,14 @@ class Meter:
         st.marks = st.marks[:1]
         st.record = rec
         if st.profiled and st.step >= self.warmup_steps:
+            self.profiled_steps_seen += 1
+            # The first profiled step installs the module hooks; measured on an H100 it ran 88 ms
+            # where the steps around it ran 68, so it stays out of the table when others follow.
+            if self.profiled_steps_seen == 2 and self.first_profiled is not None:
+                self.region_totals_ms.clear()
+                self.region_steps = 0
+            if self.profiled_steps_seen == 1:
+                self.first_profiled = dict(region_ms)
             for k, v in region_ms.items():
                 self.region_totals_ms[k] += v
             self.region_steps += 1
