@@ -59,6 +59,9 @@ class KdvfsConfig:
     min_switch_interval_ms: float = 1.0
     #: Clock switch latency the planner assumes; None uses the device's measured or default figure.
     switch_latency_ms: Optional[float] = None
+    #: Write each change one switch latency before its boundary, predicted from the previous steps'
+    #: marker times (at the boundary where no stable prediction exists); plans assume it.
+    issue_ahead: bool = True
     warmup_steps: int = 3
     #: Record every region boundary on one step in N (1: every step). Other steps mark only the
     #: boundaries where clocks change, which keeps the CPU cost per step small.
@@ -243,6 +246,7 @@ _CHECKS = {
     "state_dir": _str,
     "kdvfsd_socket": _optional_str,
     "sim_noise": _bool,
+    "issue_ahead": _bool,
     "sim_seed": _number(0, 2**31 - 1, integer=True),
     "sim_switch_latency_ms": _number(0.0, 10000.0, optional=True),
 }

@@ -138,6 +138,7 @@ class Engine:
         self.actuator = Actuator(
             self.device, self.guard, min_interval_s=cfg.min_switch_interval_ms / 1e3,
             on_applied=self._on_applied, on_device_changed=self._on_device_changed,
+            lead_s=self._switch_latency_ms() / 1e3 if cfg.issue_ahead else 0.0,
         )
         self.meter = _LayoutMeter(self.device, window_steps=cfg.window_steps, on_step=self._on_step, on_window=self._on_window,
                            energy_period_s=cfg.energy_sample_period_ms / 1e3,
@@ -191,6 +192,13 @@ class Engine:
         return None
 
     # ------------------------------------------------------------------ exploration
+    def _switch_latency_ms(self) -> float:
+        """The configured switch latency, else the device's (simulated), else the published 6 ms."""
+        if self.config.switch_latency_ms is not None:
+            return float(self.config.switch_latency_ms)
+        gpu = getattr(self.device, "gpu", None)
+        return gpu.switch_latency_s * 1e3 if gpu is not None else 6.0
+
     def _start_explorer(self) -> None:
         """Mode auto/explore without a plan: explore from the first window boundary after warm-up."""
         from .explore import ExploreSettings, Explorer
@@ -200,15 +208,13 @@ class Engine:
         ws = cfg.window_steps
         # the meter's windows count from the first step; blocks must start on a window boundary
         first = self.step + ws * (-(-cfg.warmup_steps // ws))
-        latency = cfg.switch_latency_ms
-        if latency is None:
-            gpu = getattr(self.device, "gpu", None)
-            latency = gpu.switch_latency_s * 1e3 if gpu is not None else 6.0
+        latency = self._switch_latency_ms()
         settings = ExploreSettings(
             clock_table=info.clocks, max_slowdown=cfg.max_slowdown, objective=cfg.effective_objective,
             granularity=cfg.granularity, explore_max_slowdown=cfg.explore_max_slowdown,
             explore_max_steps=cfg.explore_max_steps, window_steps=ws, switch_latency_ms=float(latency),
             min_switch_interval_ms=cfg.min_switch_interval_ms, start_step=first, seed=cfg.sim_seed + self.rank,
+            issue_ahead=cfg.issue_ahead,
         )
         self.explorer = Explorer(settings, on_done=self._explore_done, apply=cfg.mode == "auto")
         # Both the explorer and the plan policy are ``trylast`` (a third-party policy answers first);

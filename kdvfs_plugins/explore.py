@@ -106,6 +106,9 @@ class ExploreSettings:
     start_step: int = 0
     seed: int = 0
     validation_pairs: int = VALIDATION_PAIRS
+    #: the actuator writes changes one latency ahead of their predicted boundaries: plan with the
+    #: latency hidden (False: changes land a latency late, priced as such)
+    issue_ahead: bool = False
 
 
 @dataclass(frozen=True)
@@ -583,7 +586,7 @@ class Explorer:
         states = [self.states[i] for i in cols]
         problem = PlanningProblem(tuple(names), tt, ee, tuple(states), 0)
         lat = self.s.switch_latency_ms / 1e3
-        switch = SwitchModel(latency_s=lat, lands_late=lat > 0, min_interval_s=self.s.min_switch_interval_ms / 1e3)
+        switch = self._switch_model()
         budget = max(0.0, self.s.max_slowdown - tighten)
         objective = self.s.objective if not (self.s.objective == "strict" and tighten > 0) else "relaxed"
         if objective == "relaxed" and budget == 0.0 and tighten > 0:
@@ -606,6 +609,19 @@ class Explorer:
         self._plan_design = design
         self.plan_clocks = {k: self.states[s] for k, s in design.items()}
         self.phase = "validate"
+
+    def _switch_model(self) -> SwitchModel:
+        """The switch as the actuator executes it: latency hidden when issued ahead, else landing late.
+
+        Issued ahead, changes still stay at least a latency apart (one in flight at a time) and at
+        least 1 ms: each relies on the previous step's timing, and changes packed closer feed each
+        other's prediction errors.
+        """
+        lat = self.s.switch_latency_ms / 1e3
+        floor = self.s.min_switch_interval_ms / 1e3
+        if self.s.issue_ahead and lat > 0:
+            return SwitchModel(latency_s=lat, hide_latency=True, min_interval_s=max(floor, 1e-3))
+        return SwitchModel(latency_s=lat, lands_late=lat > 0, min_interval_s=floor)
 
     def _plan_faster(self, problem, switch, tighten):
         """Strict plan for a step ``tighten`` faster than default (after a too-slow validation)."""
