@@ -455,6 +455,23 @@ class Engine:
             },
         }
 
+    def finish(self, error: Optional[BaseException] = None, *, quiet: bool = False) -> Optional[Path]:
+        """End of training, for every adapter: restore the clocks, write the run directory, and log
+        this rank's summary and region table (at debug level when ``quiet``). Returns the run
+        directory, or None when the engine had already closed."""
+        if not self.active:
+            return None
+        self.close(error)
+        path = self.write_run_dir()
+        s = self.summary()
+        step_ms = f"{s['gpu_time_ms_per_step']:.2f}" if s["gpu_time_ms_per_step"] else "-"
+        (logger.debug if quiet else logger.info)(
+            "rank %d: %d steps, %s GPU ms/step, %d clock changes; run directory %s\n%s",
+            self.rank, s["steps"], step_ms, s["clock_changes"], path,
+            format_region_table(self.region_table(), simulated=s["model_prediction"]),
+        )
+        return path
+
     def write_run_dir(self) -> Optional[Path]:
         """Write ``<run_dir>/rank<N>/summary.json``; returns the path (None if not started)."""
         if not self._started:

@@ -22,7 +22,7 @@ from collections import deque
 from typing import Any, Callable, Iterable, Optional
 
 from kdvfs_plugins.config import KdvfsConfig
-from kdvfs_plugins.engine import Engine, format_region_table
+from kdvfs_plugins.engine import Engine
 from kdvfs_plugins.log import logger
 from kdvfs_plugins.module_regions import ModuleRegions
 from kdvfs_plugins.regions import BACKWARD, COMMUNICATION, FORWARD, OPTIMIZER
@@ -130,14 +130,7 @@ class DeepSpeedAdapter:
             delattr(self.ds, ATTR)
         if not self.engine.active:
             return
-        self.engine.close(error)
-        path = self.engine.write_run_dir()
-        s = self.engine.summary()
-        logger.info(
-            "rank %d: %d steps, %s GPU ms/step, %d clock changes; run directory %s\n%s",
-            self.engine.rank, s["steps"], f"{s['gpu_time_ms_per_step']:.2f}" if s["gpu_time_ms_per_step"] else "-",
-            s["clock_changes"], path, format_region_table(self.engine.region_table(), simulated=s["model_prediction"]),
-        )
+        self.engine.finish(error)
 
     detach = close
 

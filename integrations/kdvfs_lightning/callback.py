@@ -17,7 +17,7 @@ except ImportError:  # the standalone ``pytorch_lightning`` distribution
     from pytorch_lightning.callbacks import Callback
 
 from kdvfs_plugins.config import KdvfsConfig
-from kdvfs_plugins.engine import Engine, format_region_table
+from kdvfs_plugins.engine import Engine
 from kdvfs_plugins.log import logger
 from kdvfs_plugins.module_regions import ModuleRegions
 from kdvfs_plugins.plan import Plan
@@ -76,14 +76,7 @@ class KernelDVFS(Callback):
         self._opt_handles.clear()
         if self._modules is not None:
             self._modules.remove()
-        self.engine.close(error)
-        path = self.engine.write_run_dir()
-        s = self.engine.summary()
-        logger.info(
-            "rank %d: %d steps, %s GPU ms/step, %d clock changes; run directory %s\n%s",
-            self.engine.rank, s["steps"], f"{s['gpu_time_ms_per_step']:.2f}" if s["gpu_time_ms_per_step"] else "-",
-            s["clock_changes"], path, format_region_table(self.engine.region_table(), simulated=s["model_prediction"]),
-        )
+        self.engine.finish(error)
 
     # ------------------------------------------------------------------ phases
     def _timed(self, fn, *args) -> None:

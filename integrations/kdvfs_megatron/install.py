@@ -31,7 +31,7 @@ from collections import deque
 from typing import Any, Iterable, Iterator, Mapping, Optional, Union
 
 from kdvfs_plugins.config import KdvfsConfig
-from kdvfs_plugins.engine import Engine, format_region_table
+from kdvfs_plugins.engine import Engine
 from kdvfs_plugins.errors import KdvfsError
 from kdvfs_plugins.log import logger
 from kdvfs_plugins.module_regions import ModuleRegions
@@ -179,13 +179,8 @@ class MegatronKdvfs:
         self._modules.clear()
         if not self.engine.active:
             return
-        self.engine.close(error)
-        path = self.engine.write_run_dir()
-        s = self.engine.summary()
-        log = logger.info if self.engine.rank == 0 else logger.debug
-        log("rank %d: %d steps, %s GPU ms/step, %d clock changes; run directory %s\n%s",
-            self.engine.rank, s["steps"], f"{s['gpu_time_ms_per_step']:.2f}" if s["gpu_time_ms_per_step"] else "-",
-            s["clock_changes"], path, format_region_table(self.engine.region_table(), simulated=s["model_prediction"]))
+        # Every rank writes its run directory; rank 0 alone prints its table.
+        self.engine.finish(error, quiet=self.engine.rank != 0)
 
 
 # ---------------------------------------------------------------------- module-level API
