@@ -438,7 +438,7 @@ class Engine:
         return {
             "rank": self.rank,
             "device": self.device.kind if self.device else None,
-            "steps": len(steps),
+            "steps": m.steps_seen if m else 0,
             "gpu_time_ms_per_step": (sum(s.gpu_time_ms for s in steps) / len(steps)) if steps else None,
             "energy_j_per_step": energy / nsteps if nsteps else None,
             "avg_power_w": (energy / sum(w.duration_s for w in wins)) if wins and sum(w.duration_s for w in wins) > 0 else None,

@@ -133,6 +133,9 @@ class EnergySampler:
                 pending = []
 
 
+MAX_KEPT_STEPS = 20_000
+
+
 @dataclass
 class _Step:
     step: int
@@ -165,7 +168,10 @@ class Meter:
         self._pending: deque[_Step] = deque()
         self._window: list[_Step] = []
         self._lock = threading.Lock()
-        self.steps: list[StepRecord] = []
+        #: The latest steps (bounded: a long run must not grow without limit); the region table
+        #: keeps running totals over every profiled step.
+        self.steps: deque[StepRecord] = deque(maxlen=MAX_KEPT_STEPS)
+        self.steps_seen = 0
         self.windows: list[WindowRecord] = []
         self.region_totals_ms: dict[str, float] = defaultdict(float)
         self.region_steps = 0
@@ -260,6 +266,7 @@ class Meter:
                 self.region_totals_ms[k] += v
             self.region_steps += 1
         self.steps.append(rec)
+        self.steps_seen += 1
         self._window.append(st)
         if self.on_step is not None:
             self.on_step(rec)
