@@ -72,6 +72,15 @@ BOUND_MARGIN = 0.85
 VALIDATION_PAIRS = 4
 #: Share of exploration blocks kept at default clocks (the anchor of the comparison).
 DEFAULT_SHARE = 0.25
+#: Locks explored just below the SM clock the power controller holds in the default state (as
+#: fractions of it): locking at the held clock costs nothing, so the long compute-bound knobs
+#: (backward) can be explored in small steps down from there within the slowdown bound.
+HELD_FRACTIONS = (1.0, 0.95, 0.9)
+#: A plan is validated only if the fitted model predicts at least this energy saving (a fraction
+#: of the step): smaller predicted savings are within the fit's error and not worth the risk.
+MIN_PREDICTED_SAVING = 0.002
+#: Plans the planner may enumerate exactly (knobs ^ front states); above, its heuristic search.
+EXACT_LIMIT = 300_000
 
 
 def voltage(f_mhz, f_max_mhz: float) -> np.ndarray:
@@ -178,6 +187,8 @@ class Explorer:
         self.explore_steps = 0
         self._fit = None
         self.steps_seen = 0
+        #: per knob: [sum of SM MHz x ms, sum of ms] read in default-clock blocks
+        self._held: dict[str, list[float]] = {}
 
     # ------------------------------------------------------------------ inputs
     def set_layout(self, occurrences: Sequence[Occurrence]) -> None:
@@ -251,6 +262,43 @@ class Explorer:
             self.explore_steps += 1
             self.excess_ms += gpu_time_ms - self.default_step_ms
 
+    def observe_clocks(self, step: int, region_sm_mhz: Mapping[str, float], region_time_ms: Mapping[str, float]) -> None:
+        """SM clock readings per region (MHz, time-weighted over the step) from the device.
+
+        Only default-clock blocks count: they give the clock the power controller holds in the
+        default state, which a lock's time response cannot (a lock at the top clock is capped to it).
+        On real hardware a clock read costs about 2 µs; the engine's meter can take one per region.
+        """
+        if self.done:
+            return
+        b = self._find_block(step)
+        if b is None or b.design:
+            return
+        for r, f in region_sm_mhz.items():
+            k = self.knob_of.get(r) if self.knobs else None
+            if k is None and self.knobs:
+                continue
+            k = k or r
+            ms = float(region_time_ms.get(r, 0.0))
+            acc = self._held.setdefault(k, [0.0, 0.0])
+            acc[0] += float(f) * ms
+            acc[1] += ms
+
+    def held_sm_mhz(self, knob: str) -> Optional[float]:
+        """The SM clock the controller holds for ``knob`` at default clocks, where it was read."""
+        acc = self._held.get(knob)
+        if acc is None or acc[1] <= 0:
+            # the baseline block's readings are keyed by region (the knobs were not known yet)
+            tot = [0.0, 0.0]
+            for r, a in self._held.items():
+                if self.knob_of.get(r) == knob:
+                    tot[0] += a[0]
+                    tot[1] += a[1]
+            if tot[1] <= 0:
+                return None
+            acc = tot
+        return acc[0] / acc[1]
+
     def observe_window(self, first_step: int, last_step: int, energy_j: float) -> None:
         if self.done:
             return
@@ -321,6 +369,7 @@ class Explorer:
         # the baseline block keeps its own length; later blocks start after it
         self._choose_knobs(b)
         self._build_grid()
+        self._add_held_states()
         self.phase = "explore"
 
     def _choose_knobs(self, baseline: _Block) -> None:
@@ -370,6 +419,21 @@ class Explorer:
                     grid.append(self.states.index(c))
         self.grid = grid
 
+    def _add_held_states(self) -> None:
+        """Locks at and just below each knob's held clock (top memory clock), if it was read."""
+        t = self.s.clock_table
+        allowed = t.sm_mhz_by_mem[int(self.m_max)]
+        for k in self.knobs:
+            f = self.held_sm_mhz(k)
+            if f is None or f >= 0.97 * self.f_max:
+                continue
+            for fr in HELD_FRACTIONS:
+                # round down: a lock above the held clock is capped to it anyway
+                below = [a for a in allowed if a <= fr * f] or [min(allowed)]
+                c = ClockPair(max(below), int(self.m_max))
+                if c in self.states and self.states.index(c) not in self.grid:
+                    self.grid.append(self.states.index(c))
+
     # ------------------------------------------------------------------ time model
     def _knob_times(self, b: _Block) -> dict[str, float]:
         """Mean ms per step of each knob in a block."""
@@ -414,9 +478,10 @@ class Explorer:
                 if c2.mem_mhz < self.m_max:
                     sens_mem = min(sens_mem, max(0.0, (ms / base - 1.0) / (self.m_max / c2.mem_mhz - 1.0)))
         best = math.inf
+        held = self.held_sm_mhz(knob) or self.f_max
         for s2, ms in d.items():
             c2 = self.states[s2]
-            f2 = self.f_max if c2 is None else c2.sm_mhz
+            f2 = held if c2 is None else min(c2.sm_mhz, held)
             m2 = self.m_max if c2 is None else c2.mem_mhz
             grow_sm = max(f2 / c.sm_mhz - 1.0, 0.0) * min(1.0, 2.0 * sens_sm + 0.1)
             grow_mem = max(m2 / c.mem_mhz - 1.0, 0.0) * min(1.0, 2.0 * sens_mem + 0.1)
@@ -470,6 +535,10 @@ class Explorer:
         """Per knob: the locked SM clock (top memory clock) whose time equals the default time."""
         out = {}
         for k in self.knobs:
+            held = self.held_sm_mhz(k)
+            if held is not None:
+                out[k] = float(min(held, self.f_max))  # read, not inferred
+                continue
             d = table[k]
             t0 = d.get(0)
             pts = sorted((self.states[s].sm_mhz, ms) for s, ms in d.items()
@@ -575,7 +644,17 @@ class Explorer:
         T, E = self._tables(table, coef, fd)
         usable = np.isfinite(T).all(0)
         usable[0] = True
-        cols = [i for i in range(len(self.states)) if usable[i]]
+        # Only states on some knob's time/energy front can be in a best plan; with a handful of
+        # knobs that few columns let the planner search every combination exactly (its heuristic
+        # search missed the optimizer-low, backward-locked-at-held-clock plan on the GPT step).
+        front = {0}
+        for j in range(len(self.knobs)):
+            fin = [i for i in range(len(self.states)) if usable[i]]
+            for i in fin:
+                if not any(T[j, o] <= T[j, i] and E[j, o] < E[j, i] or T[j, o] < T[j, i] and E[j, o] <= E[j, i]
+                           for o in fin):
+                    front.add(i)
+        cols = sorted(front)
         occ = self._occurrences(T)
         names = [o[0] for o in occ]
         j_of = {k: j for j, k in enumerate(self.knobs)}
@@ -593,7 +672,7 @@ class Explorer:
             # a tightened strict budget: plan for a step faster than default by `tighten`
             pass
         ps = plan_step(problem, granularity="kernel", objective=objective if budget > 0 else "strict",
-                       max_slowdown=budget, switch=switch)
+                       max_slowdown=budget, switch=switch, exact_limit=EXACT_LIMIT)
         if tighten > 0 and budget == 0.0:
             ps = self._plan_faster(problem, switch, tighten)
         design = {k: self.states.index(c) for k, c in ps.clocks_by_name.items() if c is not None}
@@ -605,6 +684,10 @@ class Explorer:
         if not design:
             self._finish("rejected", "the fitted model predicts no saving within the slowdown budget: "
                          "the default clocks stay")
+            return
+        if self.predicted["energy_change"] > -MIN_PREDICTED_SAVING:
+            self._finish("rejected", f"the fitted model predicts a saving of {-self.predicted['energy_change']:.2%}, "
+                         f"below the {MIN_PREDICTED_SAVING:.1%} floor: the default clocks stay")
             return
         self._plan_design = design
         self.plan_clocks = {k: self.states[s] for k, s in design.items()}

@@ -94,8 +94,12 @@ class StretchSim:
     """
 
     def __init__(self, trace: Trace, *, seed: int = 0, noise: bool = True,
-                 switch_latency_ms: Optional[float] = None, model: Optional[H100Model] = None):
+                 switch_latency_ms: Optional[float] = None, model: Optional[H100Model] = None,
+                 issue_ahead: bool = False):
         self.model = model or default_model()
+        #: changes issued one latency ahead of their boundaries once a configuration repeats (the
+        #: first step after a change of configuration writes at the boundaries: nothing to predict from)
+        self.issue_ahead = issue_ahead
         self.trace = trace
         self.layouts = [StepLayout.of(ts) for ts in trace.steps]
         self.noise = noise
@@ -128,30 +132,64 @@ class StretchSim:
         return gpu
 
     # ------------------------------------------------------------------ noise-free step per configuration
-    def _simulate(self, gpu: VirtualGPU, layout: StepLayout, clocks_for: Optional[ClocksFor], current: list):
+    def _simulate(self, gpu: VirtualGPU, layout: StepLayout, clocks_for: Optional[ClocksFor], current: list,
+                  prev_offsets: Optional[np.ndarray] = None):
+        """One step; with ``prev_offsets`` (stretch starts of the previous step at this configuration)
+        each change is requested one latency before its predicted boundary, re-anchored at every
+        boundary reached, as the issue-ahead actuator does (:func:`~.trace.replay`'s ``lead_s``)."""
         n = len(layout.regions)
         t = np.zeros(n)
         e = np.zeros(n)
+        sm = np.zeros(n)  # time-weighted SM clock per stretch (what a clock reading reports)
         changes = 0
+        lead = gpu.switch_latency_s
+        ahead = clocks_for is not None and lead > 0 and prev_offsets is not None and len(prev_offsets) == n
+        todo: list = []
+        if ahead:
+            for i, region in enumerate(layout.regions):
+                want = clocks_for(region)
+                if want != current[0]:
+                    todo.append((i, want))
+                    current[0] = want
+                    changes += 1
         for i, (region, chunks) in enumerate(zip(layout.regions, layout.chunks)):
-            if clocks_for is not None:
+            if ahead:
+                now = gpu.now_s
+                nxt = now + prev_offsets[i + 1] - prev_offsets[i] if i + 1 < n else math.inf
+                while todo:
+                    j, want = todo[0]
+                    at = now + prev_offsets[j] - prev_offsets[i] - lead
+                    if at >= nxt:
+                        break
+                    gpu.request_clocks(want, at)
+                    todo.pop(0)
+            elif clocks_for is not None:
                 want = clocks_for(region)
                 if want != current[0]:
                     gpu.request_clocks(want, gpu.now_s)
                     current[0] = want
                     changes += 1
             t0, e0 = gpu.now_s, gpu.energy_j
+            busy = 0.0
             for c in chunks:
                 if c.gap_before_s > 0:
                     gpu.idle(c.gap_before_s)
-                gpu.run(Work(c.category, c.duration_s))
+                d, _ = gpu.run(Work(c.category, c.duration_s))
+                sm[i] += gpu.last_sm_mhz * d
+                busy += d
+            sm[i] /= max(busy, 1e-30)
             t[i], e[i] = gpu.now_s - t0, gpu.energy_j - e0
         if layout.tail_gap_s > 0:
             t0, e0 = gpu.now_s, gpu.energy_j
             gpu.idle(layout.tail_gap_s)
             t[-1] += gpu.now_s - t0
             e[-1] += gpu.energy_j - e0
+        self._last_sm = sm
         return t, e, changes
+
+    @staticmethod
+    def _offsets(t: np.ndarray) -> np.ndarray:
+        return np.concatenate([[0.0], np.cumsum(t)[:-1]])
 
     def _steady(self, key: tuple, clocks_for: Optional[ClocksFor], layout_i: int):
         """(time, energy, changes) per stretch of a step repeated at one configuration."""
@@ -161,9 +199,15 @@ class StretchSim:
             gpu = self._new_gpu()
             cur: list = [None]
             nl = len(self.layouts)
-            for j in range(2):  # warm the controller and land the first switches
-                self._simulate(gpu, self.layouts[(layout_i + j - 2) % nl], clocks_for, cur)
-            hit = self._simulate(gpu, self.layouts[layout_i], clocks_for, cur)
+            # warm the controller and land the first switches; issued ahead, each step's changes are
+            # predicted from the previous step's boundaries (the layouts' stretches line up)
+            prev = None
+            for j in range(3 if self.issue_ahead else 2):
+                tw, _, _ = self._simulate(gpu, self.layouts[(layout_i + j - 3) % nl], clocks_for, cur,
+                                          prev if self.issue_ahead else None)
+                prev = self._offsets(tw)
+            hit = self._simulate(gpu, self.layouts[layout_i], clocks_for, cur, prev if self.issue_ahead else None)
+            hit = hit + (self._last_sm,)
             self._cache[ck] = hit
         return hit
 
@@ -182,6 +226,7 @@ class StretchSim:
             self._simulate(gpu, self.layouts[(layout_i - 2) % nl], prev_for, cur)
             self._simulate(gpu, self.layouts[(layout_i - 1) % nl], prev_for, cur)
             hit = self._simulate(gpu, self.layouts[layout_i], clocks_for, cur)
+            hit = hit + (self._last_sm,)
             self._cache[ck] = hit
         return hit
 
@@ -194,7 +239,14 @@ class StretchSim:
         key = key if key is not None else ("default",) if clocks_for is None else (id(clocks_for),)
         li = self._step_index % len(self.layouts)
         layout = self.layouts[li]
-        t, e, changes = self._transition(key, clocks_for, li)
+        t, e, changes, sm = self._transition(key, clocks_for, li)
+        #: SM MHz per region in this step (time-weighted): the device's clock reading
+        self.region_sm_mhz = {}
+        wsum: dict = {}
+        for name, ti, fi in zip(layout.regions, t, sm):
+            self.region_sm_mhz[name] = self.region_sm_mhz.get(name, 0.0) + fi * ti
+            wsum[name] = wsum.get(name, 0.0) + ti
+        self.region_sm_mhz = {k: v / max(wsum[k], 1e-30) for k, v in self.region_sm_mhz.items()}
         self._config_key, self._prev_clocks_for = key, clocks_for
         self._step_index += 1
         self.clock_changes += changes
@@ -262,24 +314,26 @@ def trace_layout(sim: StretchSim) -> list:
     """The default step's stretches (region, ms) as a profiled step would show them."""
     from ..explore import Occurrence
 
-    t, _, _ = sim._steady(("default",), None, 0)
+    t = sim._steady(("default",), None, 0)[0]
     return [Occurrence(r, float(x) * 1e3) for r, x in zip(sim.layouts[0].regions, t)]
 
 
 def run_seed(trace: Trace, seed: int, *, max_steps: int = 1500, max_slowdown: float = 0.0,
              explore_max_slowdown: float = 0.02, window_steps: int = 10, noise: bool = True,
              switch_latency_ms: Optional[float] = None, execute_steps: int = 10,
-             model: Optional[H100Model] = None, apply: bool = True) -> tuple[SeedResult, "Explorer"]:
+             model: Optional[H100Model] = None, apply: bool = True,
+             issue_ahead: bool = True) -> tuple[SeedResult, "Explorer"]:
     """Explore on the fast stretch simulation of ``trace``; execute the applied plan on the VirtualGPU."""
     from ..explore import ExploreSettings, Explorer
     from .gpu import DEFAULT_SWITCH_LATENCY_MS
 
     lat = DEFAULT_SWITCH_LATENCY_MS if switch_latency_ms is None else switch_latency_ms
-    sim = StretchSim(trace, seed=seed, noise=noise, switch_latency_ms=lat, model=model)
+    sim = StretchSim(trace, seed=seed, noise=noise, switch_latency_ms=lat, model=model, issue_ahead=issue_ahead)
     settings = ExploreSettings(clock_table=sim.clock_table, max_slowdown=max_slowdown,
                                objective="strict" if max_slowdown == 0 else "relaxed",
                                explore_max_slowdown=explore_max_slowdown, explore_max_steps=max_steps,
-                               window_steps=window_steps, switch_latency_ms=lat, seed=seed)
+                               window_steps=window_steps, switch_latency_ms=lat, seed=seed,
+                               issue_ahead=issue_ahead)
     ex = Explorer(settings, apply=apply)
     ex.set_layout(trace_layout(sim))
     win_begin_s, win_first = sim.now_s, 0
@@ -301,6 +355,7 @@ def run_seed(trace: Trace, seed: int, *, max_steps: int = 1500, max_slowdown: fl
         region_ms, step_t, _ = sim.run_step(clocks_for, key=("cfg",) + key)
         explore_time_s += step_t
         ex.observe_step(step, step_t * 1e3, region_ms)
+        ex.observe_clocks(step, sim.region_sm_mhz, region_ms)
         step += 1
         if step - win_first >= window_steps:
             e = sim.window_energy_j(win_begin_s, sim.now_s)
@@ -316,8 +371,9 @@ def run_seed(trace: Trace, seed: int, *, max_steps: int = 1500, max_slowdown: fl
     if applied:
         from .planning import execute, plan_lookup
 
+        # the actuator's issue-ahead: no seeded timing, each step predicted from the previous ones
         exe = execute(trace, plan_lookup(dict(res.clocks_by_name)), switch_latency_ms=lat, noise=noise, seed=seed,
-                      steps=execute_steps, model=model)
+                      steps=execute_steps, model=model, issue_ahead=issue_ahead)
         de, dt = exe.energy_change, exe.time_change
     else:
         de = dt = 0.0
@@ -326,13 +382,16 @@ def run_seed(trace: Trace, seed: int, *, max_steps: int = 1500, max_slowdown: fl
 
 
 # ---------------------------------------------------------------------- command
-def oracle(trace: Trace, *, max_slowdown: float, switch_latency_ms: float, model: Optional[H100Model] = None):
-    """The planner given the true model (noise-free tables, fitted to the power controller)."""
+def oracle(trace: Trace, *, max_slowdown: float, switch_latency_ms: float, model: Optional[H100Model] = None,
+           issue_ahead: bool = True, min_interval_ms: float = 1.0):
+    """The planner given the true model (noise-free tables, fitted to the power controller), with
+    the actuation the explorer's plan gets: kernel granularity (finer than the explorer's knobs,
+    so never easier to reach), the actuator's floor between changes, issued ahead or landing late."""
     from .planning import plan_on_trace
 
     objective = "strict" if max_slowdown == 0 else "relaxed"
-    tp = plan_on_trace(trace, objective=objective, max_slowdown=max_slowdown,
-                       switch_latency_ms=switch_latency_ms, issue_ahead=False)
+    tp = plan_on_trace(trace, objective=objective, max_slowdown=max_slowdown, switch_latency_ms=switch_latency_ms,
+                       issue_ahead=issue_ahead, min_interval_ms=min_interval_ms)
     return tp
 
 
@@ -343,7 +402,8 @@ def _stats(values: Sequence[float]) -> dict:
 
 def explore_report(trace_name: str = "gpt1b", seeds: int = 5, *, max_steps: int = 1500, max_slowdown: float = 0.0,
                    explore_max_slowdown: float = 0.02, noise: bool = True,
-                   switch_latency_ms: Optional[float] = None, execute_steps: int = 10) -> dict:
+                   switch_latency_ms: Optional[float] = None, execute_steps: int = 10,
+                   issue_ahead: bool = True) -> dict:
     """Explore on the virtual GPU for each seed; compare the applied plans with the oracle's."""
     from .gpu import DEFAULT_SWITCH_LATENCY_MS
     from .planning import execute
@@ -351,15 +411,16 @@ def explore_report(trace_name: str = "gpt1b", seeds: int = 5, *, max_steps: int 
     trace = Trace.load(trace_name)
     lat = DEFAULT_SWITCH_LATENCY_MS if switch_latency_ms is None else switch_latency_ms
     t0 = _time.perf_counter()
-    orc = oracle(trace, max_slowdown=max_slowdown, switch_latency_ms=lat)
+    orc = oracle(trace, max_slowdown=max_slowdown, switch_latency_ms=lat, issue_ahead=issue_ahead)
     rows, orc_e, orc_t = [], [], []
     for seed in range(seeds):
         res, _ = run_seed(trace, seed, max_steps=max_steps, max_slowdown=max_slowdown,
                           explore_max_slowdown=explore_max_slowdown, noise=noise, switch_latency_ms=lat,
-                          execute_steps=execute_steps)
+                          execute_steps=execute_steps, issue_ahead=issue_ahead)
         rows.append(res)
         if orc.clocks_by_name and any(c is not None for c in orc.clocks_by_name.values()):
-            ex = execute(trace, orc.clocks_for, switch_latency_ms=lat, noise=noise, seed=seed, steps=execute_steps)
+            ex = execute(trace, orc.clocks_for, switch_latency_ms=lat, noise=noise, seed=seed, steps=execute_steps,
+                         issue_ahead=issue_ahead)
             orc_e.append(ex.energy_change)
             orc_t.append(ex.time_change)
         else:
@@ -374,6 +435,7 @@ def explore_report(trace_name: str = "gpt1b", seeds: int = 5, *, max_steps: int 
         "explore_max_slowdown": explore_max_slowdown,
         "explore_max_steps": max_steps,
         "switch_latency_ms": lat,
+        "issue_ahead": issue_ahead,
         "noise": noise,
         "oracle_energy_change": oe,
         "oracle_time_change": ot,
