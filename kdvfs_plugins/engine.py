@@ -18,6 +18,7 @@ from .config import KdvfsConfig
 from .devices import BuiltinDevices
 from .errors import ConfigError, InvalidClockError, KdvfsError, PlanError
 from .events import ClockChange, RegionEvent, SessionInfo, StepRecord, WindowRecord
+from .distributed import agree
 from .guard import ClockGuard
 from .log import logger
 from .meter import Meter
@@ -54,8 +55,10 @@ class Engine:
     """One per rank (per GPU). Build, :meth:`start` before training, :meth:`close` after."""
 
     def __init__(self, config: KdvfsConfig, *, framework: str = "custom", rank: int = 0, local_rank: int = 0,
-                 world_size: int = 1, plugin_manager=None, device=None, plugins=()):
+                 world_size: int = 1, plugin_manager=None, device=None, plugins=(), plan_group=None):
         self.config = config
+        #: Ranks that must share one plan (a tensor-parallel group, or "world"); None: this rank alone.
+        self.plan_group = plan_group
         self.framework = framework
         self.rank, self.local_rank, self.world_size = rank, local_rank, world_size
         self.policy = PlanPolicy()
@@ -131,7 +134,9 @@ class Engine:
     def _start_on_device(self, cfg: KdvfsConfig) -> None:
         info = self.device.info()
         self._check_config_clocks(info)
-        self.plan = self._initial_plan(info)
+        self.plan = agree(self.plan_group, lambda: self._initial_plan(info))
+        if self.plan is not None and self.plan_group is not None:
+            self.plan.check_device(info.name, info.clocks, where="the group's plan")
         if self.device.kind == "nvml":
             self.guard = ClockGuard(self.device, cfg.state_dir)
             self.guard.acquire()

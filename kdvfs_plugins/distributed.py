@@ -1,0 +1,69 @@
+"""Agreement across the ranks of a process group, for decisions that must be the same on each.
+
+The ranks of one tensor-parallel group run in lockstep: one slow rank slows them all, so they
+must use the same plan. The group's first rank decides (loads the plan, or fails to) and
+broadcasts the result or the error; every rank then raises the same error or uses the same plan,
+so no rank waits for another that gave up. ``torch.distributed`` is imported only when a group
+is given, so the core stays free of training frameworks.
+"""
+from __future__ import annotations
+
+from typing import Callable, Optional, TypeVar
+
+from .errors import KdvfsError
+
+T = TypeVar("T")
+#: ``group="world"`` means every rank of the default process group.
+WORLD = "world"
+
+
+class AgreementError(KdvfsError):
+    """The deciding rank failed; the same message reaches every rank of the group."""
+
+
+def _dist():
+    try:
+        import torch.distributed as dist
+    except ImportError:  # pragma: no cover - torch is present wherever a process group exists
+        return None
+    return dist if dist.is_available() and dist.is_initialized() else None
+
+
+def agree(group, decide: Callable[[], T]) -> T:
+    """Run ``decide`` on the group's first rank and give its result to every rank of the group.
+
+    ``group`` is a ``torch.distributed`` process group, :data:`WORLD`, or None (no agreement:
+    ``decide`` runs here). An exception on the deciding rank is raised on every rank, as
+    :class:`AgreementError` on the others and as itself on the deciding rank.
+    """
+    dist = _dist()
+    if group is None or dist is None:
+        return decide()
+    pg = None if group == WORLD else group
+    src = dist.get_global_rank(pg, 0) if pg is not None else 0
+    box: list = [None]
+    if dist.get_rank() == src:
+        try:
+            box[0] = ("ok", decide())
+        except Exception as exc:  # broadcast first, so the others do not wait forever
+            box[0] = ("error", f"{type(exc).__name__}: {exc}")
+            dist.broadcast_object_list(box, src=src, group=pg)
+            raise
+    dist.broadcast_object_list(box, src=src, group=pg)
+    status, value = box[0]
+    if status == "error":
+        raise AgreementError(f"rank {src} of this group could not decide: {value}")
+    return value
+
+
+def gather_to_first(group, item) -> Optional[list]:
+    """Every rank's ``item`` on the group's first rank (None elsewhere, or without a group)."""
+    dist = _dist()
+    if group is None or dist is None:
+        return [item]
+    pg = None if group == WORLD else group
+    size = dist.get_world_size(pg)
+    out = [None] * size
+    dist.all_gather_object(out, item, group=pg)
+    src = dist.get_global_rank(pg, 0) if pg is not None else 0
+    return out if dist.get_rank() == src else None
