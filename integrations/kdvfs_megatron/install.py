@@ -54,7 +54,8 @@ class MegatronKdvfs:
                  plugins: Iterable[object] = (), device: Any = None):
         self.config = config
         self.engine = Engine(config, framework="megatron", rank=rank, local_rank=local_rank,
-                             world_size=world_size, plugins=tuple(plugins), device=device)
+                             world_size=world_size, plugins=tuple(plugins), device=device,
+                             plan_group=_tensor_parallel_group())
         #: False once the loop reports steps itself through step_begin()/step_end().
         self.auto_steps = True
         #: CPU time spent in kdvfs at boundaries (seconds), for overhead reports.
@@ -181,6 +182,19 @@ class MegatronKdvfs:
             return
         # Every rank writes its run directory; rank 0 alone prints its table.
         self.engine.finish(error, quiet=self.engine.rank != 0)
+
+
+def _tensor_parallel_group():
+    """The ranks that must share one plan: this rank's tensor-parallel group, once Megatron made it."""
+    try:
+        from megatron.core import parallel_state
+    except ImportError:  # pragma: no cover - megatron-core is this adapter's dependency
+        return None
+    if not parallel_state.model_parallel_is_initialized():
+        return None
+    if parallel_state.get_tensor_model_parallel_world_size() == 1:
+        return None  # a group of one decides alone: no collective needed
+    return parallel_state.get_tensor_model_parallel_group()
 
 
 # ---------------------------------------------------------------------- module-level API
