@@ -77,7 +77,13 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--requests", type=int, default=10_000)
     ap.add_argument("--fake-state-file", action="store_true", help="keep the fake GPU in a JSON file (slow fake)")
+    ap.add_argument("--same-cpu", type=int, default=None, metavar="N",
+                    help="pin the service and this client to CPU N: measures the service's own cost without "
+                         "the machine's cross-core wake-up (on a small virtual machine that wake-up alone "
+                         "can exceed 100 us per hop)")
     args = ap.parse_args()
+    if args.same_cpu is not None:
+        os.sched_setaffinity(0, {args.same_cpu})  # inherited by the service process started below
     with tempfile.TemporaryDirectory() as d:
         proc, sock = start_service(Path(d), args.fake_state_file)
         try:
@@ -101,7 +107,8 @@ def main() -> None:
     rtt_us = sorted(x / 1e3 for x in rtt_ns)
     p99 = rtt_us[min(len(rtt_us) - 1, int(round(0.99 * len(rtt_us))) - 1)]
     fake = "fake NVML in a state file" if args.fake_state_file else "fake NVML in memory"
-    print(f"kdvfsd set_clocks round trip over {len(rtt_us)} requests ({fake}, one connection):")
+    where = f", service and client on CPU {args.same_cpu}" if args.same_cpu is not None else ""
+    print(f"kdvfsd set_clocks round trip over {len(rtt_us)} requests ({fake}, one connection{where}):")
     print(f"  median {statistics.median(rtt_us):.1f} us   p99 {p99:.1f} us   "
           f"mean {statistics.fmean(rtt_us):.1f} us   max {rtt_us[-1]:.1f} us")
     print(f"  one hello: {hello_us:.1f} us")
