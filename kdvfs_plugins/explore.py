@@ -642,19 +642,26 @@ class Explorer:
                          "(explore_max_steps) or use shorter windows (window_steps)")
             return
         T, E = self._tables(table, coef, fd)
-        usable = np.isfinite(T).all(0)
-        usable[0] = True
+        # A state is usable for a knob only where that knob was measured at or below it; each
+        # knob keeps its own usable states (one knob explored less deeply must not take a low
+        # clock away from the others).
+        finite = np.isfinite(T)
+        finite[:, 0] = True
         # Only states on some knob's time/energy front can be in a best plan; with a handful of
-        # knobs that few columns let the planner search every combination exactly (its heuristic
-        # search missed the optimizer-low, backward-locked-at-held-clock plan on the GPT step).
+        # knobs that few columns let the planner search every combination exactly.
         front = {0}
         for j in range(len(self.knobs)):
-            fin = [i for i in range(len(self.states)) if usable[i]]
+            fin = [i for i in range(len(self.states)) if finite[j, i]]
             for i in fin:
                 if not any(T[j, o] <= T[j, i] and E[j, o] < E[j, i] or T[j, o] < T[j, i] and E[j, o] <= E[j, i]
                            for o in fin):
                     front.add(i)
         cols = sorted(front)
+        # Unmeasured cells get a cost no plan can want (the solver needs finite numbers).
+        t_big = 100.0 * float(np.nanmax(np.where(finite, T, np.nan)))
+        e_big = 100.0 * float(np.nanmax(np.abs(np.where(finite, E, np.nan))))
+        T = np.where(finite, T, t_big)
+        E = np.where(finite, E, e_big)
         occ = self._occurrences(T)
         names = [o[0] for o in occ]
         j_of = {k: j for j, k in enumerate(self.knobs)}
