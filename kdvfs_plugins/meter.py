@@ -69,8 +69,8 @@ class EnergySampler:
     process's CUDA calls meanwhile (reading it every 100 ms cost DeepSpeed 2% of its step time).
     A power reading costs about 2 µs and refreshes as often (100 ms). So power is sampled every
     ``power_period_s`` and integrated, and the counter is read only every ``counter_period_s``:
-    the integral between two counter reads is scaled to the counter's increment, which keeps the
-    counter's accuracy over long windows at a small fraction of its cost.
+    the integral is scaled by the counter's increase over the integral's since the first read,
+    which keeps the counter's accuracy over long runs at a small fraction of its cost.
     """
 
     def __init__(self, device, series: EnergySeries, power_period_s: float = 0.1, counter_period_s: float = 5.0):
@@ -101,12 +101,17 @@ class EnergySampler:
         return value
 
     def _run(self) -> None:
-        anchor_t = time.perf_counter()
-        anchor_mj = self._counter()
-        base_mj = anchor_mj or 0.0  # the series' value at the anchor
-        pending: list[tuple[float, float]] = []  # (t, integrated mJ since the anchor)
-        last_t, last_w, acc_mj = anchor_t, None, 0.0
-        self.series.add(anchor_t, base_mj)
+        start_t = time.perf_counter()
+        start_mj = self._counter()
+        # The counter is read at unknown offsets from its 100 ms refreshes, so one reading is stale
+        # by up to 100 ms: a scale taken between two reads 5 s apart would be off by up to 2%. The
+        # scale is taken over everything since the first read instead, where that error fades.
+        total_int_mj = 0.0
+        scale = 1.0
+        next_anchor_t = start_t + self.counter_period_s
+        base_mj = start_mj or 0.0
+        last_t, last_w = start_t, None
+        self.series.add(start_t, base_mj)
         while not self._stop.wait(self.power_period_s):
             t = time.perf_counter()
             try:
@@ -114,23 +119,16 @@ class EnergySampler:
             except Exception:
                 return  # no power reading on this device: windows simply carry no energy
             self.reads += 1
-            acc_mj += (w if last_w is None else 0.5 * (w + last_w)) * (t - last_t) * 1e3
+            inc_mj = (w if last_w is None else 0.5 * (w + last_w)) * (t - last_t) * 1e3
             last_t, last_w = t, w
-            pending.append((t, acc_mj))
-            if anchor_mj is not None and t - anchor_t >= self.counter_period_s:
+            total_int_mj += inc_mj
+            base_mj += inc_mj * scale
+            self.series.add(t, base_mj)
+            if start_mj is not None and self.counter_period_s > 0 and t >= next_anchor_t:
+                next_anchor_t = t + self.counter_period_s
                 counter = self._counter()
-                if counter is not None and acc_mj > 0 and counter > anchor_mj:
-                    scale = (counter - anchor_mj) / acc_mj
-                    for pt, pm in pending:
-                        self.series.add(pt, base_mj + pm * scale)
-                    base_mj += counter - anchor_mj
-                    anchor_mj, anchor_t, acc_mj, pending = counter, t, 0.0, []
-                    continue
-            if anchor_mj is None or self.counter_period_s <= 0:
-                # Power only: the integral is the series.
-                for pt, pm in pending:
-                    self.series.add(pt, base_mj + pm)
-                pending = []
+                if counter is not None and total_int_mj > 0 and counter > start_mj:
+                    scale = (counter - start_mj) / total_int_mj
 
 
 MAX_KEPT_STEPS = 20_000
