@@ -95,8 +95,11 @@ class StretchSim:
 
     def __init__(self, trace: Trace, *, seed: int = 0, noise: bool = True,
                  switch_latency_ms: Optional[float] = None, model: Optional[H100Model] = None,
-                 issue_ahead: bool = False):
+                 issue_ahead: bool = False, meter: str = "counter"):
         self.model = model or default_model()
+        if meter not in ("counter", "power"):
+            raise ValueError(f"meter={meter!r}: use 'counter' or 'power'")
+        self.meter = meter
         #: changes issued one latency ahead of their boundaries once a configuration repeats (the
         #: first step after a change of configuration writes at the boundaries: nothing to predict from)
         self.issue_ahead = issue_ahead
@@ -119,6 +122,7 @@ class StretchSim:
         self.energy_j = 0.0  # true energy so far
         self._next_refresh_s = ENERGY_REFRESH_S
         self._counter_mj = 0
+        self._prev_cum: Optional[tuple] = None
         self.series = EnergySeries()
         self.series.add(0.0, 0)
         self._win_begin_s: Optional[float] = None
@@ -260,23 +264,41 @@ class StretchSim:
         step_t, step_e = float(t.sum()), float(e.sum())
         # the counter: refreshes inside this step see the energy at their own instant
         t0, e0 = self.now_s, self.energy_j
+        cum_t = t0 + np.concatenate([[0.0], np.cumsum(t)])
+        cum_e = e0 + np.concatenate([[0.0], np.cumsum(e)])
         if self._win_begin_s is None:
             self._win_begin_s = t0
-            self.series.add(t0, self._counter_mj)
-        if self._next_refresh_s <= t0 + step_t:
-            cum_t = t0 + np.concatenate([[0.0], np.cumsum(t)])
-            cum_e = e0 + np.concatenate([[0.0], np.cumsum(e)])
-            while self._next_refresh_s <= t0 + step_t + 1e-12:
-                r = self._next_refresh_s
-                self._counter_mj = int(float(np.interp(r, cum_t, cum_e)) * 1e3)
-                self._next_refresh_s = r + ENERGY_REFRESH_S
+            self.series.add(t0, self._meter_mj(t0, cum_t, cum_e))
+        while self._next_refresh_s <= t0 + step_t + 1e-12:
+            r = self._next_refresh_s
+            self._counter_mj = int(float(np.interp(r, cum_t, cum_e)) * 1e3)
+            self._next_refresh_s = r + ENERGY_REFRESH_S
         self.now_s, self.energy_j = t0 + step_t, e0 + step_e
-        self.series.add(self.now_s, self._counter_mj)
+        self.series.add(self.now_s, self._meter_mj(self.now_s, cum_t, cum_e))
+        self._prev_cum = (cum_t, cum_e)
         self.true_log.append((step_t, step_e))
         region_ms: dict[str, float] = {}
         for name, ti in zip(layout.regions, t):
             region_ms[name] = region_ms.get(name, 0.0) + ti * 1e3
         return region_ms, step_t, step_e
+
+    def _meter_mj(self, t_s: float, cum_t: np.ndarray, cum_e: np.ndarray) -> float:
+        """The meter's energy reading at ``t_s``.
+
+        ``counter``: the 100 ms counter's last value, as the simulated device's meter reads it.
+        ``power``: integrated power readings, as the meter does on a real GPU; a reading is the
+        average over the last 100 ms refresh, so the integral trails the true energy by one
+        refresh period and is otherwise exact for the model (its sensor noise is in the power).
+        """
+        if self.meter == "counter":
+            return float(self._counter_mj)
+        lag_t = t_s - ENERGY_REFRESH_S
+        if lag_t <= 0:
+            return 0.0
+        if lag_t >= cum_t[0]:
+            return float(np.interp(lag_t, cum_t, cum_e)) * 1e3
+        pt, pe = self._prev_cum if self._prev_cum is not None else (cum_t[:1], cum_e[:1])
+        return float(np.interp(lag_t, pt, pe)) * 1e3
 
     def window_energy_j(self, begin_s: float, end_s: float) -> Optional[float]:
         """Energy between two step boundaries as the meter reads it from the counter."""
@@ -322,13 +344,15 @@ def run_seed(trace: Trace, seed: int, *, max_steps: int = 1500, max_slowdown: fl
              explore_max_slowdown: float = 0.02, window_steps: int = 10, noise: bool = True,
              switch_latency_ms: Optional[float] = None, execute_steps: int = 10,
              model: Optional[H100Model] = None, apply: bool = True,
-             issue_ahead: bool = True) -> tuple[SeedResult, "Explorer"]:
+             issue_ahead: bool = True, meter: str = "power") -> tuple[SeedResult, "Explorer"]:
     """Explore on the fast stretch simulation of ``trace``; execute the applied plan on the VirtualGPU."""
     from ..explore import ExploreSettings, Explorer
     from .gpu import DEFAULT_SWITCH_LATENCY_MS
 
     lat = DEFAULT_SWITCH_LATENCY_MS if switch_latency_ms is None else switch_latency_ms
-    sim = StretchSim(trace, seed=seed, noise=noise, switch_latency_ms=lat, model=model, issue_ahead=issue_ahead)
+    # The meter as it runs on a real GPU (integrated power readings), not the bare counter.
+    sim = StretchSim(trace, seed=seed, noise=noise, switch_latency_ms=lat, model=model, issue_ahead=issue_ahead,
+                     meter=meter)
     settings = ExploreSettings(clock_table=sim.clock_table, max_slowdown=max_slowdown,
                                objective="strict" if max_slowdown == 0 else "relaxed",
                                explore_max_slowdown=explore_max_slowdown, explore_max_steps=max_steps,
