@@ -16,7 +16,7 @@ from typing import Mapping, Optional
 from .clocks import ClockPair, ClockTable
 from .config import GRANULARITIES
 from .errors import InvalidClockError, PlanError
-from .regions import STEP, Region
+from .regions import STEP, Region, lookup
 
 SCHEMA_VERSION = 1
 
@@ -39,12 +39,7 @@ class Plan:
 
     def clocks_for(self, region: str) -> tuple[bool, Optional[ClockPair]]:
         """(found, clocks) for ``region``, falling back to its phase and then to the step."""
-        r: Optional[Region] = Region.parse(region)
-        while r is not None:
-            if r.name in self.regions:
-                return True, self.regions[r.name]
-            r = r.parent
-        return False, None
+        return lookup(self.regions, region)
 
     # ------------------------------------------------------------------ checks
     def check_device(self, device_name: str, table: ClockTable, where: str = "plan") -> None:

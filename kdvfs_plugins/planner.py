@@ -97,7 +97,7 @@ import numpy as np
 
 from .clocks import ClockPair
 from .errors import ConfigError, PlanError
-from .regions import STEP, coarsen
+from .regions import STEP, coarsen, lookup
 
 OBJECTIVES = ("strict", "relaxed", "edp")
 GRANULARITIES = ("iteration", "pass", "kernel")
@@ -280,9 +280,9 @@ class Evaluation(NamedTuple):
 
 
 def _lookup(clocks_by_name: Mapping, name: str):
-    for key in (name, coarsen(name, "pass"), STEP):
-        if key in clocks_by_name:
-            return clocks_by_name[key]
+    found, clocks = lookup(clocks_by_name, name)
+    if found:
+        return clocks
     raise PlanError(f"no clocks for region {name!r}: give it, its phase {coarsen(name, 'pass')!r} "
                     f"or {STEP!r} a clock pair")
 

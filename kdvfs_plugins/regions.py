@@ -57,6 +57,17 @@ class Region:
         return self.name
 
 
+def lookup(by_region, name: str) -> tuple[bool, object]:
+    """(found, value) for region ``name`` in a mapping keyed by region names, phases or ``step``:
+    the name itself, then its phase, then the step."""
+    r: Optional[Region] = Region.parse(name)
+    while r is not None:
+        if r.name in by_region:
+            return True, by_region[r.name]
+        r = r.parent
+    return False, None
+
+
 def coarsen(name: str, granularity: str) -> str:
     """The region that carries ``name``'s clocks at a granularity (kernel, pass, iteration)."""
     if granularity == "kernel":

@@ -23,7 +23,6 @@ Every number it produces is a model prediction.
 from __future__ import annotations
 
 import json
-import math
 import random
 import time as _time
 from dataclasses import dataclass, field
@@ -36,7 +35,7 @@ from ..events import StepRecord, WindowRecord
 from ..meter import EnergySeries
 from .gpu import ENERGY_REFRESH_S, VirtualGPU
 from .model import H100Model, Work, default_model
-from .trace import Trace, TraceStep
+from .trace import Trace, TraceStep, issue_due_changes, planned_changes
 
 ClocksFor = Callable[[str], Optional[ClockPair]]
 
@@ -150,23 +149,11 @@ class StretchSim:
         ahead = clocks_for is not None and lead > 0 and prev_offsets is not None and len(prev_offsets) == n
         todo: list = []
         if ahead:
-            for i, region in enumerate(layout.regions):
-                want = clocks_for(region)
-                if want != current[0]:
-                    todo.append((i, want))
-                    current[0] = want
-                    changes += 1
+            todo = planned_changes(layout.regions, clocks_for, current)
+            changes += len(todo)
         for i, (region, chunks) in enumerate(zip(layout.regions, layout.chunks)):
             if ahead:
-                now = gpu.now_s
-                nxt = now + prev_offsets[i + 1] - prev_offsets[i] if i + 1 < n else math.inf
-                while todo:
-                    j, want = todo[0]
-                    at = now + prev_offsets[j] - prev_offsets[i] - lead
-                    if at >= nxt:
-                        break
-                    gpu.request_clocks(want, at)
-                    todo.pop(0)
+                issue_due_changes(gpu, todo, prev_offsets, i, lead)
             elif clocks_for is not None:
                 want = clocks_for(region)
                 if want != current[0]:

@@ -99,7 +99,7 @@ from ..errors import ConfigError
 from ..planner import GRANULARITIES, OBJECTIVES, PlannedStep, PlanningProblem, SwitchModel, evaluate, plan
 from .gpu import DEFAULT_SWITCH_LATENCY_MS, VirtualGPU
 from .model import H100Model, Work, default_model
-from .trace import ReplayResult, Trace, replay
+from .trace import ClocksFor, ReplayResult, Trace, replay
 
 __all__ = [
     "DEFAULT_TIME_RTOL", "StepObservation", "TraceProblem", "TracePlan", "Execution", "PlanningContext",
@@ -528,9 +528,6 @@ def plan_on_trace(trace_or_context: Union[Trace, PlanningContext], *, granularit
 # Execution on a noisy virtual GPU
 # --------------------------------------------------------------------------------------------
 
-ClocksFor = Callable[[str], Optional[ClockPair]]
-
-
 @dataclass(frozen=True)
 class Execution:
     """A plan run on the virtual GPU next to the default clocks (same seed, same noise)."""
@@ -552,15 +549,10 @@ class Execution:
 
 def plan_lookup(clocks_by_name: Mapping[str, Optional[ClockPair]]) -> ClocksFor:
     """``clocks_for(region)`` for a plan keyed by region names, phases or ``step``."""
-    from ..regions import STEP, Region
+    from ..regions import lookup
 
     def clocks_for(region: str) -> Optional[ClockPair]:
-        r: Optional[Region] = Region.parse(region)
-        while r is not None:
-            if r.name in clocks_by_name:
-                return clocks_by_name[r.name]
-            r = r.parent
-        return clocks_by_name.get(STEP)
+        return lookup(clocks_by_name, region)[1]
 
     return clocks_for
 

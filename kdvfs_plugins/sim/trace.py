@@ -205,6 +205,37 @@ def derive_region(phase: str, category: str) -> str:
 ClocksFor = Callable[[str], Optional[ClockPair]]
 
 
+def planned_changes(regions: Sequence[str], clocks_for: ClocksFor, current: list) -> list:
+    """(stretch index, clocks) of each change a step at ``clocks_for`` makes, in order;
+    ``current[0]`` (the clocks in force) ends at the step's last clocks."""
+    todo = []
+    for j, region in enumerate(regions):
+        want = clocks_for(region)
+        if want != current[0]:
+            todo.append((j, want))
+            current[0] = want
+    return todo
+
+
+def issue_due_changes(gpu, todo: list, offsets: Sequence[float], k: int, lead_s: float) -> None:
+    """At stretch ``k``'s start, request the changes due before the next boundary, each ``lead_s``
+    ahead of its boundary as predicted by ``offsets`` (stretch starts of the step before).
+
+    Re-anchored at every boundary the GPU reaches, as an actuator sees its markers. The first
+    boundaries' changes are due before the step starts: they stand for changes issued in the
+    previous step's tail. Issued changes leave ``todo``.
+    """
+    now = gpu.now_s
+    nxt = now + offsets[k + 1] - offsets[k] if k + 1 < len(offsets) else math.inf
+    while todo:
+        j, want = todo[0]
+        at = now + offsets[j] - offsets[k] - lead_s
+        if at >= nxt:
+            break
+        gpu.request_clocks(want, at)
+        todo.pop(0)
+
+
 @dataclass(frozen=True)
 class StepResult:
     step: int
@@ -300,29 +331,13 @@ def replay(gpu, trace: Trace, steps: Optional[int] = None, clocks_for: Optional[
         ahead = clocks_for is not None and lead_s > 0 and prev is not None and len(prev) == len(stretches)
         todo: list[tuple[int, Optional[ClockPair]]] = []  # (stretch index, clocks) of each change
         if ahead:
-            for j, (region, _) in enumerate(stretches):
-                want = clocks_for(region)
-                if want != current[0]:
-                    todo.append((j, want))
-                    current[0] = want
-                    changes[0] += 1
+            todo = planned_changes([region for region, _ in stretches], clocks_for, current)
+            changes[0] += len(todo)
         offsets: list[float] = []
         for k, (region, kernels) in enumerate(stretches):
             offsets.append(gpu.now_s - t0)
             if ahead:
-                # Re-anchored at every boundary the GPU reaches (as an actuator sees its markers):
-                # schedule each change whose issue time falls before the next boundary, at its
-                # predicted boundary minus the lead. The first boundaries' changes are due before
-                # the step starts: they stand for changes issued in the previous step's tail.
-                now = gpu.now_s
-                nxt = now + prev[k + 1] - prev[k] if k + 1 < len(prev) else math.inf
-                while todo:
-                    j, want = todo[0]
-                    at = now + prev[j] - prev[k] - lead_s
-                    if at >= nxt:
-                        break
-                    gpu.request_clocks(want, at)
-                    todo.pop(0)
+                issue_due_changes(gpu, todo, prev, k, lead_s)
             if on_region is not None:
                 on_region(region, gpu.now_s)
             if clocks_for is not None and not ahead:
