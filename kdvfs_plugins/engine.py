@@ -148,7 +148,6 @@ class Engine:
         self.meter = _LayoutMeter(self.device, window_steps=cfg.window_steps, on_step=self._on_step, on_window=self._on_window,
                            energy_period_s=cfg.energy_sample_period_ms / 1e3,
                            counter_period_s=cfg.energy_counter_period_ms / 1e3)
-        self.meter.window_clocks = self._window_clocks
         self.meter.warmup_steps = cfg.warmup_steps
         self.meter.start()
         self.session = SessionInfo(
@@ -198,11 +197,15 @@ class Engine:
 
     # ------------------------------------------------------------------ exploration
     def _switch_latency_ms(self) -> float:
-        """The configured switch latency, else the device's (simulated), else the published 6 ms."""
-        if self.config.switch_latency_ms is not None:
-            return float(self.config.switch_latency_ms)
+        """The configured switch latency, else the simulated GPU's own, else the figure ``kdvfs
+        latency`` stored for this GPU and driver, else the published 6 ms."""
         gpu = getattr(self.device, "gpu", None)
-        return gpu.switch_latency_s * 1e3 if gpu is not None else 6.0
+        if self.config.switch_latency_ms is None and gpu is not None:
+            return gpu.switch_latency_s * 1e3
+        from .latency import switch_latency_for
+
+        info = self.device.info()
+        return switch_latency_for(info.name, info.driver, self.config)
 
     def _start_explorer(self) -> None:
         """Mode auto/explore without a plan: explore from the first window boundary after warm-up."""
@@ -425,9 +428,6 @@ class Engine:
 
     def _on_window(self, window: WindowRecord) -> None:
         self._hook.kdvfs_window_measured(window=window)
-
-    def _window_clocks(self) -> dict:
-        return {}
 
     # ------------------------------------------------------------------ results
     def region_table(self) -> list[tuple[str, float, float]]:

@@ -40,10 +40,6 @@ class EnergySeries:
             self.t_s.append(t_s)
             self.energy_mj.append(energy_mj)
 
-    def covers(self, t_s: float) -> bool:
-        with self._lock:
-            return bool(self.t_s) and self.t_s[-1] >= t_s and self.t_s[0] <= t_s
-
     def at(self, t_s: float) -> Optional[float]:
         with self._lock:
             if not self.t_s or t_s < self.t_s[0] or t_s > self.t_s[-1]:
@@ -173,11 +169,9 @@ class Meter:
         self.windows: list[WindowRecord] = []
         self.region_totals_ms: dict[str, float] = defaultdict(float)
         self.region_steps = 0
-        self.window_clocks: Callable[[], dict] = dict
         #: Steps before this one are left out of the region table (allocator and autotuning warm-up).
         self.warmup_steps = 0
         self.profiled_steps_seen = 0
-        self.first_profiled: Optional[dict] = None
 
     def start(self) -> None:
         if self.sampler is not None:
@@ -255,11 +249,9 @@ class Meter:
             self.profiled_steps_seen += 1
             # The first profiled step installs the module hooks; measured on an H100 it ran 88 ms
             # where the steps around it ran 68, so it stays out of the table when others follow.
-            if self.profiled_steps_seen == 2 and self.first_profiled is not None:
+            if self.profiled_steps_seen == 2:
                 self.region_totals_ms.clear()
                 self.region_steps = 0
-            if self.profiled_steps_seen == 1:
-                self.first_profiled = dict(region_ms)
             for k, v in region_ms.items():
                 self.region_totals_ms[k] += v
             self.region_steps += 1
@@ -289,7 +281,7 @@ class Meter:
             if energy is None or first.t_begin_s is None or last.t_end_s is None:
                 continue
             win = WindowRecord(first.step, last.step, energy, last.t_end_s - first.t_begin_s,
-                               sum(s.record.gpu_time_ms for s in chunk) / len(chunk), self.window_clocks())
+                               sum(s.record.gpu_time_ms for s in chunk) / len(chunk))
             self.windows.append(win)
             if self.on_window is not None:
                 self.on_window(win)
