@@ -75,6 +75,9 @@ class KdvfsConfig:
     #: Slowdown that exploration may cost, averaged over the exploration phase.
     explore_max_slowdown: float = 0.02
     explore_max_steps: int = 1500
+    #: Data-parallel ranks explore together: each runs other clocks and all share the
+    #: measurements, so exploration ends about N times sooner on N replicas (same plan on all).
+    explore_across_ranks: bool = True
     log_every_n_steps: int = 1
     progress: Any = "auto"
     state_dir: str = field(default_factory=default_state_dir)
@@ -241,6 +244,7 @@ _CHECKS = {
     "energy_counter_period_ms": _number(0.0, 3_600_000.0),
     "explore_max_slowdown": _number(0.0, 1.0),
     "explore_max_steps": _number(1, 10_000_000, integer=True),
+    "explore_across_ranks": _bool,
     "log_every_n_steps": _number(1, 1_000_000, integer=True),
     "progress": _progress,
     "state_dir": _str,

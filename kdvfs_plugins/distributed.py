@@ -8,6 +8,7 @@ is given, so the core stays free of training frameworks.
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Callable, Optional, TypeVar
 
 from .errors import KdvfsError
@@ -15,6 +16,24 @@ from .errors import KdvfsError
 T = TypeVar("T")
 #: ``group="world"`` means every rank of the default process group.
 WORLD = "world"
+
+
+@dataclass(frozen=True)
+class Replicas:
+    """Ranks that run identical work (data-parallel replicas) and so may share exploration.
+
+    ``group``: a process group (or :data:`WORLD`) holding every rank that takes part; ``lane``:
+    this rank's replica index; ``lanes``: how many replicas there are. Under tensor parallelism
+    the ranks of one tensor-parallel group are one replica: they share a lane (and so a design).
+    """
+
+    group: object
+    lane: int
+    lanes: int
+
+    def __post_init__(self):
+        if self.lanes < 1 or not 0 <= self.lane < self.lanes:
+            raise ValueError(f"replica {self.lane} of {self.lanes}: need lanes >= 1 and 0 <= lane < lanes")
 
 
 class AgreementError(KdvfsError):
@@ -67,3 +86,14 @@ def gather_to_first(group, item) -> Optional[list]:
     dist.all_gather_object(out, item, group=pg)
     src = dist.get_global_rank(pg, 0) if pg is not None else 0
     return out if dist.get_rank() == src else None
+
+
+def all_gather(group, item) -> list:
+    """Every rank's ``item``, in rank order, on every rank of the group (``[item]`` without one)."""
+    dist = _dist()
+    if group is None or dist is None:
+        return [item]
+    pg = None if group == WORLD else group
+    out = [None] * dist.get_world_size(pg)
+    dist.all_gather_object(out, item, group=pg)
+    return out

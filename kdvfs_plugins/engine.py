@@ -18,7 +18,7 @@ from .config import KdvfsConfig
 from .devices import BuiltinDevices
 from .errors import ConfigError, InvalidClockError, KdvfsError, PlanError
 from .events import ClockChange, RegionEvent, SessionInfo, StepRecord, WindowRecord
-from .distributed import agree
+from .distributed import Replicas, agree, all_gather
 from .guard import ClockGuard
 from .log import logger
 from .meter import Meter
@@ -55,10 +55,13 @@ class Engine:
     """One per rank (per GPU). Build, :meth:`start` before training, :meth:`close` after."""
 
     def __init__(self, config: KdvfsConfig, *, framework: str = "custom", rank: int = 0, local_rank: int = 0,
-                 world_size: int = 1, plugin_manager=None, device=None, plugins=(), plan_group=None):
+                 world_size: int = 1, plugin_manager=None, device=None, plugins=(), plan_group=None,
+                 replicas: Optional[Replicas] = None):
         self.config = config
         #: Ranks that must share one plan (a tensor-parallel group, or "world"); None: this rank alone.
         self.plan_group = plan_group
+        #: Ranks that explore together (config ``explore_across_ranks``); None: this rank alone.
+        self.replicas = replicas
         self.framework = framework
         self.rank, self.local_rank, self.world_size = rank, local_rank, world_size
         self.policy = PlanPolicy()
@@ -217,14 +220,20 @@ class Engine:
         # the meter's windows count from the first step; blocks must start on a window boundary
         first = self.step + ws * (-(-cfg.warmup_steps // ws))
         latency = self._switch_latency_ms()
+        shared = self.replicas if cfg.explore_across_ranks else None
         settings = ExploreSettings(
             clock_table=info.clocks, max_slowdown=cfg.max_slowdown, objective=cfg.effective_objective,
             granularity=cfg.granularity, explore_max_slowdown=cfg.explore_max_slowdown,
             explore_max_steps=cfg.explore_max_steps, window_steps=ws, switch_latency_ms=float(latency),
-            min_switch_interval_ms=cfg.min_switch_interval_ms, start_step=first, seed=cfg.sim_seed + self.rank,
+            min_switch_interval_ms=cfg.min_switch_interval_ms, start_step=first,
+            # replicas must draw the same designs: one seed for all of them
+            seed=cfg.sim_seed + (0 if shared else self.rank),
             issue_ahead=cfg.issue_ahead,
+            lanes=shared.lanes if shared else 1, lane=shared.lane if shared else 0,
         )
-        self.explorer = Explorer(settings, on_done=self._explore_done, apply=cfg.mode == "auto")
+        exchange = (lambda items, group=shared.group: all_gather(group, items)) if shared else None
+        self.explorer = Explorer(settings, on_done=self._explore_done, apply=cfg.mode == "auto", exchange=exchange)
+        self.explorer.measuring = self.device.kind != "observe"
         # Both the explorer and the plan policy are ``trylast`` (a third-party policy answers first);
         # among trylast implementations the earlier registered is asked first, so the explorer goes
         # in before the policy while it explores.
@@ -324,6 +333,8 @@ class Engine:
         if self.explorer is None and self.plan is None and self.config.mode in ("auto", "explore") \
                 and self.explore_result is None:
             self._start_explorer()
+        if self.explorer is not None:
+            self.explorer.begin_step(self.step)  # shares measurements at block boundaries
         after_warmup = self.step - self.config.warmup_steps
         exploring = self.explorer is not None and not self.explorer.done
         self.profiling = exploring or self._region_hooks or (
@@ -416,6 +427,8 @@ class Engine:
 
     def _on_device_changed(self, device) -> None:
         self.device = device
+        if self.explorer is not None and device.kind == "observe":
+            self.explorer.measuring = False  # it keeps exchanging, so the other ranks do not wait
         if self.guard is not None:
             self.guard.device = device
         if self.session is not None:

@@ -118,6 +118,11 @@ class ExploreSettings:
     #: the actuator writes changes one latency ahead of their predicted boundaries: plan with the
     #: latency hidden (False: changes land a latency late, priced as such)
     issue_ahead: bool = False
+    #: data-parallel replicas exploring together: each block runs a design on every lane and the
+    #: measurements of all lanes feed one fit, so exploration needs about 1/lanes of the steps
+    lanes: int = 1
+    #: the lane this rank runs (its index among the replicas)
+    lane: int = 0
 
 
 @dataclass(frozen=True)
@@ -145,6 +150,7 @@ class _Block:
     energy_steps: int = 0
     time_ms: list = field(default_factory=list)
     region_ms: dict = field(default_factory=dict)
+    lane: int = 0
 
     @property
     def last_step(self) -> int:
@@ -158,11 +164,26 @@ class Explorer:
     ``observe_window`` take the measurements; ``on_done(result, plan_clocks)`` is called once when
     exploration ends. The engine registers it as a plugin (``kdvfs_choose_clocks`` and the meter
     hooks); the fast simulator calls the same methods directly.
+
+    With ``settings.lanes > 1`` every data-parallel replica runs an explorer with the same
+    settings and its own ``lane``. ``exchange`` (an all-gather over the replicas) is then called
+    at each block boundary, from :meth:`begin_step`: the measurements each replica took since the
+    last boundary are shared and applied in the same order everywhere, so every replica makes the
+    same decisions from the same data and ends with the same plan at the same step.
     """
 
     def __init__(self, settings: ExploreSettings, on_done: Optional[Callable[[ExploreResult], None]] = None,
-                 apply: bool = True):
+                 apply: bool = True, exchange: Optional[Callable[[list], Sequence[list]]] = None):
+        if settings.lanes < 1 or not 0 <= settings.lane < settings.lanes:
+            raise ValueError(f"lane {settings.lane} of {settings.lanes} lanes: lanes must be >= 1 and 0 <= lane < lanes")
         self.s = settings
+        self._exchange = exchange
+        #: this replica's measurements since the last exchange (only with ``exchange``)
+        self._outbox: list[tuple] = []
+        self.exchanges = 0
+        #: False once this replica's clocks cannot be set (its GPU refuses writes): what it measures
+        #: then is the default clocks, not its lane's design, and stays out of the shared fit.
+        self.measuring = True
         self.on_done = on_done
         self.apply = apply
         t = settings.clock_table
@@ -193,8 +214,44 @@ class Explorer:
     # ------------------------------------------------------------------ inputs
     def set_layout(self, occurrences: Sequence[Occurrence]) -> None:
         """The step's stretches in order at default clocks (from a profiled default step)."""
+        if self._buffer(("layout", tuple((o.region, o.time_ms) for o in occurrences))):
+            return
         if not self.layout and occurrences:
             self.layout = list(occurrences)
+
+    def _buffer(self, item: tuple) -> bool:
+        """Hold this replica's own measurement until the next exchange (True if held)."""
+        if self._exchange is None:
+            return False
+        if self.measuring or item[0] == "layout":
+            self._outbox.append(item)
+        return True
+
+    def begin_step(self, step: int) -> None:
+        """Call before the step's first ``clocks_for``: at a block boundary, exchange measurements
+        with the other replicas, then lay out the next block (the same everywhere)."""
+        if self._exchange is None or self.done or step < self.s.start_step:
+            return
+        if self.blocks and step <= self.blocks[-1].last_step:
+            return
+        outbox, self._outbox = self._outbox, []
+        self.exchanges += 1
+        exchange, self._exchange = self._exchange, None  # applied below as if measured here
+        try:
+            for items in exchange(outbox):
+                for item in items:
+                    kind, rest = item[0], item[1:]
+                    if kind == "layout":
+                        self.set_layout([Occurrence(*o) for o in rest[0]])
+                    elif kind == "step":
+                        self.observe_step(*rest)
+                    elif kind == "window":
+                        self.observe_window(*rest)
+                    elif kind == "clocks":
+                        self.observe_clocks(*rest)
+            self._block_at(step)
+        finally:
+            self._exchange = exchange
 
     @property
     def done(self) -> bool:
@@ -213,21 +270,24 @@ class Explorer:
         while not self.blocks or self.blocks[-1].last_step < step:
             if self.done:
                 return None
-            self._new_block()
+            self._new_slot()
             if self.done:
                 return None
-        return self._find_block(step)
+        return self._find_block(step, self.s.lane)
 
     def _block_len(self) -> int:
         if self.phase == "baseline" or self.block_steps is None:
             return max(self.s.window_steps, 1)  # the baseline block before the step time is known
         return self.block_steps
 
-    def clocks_for(self, region: str, step: int):
-        """Clocks for ``region`` in ``step``: a ClockPair, DEFAULT_CLOCKS, or None once done."""
+    def clocks_for(self, region: str, step: int, lane: Optional[int] = None):
+        """Clocks for ``region`` in ``step`` (on this replica's lane, or ``lane``): a ClockPair,
+        DEFAULT_CLOCKS, or None once done."""
         if self.done:
             return None
         b = self._block_at(step)
+        if b is not None and lane is not None and lane != self.s.lane:
+            b = self._find_block(step, lane)
         if b is None:
             return None if self.done else DEFAULT_CLOCKS
         knob = self._knob(region)
@@ -247,10 +307,14 @@ class Explorer:
             return r.phase
         return None
 
-    def observe_step(self, step: int, gpu_time_ms: float, region_time_ms: Mapping[str, float]) -> None:
+    def observe_step(self, step: int, gpu_time_ms: float, region_time_ms: Mapping[str, float],
+                     lane: Optional[int] = None) -> None:
         if self.done:
             return
-        b = self._find_block(step)
+        lane = self.s.lane if lane is None else lane
+        if self._buffer(("step", step, gpu_time_ms, dict(region_time_ms), lane)):
+            return
+        b = self._find_block(step, lane)
         if b is None:
             return
         self.steps_seen += 1
@@ -262,7 +326,8 @@ class Explorer:
             self.explore_steps += 1
             self.excess_ms += gpu_time_ms - self.default_step_ms
 
-    def observe_clocks(self, step: int, region_sm_mhz: Mapping[str, float], region_time_ms: Mapping[str, float]) -> None:
+    def observe_clocks(self, step: int, region_sm_mhz: Mapping[str, float], region_time_ms: Mapping[str, float],
+                       lane: Optional[int] = None) -> None:
         """SM clock readings per region (MHz, time-weighted over the step) from the device.
 
         Only default-clock blocks count: they give the clock the power controller holds in the
@@ -271,7 +336,10 @@ class Explorer:
         """
         if self.done:
             return
-        b = self._find_block(step)
+        lane = self.s.lane if lane is None else lane
+        if self._buffer(("clocks", step, dict(region_sm_mhz), dict(region_time_ms), lane)):
+            return
+        b = self._find_block(step, lane)
         if b is None or b.design:
             return
         for r, f in region_sm_mhz.items():
@@ -299,27 +367,39 @@ class Explorer:
             acc = tot
         return acc[0] / acc[1]
 
-    def observe_window(self, first_step: int, last_step: int, energy_j: float) -> None:
+    def observe_window(self, first_step: int, last_step: int, energy_j: float, lane: Optional[int] = None) -> None:
         if self.done:
             return
-        b = self._find_block(first_step)
+        lane = self.s.lane if lane is None else lane
+        if self._buffer(("window", first_step, last_step, energy_j, lane)):
+            return
+        b = self._find_block(first_step, lane)
         if b is None or last_step > b.last_step:
             return  # a window across two designs says nothing about either
         b.energy_j += energy_j
         b.energy_steps += last_step - first_step + 1
 
-    def _find_block(self, step: int) -> Optional[_Block]:
+    def _find_block(self, step: int, lane: int = 0) -> Optional[_Block]:
         for b in reversed(self.blocks):
-            if b.first_step <= step <= b.last_step:
+            if b.first_step <= step <= b.last_step and b.lane == lane:
                 return b
         return None
 
     # ------------------------------------------------------------------ schedule
-    def _new_block(self) -> None:
-        i = len(self.blocks)
+    def _add_slot(self, first: int, steps: int, kind: str, design=None) -> None:
+        """One block per lane over the same steps; ``design(lane)`` gives each lane's design."""
+        for lane in range(self.s.lanes):
+            d = design(lane) if design is not None else {}
+            self.blocks.append(_Block(len(self.blocks), first, steps, kind, d, lane=lane))
+
+    def _validation_slots(self) -> int:
+        """Slots of one validation: plan/default pairs on every lane, ``validation_pairs`` in all."""
+        return 2 * int(math.ceil(self.s.validation_pairs / self.s.lanes))
+
+    def _new_slot(self) -> None:
         first = self.blocks[-1].last_step + 1 if self.blocks else self.s.start_step
-        if i == 0:
-            self.blocks.append(_Block(0, first, self._block_len(), "baseline", {}))
+        if not self.blocks:
+            self._add_slot(first, self._block_len(), "baseline")
             return
         if self.phase == "baseline":
             self._setup_after_baseline()
@@ -328,24 +408,26 @@ class Explorer:
         bs = self.block_steps
         if self.phase == "explore":
             # room for two validations: a plan measured slightly too slow is re-planned once
-            reserve = 2 * 2 * self.s.validation_pairs * bs
+            reserve = 2 * self._validation_slots() * bs
             if left - reserve < bs or self._explored_enough():
                 self._make_plan()
                 if self.done:
                     return
         if self.phase == "validate":
-            vb = [b for b in self.blocks if b.kind.startswith("validate")]
-            if len(vb) >= 2 * self.s.validation_pairs or left < bs:
+            slots = sum(1 for b in self.blocks if b.kind.startswith("validate")) // self.s.lanes
+            if slots >= self._validation_slots() or left < bs:
                 self._judge()
                 if self.done:
                     return
-                vb = []
-            kind = "validate-plan" if len(vb) % 2 == 0 else "validate-default"
+                slots = 0
+            # Every lane runs the same kind: data-parallel ranks wait for each other, so a plan
+            # on one lane and default on another would hide the plan's slowdown in both.
+            kind = "validate-plan" if slots % 2 == 0 else "validate-default"
             # alternate which comes first in each pair, so drift does not favour either
-            if (len(vb) // 2) % 2 == 1:
+            if (slots // 2) % 2 == 1:
                 kind = "validate-default" if kind == "validate-plan" else "validate-plan"
             design = dict(self._plan_design) if kind == "validate-plan" else {}
-            self.blocks.append(_Block(i, first, bs, kind, design))
+            self._add_slot(first, bs, kind, lambda lane: dict(design))
             return
         if left < bs:
             self._finish("rejected", "the step budget ran out before a plan could be validated")
@@ -353,13 +435,18 @@ class Explorer:
         ndef = sum(1 for b in self.blocks if b.kind in ("default", "baseline"))
         nexp = sum(1 for b in self.blocks if b.kind == "explore")
         if ndef < DEFAULT_SHARE * (ndef + nexp + 1) or not self.knobs:
-            self.blocks.append(_Block(i, first, bs, "default", {}))
+            self._add_slot(first, bs, "default")
             return
-        self.blocks.append(_Block(i, first, bs, "explore", self._design(bs)))
+        # Each lane's design may cost what is left per step: data-parallel ranks wait for the
+        # slowest, so a slot costs its costliest lane, on every lane.
+        budget = BOUND_MARGIN * self.s.explore_max_slowdown
+        lane_steps = bs * self.s.lanes
+        allowance_ms = budget * (self.explore_steps + lane_steps) * self.default_step_ms - self.excess_ms
+        self._add_slot(first, bs, "explore", lambda lane: self._design(allowance_ms / lane_steps))
 
     def _setup_after_baseline(self) -> None:
-        b = self.blocks[0]
-        times = b.time_ms[1:] or b.time_ms
+        base = [b for b in self.blocks if b.kind == "baseline"]
+        times = [t for b in base for t in (b.time_ms[1:] or b.time_ms)]
         self.default_step_ms = float(np.median(times)) if times else 100.0
         ws = max(1, self.s.window_steps)
         want = max(1, int(math.ceil(BLOCK_S / max(self.default_step_ms / 1e3, 1e-6))))
@@ -367,14 +454,23 @@ class Explorer:
         want = min(want, max(1, self.s.explore_max_steps // MIN_BLOCKS))
         self.block_steps = self.s.block_steps or max(ws, int(math.ceil(want / ws)) * ws)
         self.block_steps = max(ws, int(math.ceil(self.block_steps / ws)) * ws)
+        # The exploration blocks one replica alone fits in its step budget (after the baseline
+        # and room for two validations); lanes share that number of blocks between them.
+        reserve = 2 * 2 * self.s.validation_pairs * self.block_steps
+        room = self.s.explore_max_steps - base[0].steps - reserve
+        self._explore_target = max(1, room // self.block_steps)
         # the baseline block keeps its own length; later blocks start after it
-        self._choose_knobs(b)
+        region_ms: dict[str, list[float]] = {}
+        for b in base:
+            for r, v in b.region_ms.items():
+                region_ms.setdefault(r, []).extend(v)
+        self._choose_knobs({r: float(np.mean(v)) for r, v in region_ms.items() if v})
         self._build_grid()
         self._add_held_states()
         self.phase = "explore"
 
-    def _choose_knobs(self, baseline: _Block) -> None:
-        region_ms = {r: float(np.mean(v)) for r, v in baseline.region_ms.items()}
+    def _choose_knobs(self, region_ms: Mapping[str, float]) -> None:
+        """Knobs from the baseline's mean GPU ms per region."""
         total = sum(region_ms.values()) or 1.0
         lat = self.s.switch_latency_ms
         own: set[str] = set()
@@ -446,13 +542,29 @@ class Explorer:
         return out
 
     def _time_table(self) -> dict[str, dict[int, float]]:
-        """knob -> state -> mean measured ms per step (state 0: default)."""
+        """knob -> state -> mean measured ms per step (state 0: default).
+
+        With several lanes each lane's times are first scaled to the lanes' common default time:
+        cards differ in speed by about a percent, as much as the effects the plan trades."""
+        blocks = [b for b in self.blocks if b.time_ms and b.kind != "validate-plan"]
+        knob_ms = [self._knob_times(b) for b in blocks]
+        scale: dict[tuple[str, int], float] = {}
+        if self.s.lanes > 1:
+            lane_def: dict[str, dict[int, list[float]]] = {k: {} for k in self.knobs}
+            for b, km in zip(blocks, knob_ms):
+                for k, ms in km.items():
+                    if b.design.get(k, 0) == 0:
+                        lane_def[k].setdefault(b.lane, []).append(ms)
+            for k, by_lane in lane_def.items():
+                means = {lane: float(np.mean(v)) for lane, v in by_lane.items()}
+                common = float(np.mean(list(means.values()))) if means else 0.0
+                for lane, m in means.items():
+                    if m > 0:
+                        scale[(k, lane)] = common / m
         acc: dict[str, dict[int, list[float]]] = {k: {} for k in self.knobs}
-        for b in self.blocks:
-            if not b.time_ms or b.kind == "validate-plan":
-                continue
-            for k, ms in self._knob_times(b).items():
-                acc[k].setdefault(b.design.get(k, 0), []).append(ms)
+        for b, km in zip(blocks, knob_ms):
+            for k, ms in km.items():
+                acc[k].setdefault(b.design.get(k, 0), []).append(ms * scale.get((k, b.lane), 1.0))
         return {k: {s: float(np.mean(v)) for s, v in d.items()} for k, d in acc.items()}
 
     def _predict_ms(self, knob: str, st: int, table: dict) -> float:
@@ -489,19 +601,16 @@ class Explorer:
             best = min(best, ms * (1.0 + grow_sm + grow_mem))
         return best
 
-    def _design(self, bs: int) -> dict:
+    def _design(self, left: float) -> dict:
         """Random states for a random subset of knobs, each only if the slowdown bound affords it.
 
-        Allowance: the slowdown the exploration phase may still spend so that, after this block,
-        the cumulative measured excess stays within ``explore_max_slowdown``. Each knob takes its
-        least explored state whose predicted cost fits what is left (states seen least first,
-        ties broken at random), or stays at default.
+        ``left``: the ms per step this block may cost, so that after it the cumulative measured
+        excess stays within ``explore_max_slowdown`` (less a margin for predictions that miss: the
+        bound is checked on measured times). Each knob takes its least explored state whose
+        predicted cost fits what is left (states seen least first, ties broken at random), or
+        stays at default.
         """
         table = self._time_table()
-        # a margin for predictions that miss: the bound is checked on measured times
-        budget = BOUND_MARGIN * self.s.explore_max_slowdown
-        allowance_ms = budget * (self.explore_steps + bs) * self.default_step_ms - self.excess_ms
-        left = allowance_ms / bs  # ms per step this block may cost
         design = {}
         knobs = list(self.knobs)
         self._rng.shuffle(knobs)
@@ -523,7 +632,12 @@ class Explorer:
         return design
 
     def _explored_enough(self) -> bool:
-        return False
+        """Lanes together have run the exploration blocks one replica alone would have."""
+        if self.s.lanes == 1:
+            return False  # one lane stops on its step budget, which is the same count
+        # blocks without measurements (a lane whose GPU refuses writes) do not count
+        n = sum(1 for b in self.blocks if b.kind in ("default", "explore") and b.time_ms)
+        return n >= self._explore_target
 
     # ------------------------------------------------------------------ energy model
     def _feff(self, knob: str, st: int, fd: dict) -> tuple[float, float]:
@@ -556,33 +670,35 @@ class Explorer:
             out[k] = float(np.clip(f_est, min(self.f_max * 0.5, f_est), self.f_max))
         return out
 
-    def _regressors(self, knob_ms: Mapping[str, float], design: Mapping[str, int], fd: dict) -> np.ndarray:
-        """Per-step regressors: [1, A_k V^2 for each knob, T*1, T*V^2, T*fV^2, T*m]."""
-        row = np.zeros(1 + len(self.knobs) + 4)
+    def _regressors(self, knob_ms: Mapping[str, float], design: Mapping[str, int], fd: dict,
+                    lane: int = 0) -> np.ndarray:
+        """Per-step regressors: [1, A_k V^2 for each knob, T*1, T*V^2, T*fV^2, T*m, lane 1.., lane n-1].
+
+        The lane terms take each GPU's own offset (cards differ by a few percent in power)."""
+        nk = len(self.knobs)
+        row = np.zeros(1 + nk + 4 + self.s.lanes - 1)
         row[0] = 1.0
+        if lane > 0:
+            row[1 + nk + 4 + lane - 1] = 1.0
         other_ms = 0.0
         for j, k in enumerate(self.knobs):
             f, m = self._feff(k, design.get(k, 0), fd)
             v2 = float(voltage(f, self.f_max)) ** 2
             t = knob_ms.get(k, 0.0) / 1e3
             row[1 + j] = v2
-            row[1 + len(self.knobs):] += t * np.array([1.0, v2, f / self.f_max * v2, m / self.m_max])
+            row[1 + nk:1 + nk + 4] += t * np.array([1.0, v2, f / self.f_max * v2, m / self.m_max])
         return row
 
     def _fit_energy(self, table):
         fd = self._default_clock(table)
-        X, y, w = [], [], []
+        X, y = [], []
         for b in self.blocks:
             if b.energy_steps <= 0 or not b.time_ms or b.kind == "validate-plan":
                 continue
             km = self._knob_times(b)
-            row = self._regressors(km, b.design, fd)
-            # rest of the step (regions at default that are no knob) as time at default static power
-            rest = float(np.mean(b.time_ms)) / 1e3 - sum(km.values()) / 1e3
-            row[1 + len(self.knobs):] += rest * np.array([1.0, float(voltage(max(fd.values() or [self.f_max]), self.f_max)) ** 2, 0, 1.0]) * 0
+            row = self._regressors(km, b.design, fd, b.lane)
             X.append(row * b.energy_steps)
             y.append(b.energy_j)
-            w.append(1.0)
         X, y = np.array(X), np.array(y)
         if len(y) < X.shape[1] // 2 + 2:
             return None, fd
@@ -592,7 +708,7 @@ class Explorer:
         scale = np.sqrt((X ** 2).mean(0)) + 1e-12
         Xs = X / scale
         lam[1:] = 1e-6 * len(y)
-        lam[1 + len(self.knobs):] = 1e-3 * len(y)
+        lam[1 + len(self.knobs):1 + len(self.knobs) + 4] = 1e-3 * len(y)
         A = Xs.T @ Xs + np.diag(lam)
         coef = np.linalg.lstsq(A, Xs.T @ y, rcond=None)[0] / scale
         resid = y - X @ coef
@@ -607,7 +723,7 @@ class Explorer:
         nk = len(self.knobs)
         T = np.zeros((nk, len(self.states)))
         E = np.zeros((nk, len(self.states)))
-        s_coef = coef[1 + nk:]
+        s_coef = coef[1 + nk:1 + nk + 4]
         for j, k in enumerate(self.knobs):
             d = table[k]
             t0 = d.get(0, 0.0)
@@ -775,12 +891,16 @@ class Explorer:
 
     # ------------------------------------------------------------------ validation
     def _pairs(self):
+        """Energy and time change of the plan per validation pair, each pair on one lane (one GPU:
+        GPUs differ in power by a few percent, more than the saving)."""
         vb = [b for b in self.blocks if b.kind.startswith("validate") and b.energy_steps and b.time_ms]
-        plan_b = [b for b in vb if b.kind == "validate-plan"]
-        def_b = [b for b in vb if b.kind == "validate-default"]
-        n = min(len(plan_b), len(def_b))
+        pairs = []
+        for lane in range(self.s.lanes):
+            plan_b = [b for b in vb if b.kind == "validate-plan" and b.lane == lane]
+            def_b = [b for b in vb if b.kind == "validate-default" and b.lane == lane]
+            pairs += list(zip(plan_b, def_b))
         de, dt = [], []
-        for p, d in zip(plan_b[:n], def_b[:n]):
+        for p, d in pairs:
             ep, ed = p.energy_j / p.energy_steps, d.energy_j / d.energy_steps
             # The first step of a block pays the switch into it (its changes cannot be issued ahead
             # before a step of the new design has been seen); an applied plan pays that once, not

@@ -22,6 +22,7 @@ from collections import deque
 from typing import Any, Callable, Iterable, Optional
 
 from kdvfs_plugins.config import KdvfsConfig
+from kdvfs_plugins.distributed import WORLD, Replicas
 from kdvfs_plugins.engine import Engine
 from kdvfs_plugins.log import logger
 from kdvfs_plugins.module_regions import ModuleRegions
@@ -76,9 +77,12 @@ class DeepSpeedAdapter:
         local_rank = getattr(ds_engine, "local_rank", None)
         if local_rank is None or local_rank < 0:
             local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-        self.engine = Engine(config, framework="deepspeed", rank=rank, local_rank=local_rank, world_size=world,
-                             plugins=tuple(plugins))
         self.pipeline = _is_pipeline(ds_engine)
+        # Without pipeline or model parallelism every rank is a data-parallel replica (ZeRO shards
+        # state, not work): they explore together. Pipeline stages run different work.
+        pure_dp = world > 1 and not self.pipeline and getattr(ds_engine, "mpu", None) is None
+        self.engine = Engine(config, framework="deepspeed", rank=rank, local_rank=local_rank, world_size=world,
+                             plugins=tuple(plugins), replicas=Replicas(WORLD, rank, world) if pure_dp else None)
         #: Finished steps (the latest ones: a long run must not grow without bound).
         self.records: deque = deque(maxlen=10_000)
         self._saved: list[tuple] = []  # (owner, name, had an instance attribute, old value, ours)

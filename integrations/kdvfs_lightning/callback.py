@@ -17,6 +17,7 @@ except ImportError:  # the standalone ``pytorch_lightning`` distribution
     from pytorch_lightning.callbacks import Callback
 
 from kdvfs_plugins.config import KdvfsConfig
+from kdvfs_plugins.distributed import WORLD, Replicas
 from kdvfs_plugins.engine import Engine
 from kdvfs_plugins.log import logger
 from kdvfs_plugins.module_regions import ModuleRegions
@@ -50,6 +51,8 @@ class KernelDVFS(Callback):
         self.engine = Engine(
             self.config, framework="lightning", rank=trainer.global_rank, local_rank=trainer.local_rank,
             world_size=trainer.world_size, plugins=self.plugins,
+            # every rank holds a replica of the model and runs the same work
+            replicas=Replicas(WORLD, trainer.global_rank, trainer.world_size) if trainer.world_size > 1 else None,
         ).start()
         if self.engine.wants_module_regions:
             self._modules = ModuleRegions(self.engine, pl_module, self.config.module_depth).install()

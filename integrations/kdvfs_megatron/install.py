@@ -31,6 +31,7 @@ from collections import deque
 from typing import Any, Iterable, Iterator, Mapping, Optional, Union
 
 from kdvfs_plugins.config import KdvfsConfig
+from kdvfs_plugins.distributed import Replicas
 from kdvfs_plugins.engine import Engine
 from kdvfs_plugins.errors import KdvfsError
 from kdvfs_plugins.log import logger
@@ -55,7 +56,7 @@ class MegatronKdvfs:
         self.config = config
         self.engine = Engine(config, framework="megatron", rank=rank, local_rank=local_rank,
                              world_size=world_size, plugins=tuple(plugins), device=device,
-                             plan_group=_tensor_parallel_group())
+                             plan_group=_tensor_parallel_group(), replicas=_replicas())
         #: False once the loop reports steps itself through step_begin()/step_end().
         self.auto_steps = True
         #: CPU time spent in kdvfs at boundaries (seconds), for overhead reports.
@@ -195,6 +196,21 @@ def _tensor_parallel_group():
     if parallel_state.get_tensor_model_parallel_world_size() == 1:
         return None  # a group of one decides alone: no collective needed
     return parallel_state.get_tensor_model_parallel_group()
+
+
+def _replicas() -> Optional[Replicas]:
+    """The ranks of this pipeline stage explore together: a data-parallel index is a lane, and
+    the ranks of one tensor-parallel group share it (they run in lockstep on one design)."""
+    try:
+        from megatron.core import parallel_state as ps
+    except ImportError:  # pragma: no cover - megatron-core is this adapter's dependency
+        return None
+    if not ps.model_parallel_is_initialized():
+        return None
+    group = ps.get_tensor_and_data_parallel_group()
+    if ps.get_tensor_model_parallel_world_size() * ps.get_data_parallel_world_size() == 1:
+        return None
+    return Replicas(group, ps.get_data_parallel_rank(), ps.get_data_parallel_world_size())
 
 
 # ---------------------------------------------------------------------- module-level API

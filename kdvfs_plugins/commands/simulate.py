@@ -48,6 +48,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="--explore: the plan's slowdown budget (default 0: strict, the config default)")
     parser.add_argument("--explore-max-slowdown", type=float, default=0.02, help="--explore: exploration slowdown bound")
     parser.add_argument("--explore-max-steps", type=int, default=1500, help="--explore: step budget (default 1500)")
+    parser.add_argument("--lanes", type=int, default=1,
+                        help="--explore: data-parallel replicas exploring together, each on its own card (default 1)")
     parser.add_argument("--compare", action="store_true",
                         help="plan each granularity x objective, execute on the virtual GPU, print planned vs executed")
     parser.add_argument("--sweep", action="store_true", help="energy saved vs slowdown budget 0..30%% (and a plot)")

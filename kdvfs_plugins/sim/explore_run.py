@@ -306,11 +306,14 @@ class SeedResult:
     applied: bool
     predicted: Mapping[str, float] = field(default_factory=dict)
     validated: Mapping[str, float] = field(default_factory=dict)
+    #: the applied plan: knob -> "SM/mem MHz"
+    clocks: Mapping[str, str] = field(default_factory=dict)
 
     def to_dict(self) -> dict:
         return {"seed": self.seed, "energy_change": self.energy_change, "time_change": self.time_change,
                 "steps": self.steps, "exploration_time_change": self.exploration_time_change,
-                "applied": self.applied, "predicted": dict(self.predicted), "validated": dict(self.validated)}
+                "applied": self.applied, "predicted": dict(self.predicted), "validated": dict(self.validated),
+                "clocks": dict(self.clocks)}
 
 
 def _as_clock(answer) -> Optional[ClockPair]:
@@ -331,48 +334,57 @@ def run_seed(trace: Trace, seed: int, *, max_steps: int = 1500, max_slowdown: fl
              explore_max_slowdown: float = 0.02, window_steps: int = 10, noise: bool = True,
              switch_latency_ms: Optional[float] = None, execute_steps: int = 10,
              model: Optional[H100Model] = None, apply: bool = True,
-             issue_ahead: bool = True, meter: str = "power") -> tuple[SeedResult, "Explorer"]:
-    """Explore on the fast stretch simulation of ``trace``; execute the applied plan on the VirtualGPU."""
+             issue_ahead: bool = True, meter: str = "power", lanes: int = 1) -> tuple[SeedResult, "Explorer"]:
+    """Explore on the fast stretch simulation of ``trace``; execute the applied plan on the VirtualGPU.
+
+    ``lanes`` > 1: that many data-parallel replicas, each on its own card (its own card factors
+    and noise), explore together; the lanes here do not wait for each other as ranks joined by
+    a gradient all-reduce would.
+    """
     from ..explore import ExploreSettings, Explorer
     from .gpu import DEFAULT_SWITCH_LATENCY_MS
 
     lat = DEFAULT_SWITCH_LATENCY_MS if switch_latency_ms is None else switch_latency_ms
     # The meter as it runs on a real GPU (integrated power readings), not the bare counter.
-    sim = StretchSim(trace, seed=seed, noise=noise, switch_latency_ms=lat, model=model, issue_ahead=issue_ahead,
-                     meter=meter)
+    sims = [StretchSim(trace, seed=seed + 1000 * lane, noise=noise, switch_latency_ms=lat, model=model,
+                       issue_ahead=issue_ahead, meter=meter) for lane in range(lanes)]
+    sim = sims[0]
     settings = ExploreSettings(clock_table=sim.clock_table, max_slowdown=max_slowdown,
                                objective="strict" if max_slowdown == 0 else "relaxed",
                                explore_max_slowdown=explore_max_slowdown, explore_max_steps=max_steps,
                                window_steps=window_steps, switch_latency_ms=lat, seed=seed,
-                               issue_ahead=issue_ahead)
+                               issue_ahead=issue_ahead, lanes=lanes)
     ex = Explorer(settings, apply=apply)
     ex.set_layout(trace_layout(sim))
-    win_begin_s, win_first = sim.now_s, 0
+    win_begin_s, win_first = [s.now_s for s in sims], 0
     step = 0
     explore_time_s = 0.0
     while not ex.done and step < max_steps + 1:
-        region_answers: dict = {}
+        answers: list[dict] = [{} for _ in sims]
 
-        def clocks_for(region: str, _step=step):
-            if region not in region_answers:
-                region_answers[region] = _as_clock(ex.clocks_for(region, _step))
-            return region_answers[region]
+        def clocks_for(region: str, lane: int, _step=step):
+            if region not in answers[lane]:
+                answers[lane][region] = _as_clock(ex.clocks_for(region, _step, lane))
+            return answers[lane][region]
 
-        for r in sim.layouts[0].regions:  # decide the block (and its key) before the step runs
-            clocks_for(r)
+        for lane in range(lanes):
+            for r in sim.layouts[0].regions:  # decide the block (and its key) before the step runs
+                clocks_for(r, lane)
         if ex.done:
             break
-        key = tuple(sorted((r, c) for r, c in region_answers.items() if c is not None))
-        region_ms, step_t, _ = sim.run_step(clocks_for, key=("cfg",) + key)
-        explore_time_s += step_t
-        ex.observe_step(step, step_t * 1e3, region_ms)
-        ex.observe_clocks(step, sim.region_sm_mhz, region_ms)
+        for lane, sl in enumerate(sims):
+            key = tuple(sorted((r, c) for r, c in answers[lane].items() if c is not None))
+            region_ms, step_t, _ = sl.run_step(lambda r, lane=lane: clocks_for(r, lane), key=("cfg",) + key)
+            explore_time_s += step_t / lanes
+            ex.observe_step(step, step_t * 1e3, region_ms, lane)
+            ex.observe_clocks(step, sl.region_sm_mhz, region_ms, lane)
         step += 1
         if step - win_first >= window_steps:
-            e = sim.window_energy_j(win_begin_s, sim.now_s)
-            if e is not None:
-                ex.observe_window(win_first, step - 1, e)
-            win_begin_s, win_first = sim.now_s, step
+            for lane, sl in enumerate(sims):
+                e = sl.window_energy_j(win_begin_s[lane], sl.now_s)
+                if e is not None:
+                    ex.observe_window(win_first, step - 1, e, lane)
+            win_begin_s, win_first = [sl.now_s for sl in sims], step
     res = ex.result
     n = step
     # the default step's true time at this seed (noise-free steady state of the stretch simulation)
@@ -388,8 +400,9 @@ def run_seed(trace: Trace, seed: int, *, max_steps: int = 1500, max_slowdown: fl
         de, dt = exe.energy_change, exe.time_change
     else:
         de = dt = 0.0
+    clocks = {k: str(v) for k, v in res.clocks_by_name.items() if v is not None} if applied else {}
     return SeedResult(seed, float(de), float(dt), int(n), float(expl), bool(applied),
-                      dict(res.predicted) if res else {}, dict(res.validated) if res else {}), ex
+                      dict(res.predicted) if res else {}, dict(res.validated) if res else {}, clocks), ex
 
 
 # ---------------------------------------------------------------------- command
@@ -414,7 +427,7 @@ def _stats(values: Sequence[float]) -> dict:
 def explore_report(trace_name: str = "gpt1b", seeds: int = 5, *, max_steps: int = 1500, max_slowdown: float = 0.0,
                    explore_max_slowdown: float = 0.02, noise: bool = True,
                    switch_latency_ms: Optional[float] = None, execute_steps: int = 10,
-                   issue_ahead: bool = True) -> dict:
+                   issue_ahead: bool = True, lanes: int = 1) -> dict:
     """Explore on the virtual GPU for each seed; compare the applied plans with the oracle's."""
     from .gpu import DEFAULT_SWITCH_LATENCY_MS
     from .planning import execute
@@ -427,7 +440,7 @@ def explore_report(trace_name: str = "gpt1b", seeds: int = 5, *, max_steps: int 
     for seed in range(seeds):
         res, _ = run_seed(trace, seed, max_steps=max_steps, max_slowdown=max_slowdown,
                           explore_max_slowdown=explore_max_slowdown, noise=noise, switch_latency_ms=lat,
-                          execute_steps=execute_steps, issue_ahead=issue_ahead)
+                          execute_steps=execute_steps, issue_ahead=issue_ahead, lanes=lanes)
         rows.append(res)
         if orc.clocks_by_name and any(c is not None for c in orc.clocks_by_name.values()):
             ex = execute(trace, orc.clocks_for, switch_latency_ms=lat, noise=noise, seed=seed, steps=execute_steps,
@@ -448,6 +461,7 @@ def explore_report(trace_name: str = "gpt1b", seeds: int = 5, *, max_steps: int 
         "switch_latency_ms": lat,
         "issue_ahead": issue_ahead,
         "noise": noise,
+        "lanes": lanes,
         "oracle_energy_change": oe,
         "oracle_time_change": ot,
         "oracle_clocks": {k: (None if v is None else str(v)) for k, v in orc.clocks_by_name.items() if v is not None},
@@ -469,13 +483,16 @@ def run_command(args) -> int:
 
     if args.seeds < 1:
         raise ConfigError("--seeds", args.seeds, "at least 1", source="kdvfs simulate --explore")
+    if args.lanes < 1:
+        raise ConfigError("--lanes", args.lanes, "at least 1", source="kdvfs simulate --explore")
     out = explore_report(args.trace, args.seeds, max_steps=args.explore_max_steps, max_slowdown=args.explore_plan_slowdown,
                          explore_max_slowdown=args.explore_max_slowdown, noise=not args.no_noise,
-                         switch_latency_ms=args.switch_latency_ms)
+                         switch_latency_ms=args.switch_latency_ms, lanes=args.lanes)
     if args.json:
         print(json.dumps(out, indent=1))
         return 0
-    print("model prediction (simulated H100): online exploration vs the oracle plan")
+    lanes = f", {args.lanes} data-parallel replicas exploring together" if args.lanes > 1 else ""
+    print(f"model prediction (simulated H100): online exploration vs the oracle plan{lanes}")
     print(f"  oracle: energy {out['oracle_energy_change']:+.2%}, time {out['oracle_time_change']:+.2%}")
     for r in out["seeds"]:
         print(f"  seed {r['seed']}: energy {r['energy_change']:+.2%}, time {r['time_change']:+.2%}, "

@@ -1,0 +1,91 @@
+"""Exploration shared by data-parallel ranks (gloo, simulated GPUs): half the steps, the same plan."""
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from kdvfs_plugins.distributed import Replicas
+from kdvfs_plugins.explore import ExploreSettings, Explorer
+from kdvfs_plugins.sim.gpu import VirtualGPU
+
+ROOT = Path(__file__).resolve().parents[1]
+SCRIPT = ROOT / "tests" / "distributed_scripts" / "explore_lanes.py"
+
+
+def launch(out: Path, ranks: int, scenario: str, steps: int, port: int) -> subprocess.Popen:
+    out.mkdir(parents=True, exist_ok=True)
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(ROOT), str(ROOT / "tests")]),
+               KDVFS_DISABLE_ENTRYPOINTS="1", OMP_NUM_THREADS="1")
+    cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={ranks}", "--master_addr=127.0.0.1",
+           f"--master_port={port}", str(SCRIPT), str(out), scenario, str(steps), "0.05"]
+    return subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+
+def results(proc: subprocess.Popen, out: Path, ranks: int) -> list[dict]:
+    log, _ = proc.communicate(timeout=600)
+    assert proc.returncode == 0, log[-3000:]
+    return [json.loads((out / f"rank{r}.json").read_text()) for r in range(ranks)]
+
+
+@pytest.mark.slow
+def test_two_replicas_explore_in_about_half_the_steps_to_the_same_plan(tmp_path):
+    from test_distributed import free_port
+
+    # both runs at once: one process alone, two sharing (the machine has two cores)
+    alone_p = launch(tmp_path / "alone", 1, "shared", 900, free_port())
+    shared_p = launch(tmp_path / "shared", 2, "shared", 900, free_port())
+    alone = results(alone_p, tmp_path / "alone", 1)[0]
+    r0, r1 = results(shared_p, tmp_path / "shared", 2)
+
+    assert alone["status"] == "applied", alone
+    # the replicas decided together: same result, at the same step, after the same exchanges
+    for key in ("status", "explore_steps", "clocks", "validated", "exchanges", "lane_steps"):
+        assert r0[key] == r1[key], key
+    assert r0["status"] == "applied", r0
+    assert r0["lane_blocks"] == [0, 1] and min(r0["lane_steps"].values()) > 0.4 * r0["explore_steps"]
+    # about half the steps one replica needs
+    ratio = r0["explore_steps"] / alone["explore_steps"]
+    assert 0.35 <= ratio <= 0.6, (r0["explore_steps"], alone["explore_steps"])
+    # the same plan: the same regions at the same memory clock, SM clocks at most one 15 MHz step
+    # apart (where the energy minimum is flat, seeds move it by a step)
+    assert set(r0["clocks"]) == set(alone["clocks"])
+    for region, clocks in alone["clocks"].items():
+        mine = r0["clocks"][region]
+        assert (clocks is None) == (mine is None), region
+        if clocks is not None:
+            assert mine["mem_mhz"] == clocks["mem_mhz"] and abs(mine["sm_mhz"] - clocks["sm_mhz"]) <= 15, region
+    assert r0["validated"]["energy_change"] < 0 and r0["validated"]["time_change"] < 0.05
+
+
+@pytest.mark.slow
+def test_a_replica_whose_gpu_refuses_writes_keeps_exchanging_and_adds_no_data(tmp_path):
+    from test_distributed import free_port
+
+    r0, r1 = results(launch(tmp_path, 2, "refused", 120, free_port()), tmp_path, 2)
+    assert r0["device"] == "simulated" and r1["device"] == "observe"
+    # no stall: both ran the same steps and exchanged the same number of times
+    assert r0["steps_run"] == r1["steps_run"] and r0["exchanges"] == r1["exchanges"] > 3
+    # after the fallback the refused lane's measurements (default clocks, not its design) stay out
+    assert r0["lane_steps"] == r1["lane_steps"]
+    assert r0["lane_steps"]["0"] > 50 and r0["lane_steps"]["1"] <= 2
+
+
+def test_lanes_lay_out_one_block_per_lane_and_validate_the_same_kind_on_all():
+    gpu = VirtualGPU(noise=False)
+    s = ExploreSettings(clock_table=gpu.clock_table, window_steps=2, block_steps=4, explore_max_steps=400, lanes=3,
+                        lane=1, validation_pairs=4)
+    ex = Explorer(s)
+    ex.clocks_for("forward", 0)
+    assert [(b.lane, b.kind) for b in ex.blocks] == [(0, "baseline"), (1, "baseline"), (2, "baseline")]
+    assert ex._validation_slots() == 4  # ceil(4 pairs / 3 lanes) = 2 pairs per lane
+
+
+def test_replicas_and_explorer_reject_a_lane_outside_the_lanes():
+    with pytest.raises(ValueError, match="lane"):
+        Replicas(None, 2, 2)
+    gpu = VirtualGPU(noise=False)
+    with pytest.raises(ValueError, match="lane 3 of 2"):
+        Explorer(ExploreSettings(clock_table=gpu.clock_table, lanes=2, lane=3))
