@@ -7,10 +7,17 @@ warm-up, allocator state and thermal history; the first steps of each block are 
 
     python benchmarks/bench_deepspeed_overhead.py                     # one GPU
     python benchmarks/bench_deepspeed_overhead.py --tiny --steps-per-block 3 --blocks 4   # CPU check
+    torchrun --standalone --nproc_per_node 2 benchmarks/bench_deepspeed_overhead.py      # two GPUs, data parallel
+    DS_ACCELERATOR=cpu torchrun --standalone --nproc_per_node 2 benchmarks/bench_deepspeed_overhead.py --tiny \
+        --steps-per-block 3 --blocks 2                                 # two processes on the CPU (gloo)
 
 Every step ends with a device synchronisation in *both* arms (the benchmark's, not kdvfs's), so
 the step time includes the CPU time kdvfs adds even when the GPU would otherwise hide it: an
 upper bound on the overhead a real run sees.
+
+Under torchrun every rank runs kdvfs on its own GPU (the micro-batch is per GPU, so each GPU
+does the same work as on one); the step times printed are rank 0's timer, and rank 0 prints
+every rank's region table, energy per step, average power and which GPU it read.
 """
 from __future__ import annotations
 
@@ -24,6 +31,9 @@ import time
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+
+from kdvfs_plugins.engine import format_region_table
+from rank_gpu import describe_gpu, gpu_identity  # benchmarks/rank_gpu.py, next to this script
 
 
 class Block(nn.Module):
@@ -84,19 +94,71 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--granularity", default="kernel", help="kdvfs granularity (kernel installs module hooks)")
     p.add_argument("--run-dir", default="kdvfs_runs/bench_deepspeed_overhead")
     p.add_argument("--energy-period-ms", type=float, default=100.0, help="energy counter read period (0: off)")
+    p.add_argument("--window-steps", type=int, default=None,
+                   help="steps per kdvfs energy window (default: kdvfs's own; 1 with --tiny)")
+    p.add_argument("--kdvfs", default="{}", help="more keys for the kernel_dvfs block, as JSON")
     p.add_argument("--json", default=None, help="also write the results to this file")
     p.add_argument("--local_rank", type=int, default=-1, help="set by the deepspeed launcher")
     a = p.parse_args()
     if a.tiny:
         a.vocab, a.width, a.layers, a.heads, a.seq, a.micro_batch = 256, 64, 2, 4, 64, 2
         a.device = a.device or "simulated"
+        # The simulated GPU's energy counter refreshes every 100 ms of its clock (host time here),
+        # and a window gets energy only once a refresh follows its end: with blocks of a few steps
+        # of a few tens of ms, only short windows get any.
+        a.window_steps = a.window_steps or 1
     a.device = a.device or "observe"
     return a
+
+
+def rank_figures(kd_engines: list, first_block_step: int, rank: int, local_rank: int, times: dict) -> dict:
+    """This rank's figures, plain data for all_gather_object.
+
+    Every block with kdvfs has its own kdvfs engine (detach closes it). The region table is the
+    last one that profiled a step; energy pools the windows of all of them from the first block
+    on (the warm-up before it is left out), which is ``summary()``'s formula over more steps.
+    """
+    profiled = [e for e in kd_engines if e.region_table()] or kd_engines
+    last = profiled[-1]
+    wins = [w for e in kd_engines for w in (e.meter.windows if e.meter else []) if w.first_step >= first_block_step]
+    energy_j, steps, duration_s = (sum(w.energy_j for w in wins), sum(w.steps for w in wins),
+                                   sum(w.duration_s for w in wins))
+    return {
+        "rank": rank, "local_rank": local_rank, "gpu": gpu_identity(last),
+        "median_step_ms_with_kdvfs": statistics.median(times["on"]) * 1e3,
+        "median_step_ms_without_kdvfs": statistics.median(times["off"]) * 1e3,
+        "region_table_block": kd_engines.index(last), "blocks_with_kdvfs": len(kd_engines),
+        "regions": [list(r) for r in last.region_table()],
+        "model_prediction": last.summary()["model_prediction"],
+        "energy_j_per_step": energy_j / steps if steps else None,
+        "avg_power_w": energy_j / duration_s if duration_s > 0 else None,
+        "energy_steps": steps,
+        "summaries": [e.summary() for e in kd_engines],
+    }
+
+
+def print_rank(fig: dict) -> None:
+    rows, step_ms = [tuple(r) for r in fig["regions"]], fig["median_step_ms_with_kdvfs"]
+    g = fig["gpu"]
+    print(f"\n=== rank {fig['rank']} (local rank {fig['local_rank']}) on {g['host']}: {describe_gpu(g)}")
+    print(f"its own timer: median step time {step_ms:.3f} ms with kdvfs, "
+          f"{fig['median_step_ms_without_kdvfs']:.3f} ms without")
+    print(f"kdvfs region table (rank {fig['rank']}, block {fig['region_table_block'] + 1} of "
+          f"{fig['blocks_with_kdvfs']} with kdvfs):")
+    print(format_region_table(rows, step_ms=step_ms, simulated=fig["model_prediction"]))
+    if rows:
+        print(f"region sum / measured step time: {sum(r[1] for r in rows) / step_ms:.3f}")
+    if fig["energy_j_per_step"]:
+        print(f"energy per step {fig['energy_j_per_step']:.3f} J, average power {fig['avg_power_w']:.0f} W "
+              f"(device energy counter, {fig['energy_steps']} steps of the blocks with kdvfs)")
+    else:
+        print("energy per step: none (no energy window of the blocks with kdvfs closed)")
 
 
 def main() -> None:
     a = parse_args()
     # One process without a launcher: describe a process group of one so DeepSpeed needs no MPI.
+    # Under torchrun these are set already and stay as they are.
     for key, value in (("RANK", "0"), ("WORLD_SIZE", "1"), ("LOCAL_RANK", "0"), ("MASTER_ADDR", "127.0.0.1"),
                        ("MASTER_PORT", "29517")):
         os.environ.setdefault(key, value)
@@ -118,6 +180,9 @@ def main() -> None:
         "kernel_dvfs": {"device": a.device, "mode": a.mode, "granularity": a.granularity, "run_dir": a.run_dir,
                         "energy_sample_period_ms": a.energy_period_ms},
     }
+    if a.window_steps:
+        ds_config["kernel_dvfs"]["window_steps"] = a.window_steps
+    ds_config["kernel_dvfs"].update(json.loads(a.kdvfs))
     torch.manual_seed(0)
     model = GPT(a.vocab, a.width, a.layers, a.heads, a.seq + 1)
     n_params = sum(p.numel() for p in model.parameters())
@@ -140,11 +205,14 @@ def main() -> None:
         one_step(step)
         step += 1
     times: dict[str, list[float]] = {"on": [], "off": []}
+    first_block_step = engine.global_steps
+    kd_engines = []  # the kdvfs engine of each block with kdvfs; detach closes it, its figures stay
     for block in range(2 * a.blocks):
         arm = "on" if block % 2 == 0 else "off"
         # Attach/detach between blocks, outside the timed steps: the arms differ only in kdvfs.
-        if arm == "on" and kdvfs_deepspeed.adapter_of(engine) is None:
-            kdvfs_deepspeed.attach(engine)
+        if arm == "on":
+            adapter = kdvfs_deepspeed.adapter_of(engine) or kdvfs_deepspeed.attach(engine)
+            kd_engines.append(adapter.engine)
         elif arm == "off":
             kdvfs_deepspeed.detach(engine)
         for k in range(a.steps_per_block):
@@ -164,19 +232,33 @@ def main() -> None:
         "mean_step_ms_with_kdvfs": statistics.fmean(times["on"]) * 1e3,
         "mean_step_ms_without_kdvfs": statistics.fmean(times["off"]) * 1e3,
     }
-    if dist.get_rank() == 0:
+    rank, world = dist.get_rank(), dist.get_world_size()
+    mine = rank_figures(kd_engines, first_block_step, rank, int(os.environ.get("LOCAL_RANK", "0")), times)
+    ranks = [mine]
+    if world > 1:
+        ranks = [None] * world
+        # DeepSpeed set this rank's GPU as the current device, where NCCL carries the objects.
+        torch.distributed.all_gather_object(ranks, mine)
+    result.update(world_size=world, step_times_from="rank 0", ranks=ranks)
+    if rank == 0:
         print(f"model {result['params_m']:.1f}M params, {a.dtype}, ZeRO-{a.zero}, GAS {a.gas}, "
-              f"micro-batch {a.micro_batch} x {a.seq} tokens, kdvfs device={a.device} mode={a.mode} "
-              f"granularity={a.granularity}, {len(times['on'])} steps per arm")
+              f"micro-batch {a.micro_batch} x {a.seq} tokens{f' per GPU x {world} GPUs' if world > 1 else ''}, "
+              f"kdvfs device={a.device} mode={a.mode} granularity={a.granularity}, {len(times['on'])} steps per arm")
         print(f"median step time with kdvfs    {on_ms:10.3f} ms")
         print(f"median step time without kdvfs {off_ms:10.3f} ms")
         print(f"overhead                       {result['overhead_pct']:+10.3f} %")
+        if world > 1:
+            print("(step times are rank 0's timer; each rank's own is in its section below)")
+        for fig in ranks:
+            print_rank(fig)
         if a.json:
             with open(a.json, "w") as f:
                 json.dump(result, f, indent=1)
     dist.barrier()
     dist.destroy_process_group()
     sys.stdout.flush()
+    sys.stderr.flush()
+    # Skips interpreter teardown, where gloo and DeepSpeed's leftovers can abort a clean run.
     os._exit(0)
 
 

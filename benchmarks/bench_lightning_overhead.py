@@ -7,11 +7,18 @@ how its sum compares with the measured step time.
 
     python benchmarks/bench_lightning_overhead.py --device observe          # GPT ~350 M, bf16
     python benchmarks/bench_lightning_overhead.py --tiny --device simulated # CPU smoke run
+
+Data parallel on the GPUs of one host (DDP, the same batch per GPU as on one GPU); every rank
+runs kdvfs on its own GPU, and rank 0 prints each rank's region table, energy and GPU:
+
+    torchrun --standalone --nproc_per_node 2 benchmarks/bench_lightning_overhead.py --devices 2 --device observe
+    torchrun --standalone --nproc_per_node 2 benchmarks/bench_lightning_overhead.py --devices 2 --tiny --device simulated
 """
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import time
 
@@ -25,6 +32,7 @@ except ImportError:
 from kdvfs_lightning import KernelDVFS
 from kdvfs_lightning.demo import GPT_350M, RandomTokens, TinyGPT
 from kdvfs_plugins.engine import format_region_table
+from rank_gpu import describe_gpu, gpu_identity  # benchmarks/rank_gpu.py, next to this script
 
 
 class BlockTimer(pl.Callback):
@@ -54,41 +62,97 @@ def run_block(model, loader, args, with_kdvfs: bool):
     callbacks = [timer]
     kd = None
     if with_kdvfs:
-        kd = KernelDVFS(device=args.device, mode="observe", run_dir=args.run_dir, window_steps=5,
+        kd = KernelDVFS(device=args.device, mode="observe", run_dir=args.run_dir, window_steps=args.window_steps,
                         granularity=args.granularity, warmup_steps=args.warmup)
         callbacks.append(kd)
+    # A new Trainer per block; the process group the first DDP fit opens stays up and is reused.
+    parallel = dict(strategy="ddp", num_nodes=1) if args.devices > 1 else {}
     trainer = pl.Trainer(
-        max_steps=args.warmup + args.steps, accelerator="auto", devices=1, precision=args.precision,
-        logger=False, enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
-        callbacks=callbacks,
+        max_steps=args.warmup + args.steps, accelerator="auto", devices=args.devices,
+        precision=args.precision, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+        enable_model_summary=False, callbacks=callbacks, **parallel,
     )
     trainer.fit(model, loader)
     return timer.step_s, kd
+
+
+def rank_figures(kd, args, rank: int, local_rank: int, with_s, without_s) -> dict:
+    """This rank's figures from its last block with kdvfs, plain data for all_gather_object."""
+    eng = kd.engine
+    s = eng.summary()
+    timed = [r for r in eng.meter.steps if r.step >= args.warmup]
+    return {
+        "rank": rank, "local_rank": local_rank, "gpu": gpu_identity(eng),
+        "median_with_ms": statistics.median(with_s) * 1e3, "median_without_ms": statistics.median(without_s) * 1e3,
+        "with_ms": [x * 1e3 for x in with_s], "without_ms": [x * 1e3 for x in without_s],
+        "regions": [list(r) for r in eng.region_table()],
+        "median_gpu_step_ms": statistics.median(r.gpu_time_ms for r in timed) if timed else None,
+        "profiled_step_ms": [r.gpu_time_ms for r in timed if r.region_time_ms],
+        "energy_j_per_step": s["energy_j_per_step"], "avg_power_w": s["avg_power_w"], "summary": s,
+    }
+
+
+def print_rank(fig: dict) -> None:
+    g, step_ms = fig["gpu"], fig["median_with_ms"]
+    rows = [tuple(r) for r in fig["regions"]]
+    print(f"\n=== rank {fig['rank']} (local rank {fig['local_rank']}) on {g['host']}: {describe_gpu(g)}")
+    print(f"its own timer: median step time {fig['median_with_ms']:.2f} ms with kdvfs, "
+          f"{fig['median_without_ms']:.2f} ms without")
+    print(f"kdvfs region table (rank {fig['rank']}, last block):")
+    print(format_region_table(rows, step_ms=step_ms, simulated=fig["summary"]["model_prediction"]))
+    print(f"region sum / measured step time: {sum(r[1] for r in rows) / step_ms:.3f}")
+    if fig["median_gpu_step_ms"] is not None:
+        print(f"median GPU step time from the step markers (every step): {fig['median_gpu_step_ms']:.2f} ms; "
+              f"profiled steps: {', '.join(f'{x:.2f}' for x in fig['profiled_step_ms'])} ms")
+    if fig["energy_j_per_step"]:
+        print(f"energy per step {fig['energy_j_per_step']:.1f} J, average power {fig['avg_power_w']:.0f} W "
+              "(device energy counter)")
+    else:
+        print("energy per step: none (no energy window closed in the last block)")
 
 
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--device", default="observe")
     p.add_argument("--tiny", action="store_true", help="a small model for a CPU smoke run")
-    p.add_argument("--rounds", type=int, default=4, help="blocks with and without, alternating")
-    p.add_argument("--steps", type=int, default=30, help="timed steps per block")
-    p.add_argument("--warmup", type=int, default=5)
+    p.add_argument("--devices", type=int, default=1,
+                   help="GPUs of this host, data parallel; more than 1 needs torchrun --nproc_per_node N")
+    p.add_argument("--rounds", type=int, default=None, help="blocks with and without, alternating (4; --tiny: 2)")
+    p.add_argument("--steps", type=int, default=None, help="timed steps per block (30; --tiny: 5)")
+    p.add_argument("--warmup", type=int, default=None, help="untimed steps at the start of a block (5; --tiny: 2)")
     p.add_argument("--granularity", default="kernel")
     p.add_argument("--run-dir", default="kdvfs_runs/bench_lightning")
     p.add_argument("--json", dest="json_out", default=None, help="also write the figures to this file")
     args = p.parse_args(argv)
+    if args.devices > 1 and int(os.environ.get("WORLD_SIZE", "1")) != args.devices:
+        # Lightning would re-launch this script itself at every fit; one torchrun launch keeps
+        # one process per GPU alive across the blocks.
+        p.error(f"--devices {args.devices}: launch with torchrun --standalone --nproc_per_node {args.devices} "
+                f"(WORLD_SIZE is {os.environ.get('WORLD_SIZE')})")
+    rank, local_rank = int(os.environ.get("RANK", "0")), int(os.environ.get("LOCAL_RANK", "0"))
+    multi = args.devices > 1
     torch.manual_seed(0)
     if args.tiny:
         cfg = dict(vocab=256, d=64, layers=2, heads=4, seq=32)
         batch, args.precision = 4, "32-true"
-        args.steps, args.warmup, args.rounds = min(args.steps, 5), min(args.warmup, 2), min(args.rounds, 2)
+        defaults = dict(steps=5, warmup=2, rounds=2)
     else:
         cfg = dict(GPT_350M)
         batch, args.precision = 8, "bf16-mixed"
+        defaults = dict(steps=30, warmup=5, rounds=4)
+    for key, value in defaults.items():
+        if getattr(args, key) is None:
+            setattr(args, key, value)
+    # The simulated GPU's energy counter refreshes every 100 ms of its clock (host time here), and
+    # a window gets energy only once a refresh follows its end: the tiny model's few short steps
+    # per block rarely see one after a 5-step window. The one-GPU run keeps its 5-step windows.
+    args.window_steps = 1 if args.tiny and multi else 5
     model = TinyGPT(**cfg)
     params = sum(p.numel() for p in model.parameters())
     loader = torch.utils.data.DataLoader(RandomTokens(10**6, cfg["seq"], cfg["vocab"]), batch_size=batch, num_workers=2)
-    print(f"GPT: {params / 1e6:.0f} M parameters, {cfg['layers']} layers, d={cfg['d']}, seq {cfg['seq']}, batch {batch}, {args.precision}")
+    say = print if rank == 0 else (lambda *a, **k: None)
+    per_gpu = f" per GPU x {args.devices} GPUs (DDP)" if multi else ""
+    say(f"GPT: {params / 1e6:.0f} M parameters, {cfg['layers']} layers, d={cfg['d']}, seq {cfg['seq']}, batch {batch}{per_gpu}, {args.precision}")
     with_s, without_s, last = [], [], None
     for r in range(args.rounds):
         order = (True, False) if r % 2 == 0 else (False, True)
@@ -97,33 +161,48 @@ def main(argv=None) -> None:
             (with_s if on else without_s).append(step_s)
             if kd is not None:
                 last = kd
-            print(f"round {r} {'with   ' if on else 'without'} kdvfs: {step_s * 1e3:8.2f} ms/step", flush=True)
+            say(f"round {r} {'with   ' if on else 'without'} kdvfs: {step_s * 1e3:8.2f} ms/step", flush=True)
     med_with, med_without = statistics.median(with_s), statistics.median(without_s)
     overhead = med_with / med_without - 1
-    print(f"\nmedian step time without kdvfs: {med_without * 1e3:.2f} ms")
-    print(f"median step time with kdvfs:    {med_with * 1e3:.2f} ms")
-    print(f"overhead: {overhead * 100:+.2f}%")
-    s = last.engine.summary()
-    rows = last.engine.region_table()
-    region_sum_ms = sum(r[1] for r in rows)
-    timed = [r for r in last.engine.meter.steps if r.step >= args.warmup]
-    gpu_ms = statistics.median(r.gpu_time_ms for r in timed)
-    profiled = [r.gpu_time_ms for r in timed if r.region_time_ms]
-    print(f"\nkdvfs region table (last block, {s['device']} device):")
-    print(format_region_table(rows, step_ms=med_with * 1e3, simulated=s["model_prediction"]))
-    print(f"region sum / measured step time: {region_sum_ms / (med_with * 1e3):.3f}")
-    print(f"median GPU step time from the step markers (every step): {gpu_ms:.2f} ms; "
-          f"profiled steps: {', '.join(f'{x:.2f}' for x in profiled)} ms")
-    if s["energy_j_per_step"]:
-        print(f"energy per step {s['energy_j_per_step']:.1f} J, average power {s['avg_power_w']:.0f} W (device energy counter)")
-    out = {
-        "params": params, "median_with_ms": med_with * 1e3, "median_without_ms": med_without * 1e3,
-        "overhead": overhead, "with_ms": [x * 1e3 for x in with_s], "without_ms": [x * 1e3 for x in without_s],
-        "region_sum_ms": region_sum_ms, "median_gpu_step_ms": gpu_ms, "profiled_step_ms": profiled, "summary": s,
-    }
-    if args.json_out:
-        with open(args.json_out, "w") as f:
-            json.dump(out, f, indent=1)
+    mine = rank_figures(last, args, rank, local_rank, with_s, without_s)
+    ranks = [mine]
+    if multi:
+        ranks = [None] * torch.distributed.get_world_size()
+        if torch.cuda.is_available():
+            torch.cuda.set_device(local_rank)  # NCCL carries the pickled objects on the current device
+        torch.distributed.all_gather_object(ranks, mine)
+    if rank == 0:
+        say(f"\nmedian step time without kdvfs: {med_without * 1e3:.2f} ms")
+        say(f"median step time with kdvfs:    {med_with * 1e3:.2f} ms")
+        say(f"overhead: {overhead * 100:+.2f}%")
+        if multi:
+            say("(step times are rank 0's timer; each rank's own is in its section below)")
+            for fig in ranks:
+                print_rank(fig)
+        else:
+            s = last.engine.summary()
+            rows = last.engine.region_table()
+            print(f"\nkdvfs region table (last block, {s['device']} device):")
+            print(format_region_table(rows, step_ms=med_with * 1e3, simulated=s["model_prediction"]))
+            print(f"region sum / measured step time: {sum(r[1] for r in rows) / (med_with * 1e3):.3f}")
+            print(f"median GPU step time from the step markers (every step): {mine['median_gpu_step_ms']:.2f} ms; "
+                  f"profiled steps: {', '.join(f'{x:.2f}' for x in mine['profiled_step_ms'])} ms")
+            if s["energy_j_per_step"]:
+                print(f"energy per step {s['energy_j_per_step']:.1f} J, average power {s['avg_power_w']:.0f} W (device energy counter)")
+        out = {
+            "params": params, "median_with_ms": med_with * 1e3, "median_without_ms": med_without * 1e3,
+            "overhead": overhead, "with_ms": [x * 1e3 for x in with_s], "without_ms": [x * 1e3 for x in without_s],
+            "region_sum_ms": sum(r[1] for r in mine["regions"]), "median_gpu_step_ms": mine["median_gpu_step_ms"],
+            "profiled_step_ms": mine["profiled_step_ms"], "summary": mine["summary"],
+            "world_size": len(ranks), "batch_per_gpu": batch, "step_times_from": "rank 0", "ranks": ranks,
+        }
+        if args.json_out:
+            with open(args.json_out, "w") as f:
+                json.dump(out, f, indent=1)
+    if multi:
+        # gloo aborts at interpreter exit while its group is still up (Lightning destroys only NCCL's).
+        torch.distributed.barrier()
+        torch.distributed.destroy_process_group()
 
 
 if __name__ == "__main__":

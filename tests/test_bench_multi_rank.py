@@ -1,0 +1,87 @@
+"""The overhead benchmarks on two data-parallel ranks: gloo on the CPU, the simulated device.
+
+Each runs under torchrun as the GPU runs do; rank 0 must report every rank's own region table
+and energy. Blocks are longer than the benchmarks' --tiny defaults: the simulated GPU's energy
+counter refreshes every 100 ms (host time on the CPU), and a few short steps may end before
+any refresh follows them, which leaves a rank without an energy figure.
+"""
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+pytestmark = pytest.mark.slow
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def torchrun(script: str, args: list, extra_env: dict | None = None) -> subprocess.CompletedProcess:
+    env = dict(os.environ)
+    # A launcher's variables from outside would make the ranks join some other group.
+    for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
+        env.pop(key, None)
+    env.update(OMP_NUM_THREADS="1", **(extra_env or {}),
+               PYTHONPATH=os.pathsep.join(filter(None, [str(ROOT), str(ROOT / "integrations"), env.get("PYTHONPATH")])))
+    # --standalone picks a free port for the rendezvous: parallel test runs do not collide.
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+           str(ROOT / "benchmarks" / script), *map(str, args)]
+    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, f"{' '.join(cmd)} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}"
+    return proc
+
+
+def region_rows(stdout: str, rank: int) -> list[str]:
+    """The region rows of ``rank``'s table in rank 0's output (between the header and 'total')."""
+    section = re.search(rf"^=== rank {rank} \(.*?(?=^=== rank |\Z)", stdout, re.M | re.S)
+    assert section, f"no section for rank {rank} in:\n{stdout}"
+    lines = section.group(0).splitlines()
+    assert any(line.startswith(f"kdvfs region table (rank {rank},") for line in lines), section.group(0)
+    start = next(i for i, line in enumerate(lines) if line.startswith("region ") and "GPU ms/step" in line)
+    end = next(i for i, line in enumerate(lines) if line.startswith("total "))
+    return [line for line in lines[start + 1:end] if re.match(r"^\S+\s+\d+\.\d{3}\s+\d+\.\d%$", line)]
+
+
+def check_ranks(proc: subprocess.CompletedProcess, out: dict) -> None:
+    for rank in (0, 1):
+        rows = region_rows(proc.stdout, rank)
+        assert rows and any(r.split()[0] == "forward" for r in rows), proc.stdout
+    assert proc.stdout.count("=== rank ") == 2  # printed once, by rank 0
+    assert out["world_size"] == 2 and [r["rank"] for r in out["ranks"]] == [0, 1]
+    for r in out["ranks"]:
+        assert r["energy_j_per_step"] > 0 and r["avg_power_w"] > 0, r
+        assert r["regions"] and all(ms >= 0 for _, ms, _ in r["regions"])
+        assert r["gpu"]["kind"] == "simulated"
+    # each rank drove its own GPU
+    assert [r["gpu"]["uuid"] for r in out["ranks"]] == ["SIM-0", "SIM-1"]
+
+
+def test_lightning_two_ranks(tmp_path):
+    pytest.importorskip("lightning.pytorch")
+    out = tmp_path / "bench.json"
+    proc = torchrun("bench_lightning_overhead.py", ["--tiny", "--device", "simulated", "--devices", 2, "--rounds", 1,
+                                                    "--steps", 12, "--run-dir", tmp_path / "run", "--json", out])
+    result = json.loads(out.read_text())
+    check_ranks(proc, result)
+    assert "batch 4 per GPU x 2 GPUs (DDP)" in proc.stdout
+    assert len(result["with_ms"]) == len(result["without_ms"]) == 1 and result["step_times_from"] == "rank 0"
+    for rank in (0, 1):
+        assert (tmp_path / "run" / f"rank{rank}" / "summary.json").exists()
+
+
+def test_deepspeed_two_ranks_zero2(tmp_path):
+    pytest.importorskip("deepspeed")
+    out = tmp_path / "bench.json"
+    # mode observe: what the GPU run's observe device amounts to, and no exploration in between
+    proc = torchrun("bench_deepspeed_overhead.py", ["--tiny", "--mode", "observe", "--steps-per-block", 12,
+                                                    "--blocks", 2, "--warmup-steps", 4, "--run-dir", tmp_path / "run",
+                                                    "--json", out], {"DS_ACCELERATOR": "cpu"})
+    result = json.loads(out.read_text())
+    check_ranks(proc, result)
+    assert "ZeRO-2" in proc.stdout and "per GPU x 2 GPUs" in proc.stdout
+    assert result["zero"] == 2 and result["steps_per_arm"] == 2 * (12 - 2)
