@@ -82,6 +82,10 @@ class Engine:
         self._hook = self.pm.hook
         #: Whether this step records every boundary (a profiled step) or only clock changes.
         self.profiling = True
+        #: Whether this step marks module boundaries (module hooks on), not only phases.
+        self._detail = True
+        #: Whether the plan in force sets clocks by module group (then every step needs the hooks).
+        self._plan_by_module = False
         self._region_hooks = False
         #: The explorer while mode auto/explore runs without a valid plan (None otherwise).
         self.explorer = None
@@ -109,8 +113,9 @@ class Engine:
 
     @property
     def profiling_or_switching(self) -> bool:
-        """Whether module boundaries matter in this step: it is profiled, or clocks differ by region."""
-        return self.profiling or self.config.mode != "observe"
+        """Whether module boundaries matter in this step: it is profiled at module level, the plan
+        sets clocks by module group, or exploration needs them (its baseline, module knobs)."""
+        return self._detail
 
     @property
     def wants_module_regions(self) -> bool:
@@ -138,6 +143,7 @@ class Engine:
         info = self.device.info()
         self._check_config_clocks(info)
         self.plan = agree(self.plan_group, lambda: self._initial_plan(info))
+        self._plan_by_module = plan_by_module(self.plan)
         if self.plan is not None and self.plan_group is not None:
             self.plan.check_device(info.name, info.clocks, where="the group's plan")
         if self.device.kind == "nvml":
@@ -234,6 +240,8 @@ class Engine:
         exchange = (lambda items, group=shared.group: all_gather(group, items)) if shared else None
         self.explorer = Explorer(settings, on_done=self._explore_done, apply=cfg.mode == "auto", exchange=exchange)
         self.explorer.measuring = self.device.kind != "observe"
+        # plugins that watch every region keep module boundaries on for the whole exploration
+        self.explorer.phase_level_after_baseline = not self._region_hooks
         # Both the explorer and the plan policy are ``trylast`` (a third-party policy answers first);
         # among trylast implementations the earlier registered is asked first, so the explorer goes
         # in before the policy while it explores.
@@ -293,6 +301,7 @@ class Engine:
         """Put a plan in force (from the planner or the explorer)."""
         plan.check_device(self.device.info().name, self.device.info().clocks)
         self.plan = plan
+        self._plan_by_module = plan_by_module(plan)
         self._hook.kdvfs_plan_ready.call_historic(kwargs=dict(plan=plan))
 
     def close(self, error: Optional[BaseException] = None) -> None:
@@ -334,11 +343,18 @@ class Engine:
                 and self.explore_result is None:
             self._start_explorer()
         if self.explorer is not None:
-            self.explorer.begin_step(self.step)  # shares measurements at block boundaries
+            self.explorer.begin_step(self.step)  # lays out blocks; shares measurements between replicas
         after_warmup = self.step - self.config.warmup_steps
         exploring = self.explorer is not None and not self.explorer.done
-        self.profiling = exploring or self._region_hooks or (
-            after_warmup >= 0 and after_warmup % self.config.profile_every_n_steps == 0)
+        periodic = after_warmup >= 0 and after_warmup % self.config.profile_every_n_steps == 0
+        self.profiling = exploring or self._region_hooks or periodic
+        if exploring and not (self.explorer.wants_module_regions or self._region_hooks):
+            # Every step of exploration is measured, at phase level once the knobs are known:
+            # module hooks and markers at every boundary cost a CPU-bound step about a sixth of
+            # its time (DeepSpeed ZeRO-2, measured), more than the clocks being explored.
+            self._detail = False
+        else:
+            self._detail = self.profiling or self._plan_by_module
         if exploring and self._progress is not None and self._progress.enabled:
             from .progress import explore_status
 
@@ -348,7 +364,7 @@ class Engine:
             self.meter.on_layout = self._on_layout
         self._stack = [STEP]
         marker = self.device.marker()
-        st = self.meter.step_begin(self.step, marker, STEP, profiled=self.profiling)
+        st = self.meter.step_begin(self.step, marker, STEP, profiled=self.profiling, detailed=self._detail)
         self.actuator.stamp(marker, lambda t, st=st, m=marker: self.meter.reached(st, "begin", t, m))
         self._apply(marker, STEP)
 
@@ -506,6 +522,13 @@ class Engine:
                 f.write(json.dumps({"first_step": w.first_step, "last_step": w.last_step, "energy_j": w.energy_j,
                                     "duration_s": w.duration_s, "gpu_time_ms_per_step": w.gpu_time_ms_per_step}) + "\n")
         return out
+
+
+def plan_by_module(plan: Optional[Plan]) -> bool:
+    """Whether ``plan`` gives a module group clocks of its own (``forward/layers.*.mlp``), so that
+    steps must mark module boundaries; a plan by phase needs only the phase boundaries."""
+    # a module group at None (default clocks inside a phase that has others) counts as well
+    return plan is not None and any("/" in region for region in plan.regions)
 
 
 def format_region_table(rows, step_ms: Optional[float] = None, simulated: bool = False) -> str:

@@ -184,6 +184,10 @@ class Explorer:
         #: False once this replica's clocks cannot be set (its GPU refuses writes): what it measures
         #: then is the default clocks, not its lane's design, and stays out of the shared fit.
         self.measuring = True
+        #: Set by the engine: after the baseline, steps mark phase boundaries only (unless a module
+        #: group becomes a knob). See :attr:`baseline_detailed`.
+        self.phase_level_after_baseline = False
+        self._knob_cache: dict[str, Optional[str]] = {}
         self.on_done = on_done
         self.apply = apply
         t = settings.clock_table
@@ -227,12 +231,29 @@ class Explorer:
             self._outbox.append(item)
         return True
 
+    @property
+    def baseline_detailed(self) -> bool:
+        """The baseline marked every module boundary and later blocks do not: where the CPU limits
+        the step, the baseline's instrumentation made it slower, so default blocks, not the
+        baseline, give the default's times (the first block after the baseline is one)."""
+        return self.phase_level_after_baseline and not any("/" in k for k in self.knobs)
+
+    @property
+    def wants_module_regions(self) -> bool:
+        """Whether steps must mark module boundaries: while the baseline lays out the step and
+        chooses the knobs, or where a module group is a knob. Otherwise phase boundaries carry
+        every knob's time, at a fraction of the CPU cost (which a CPU-bound step pays in time)."""
+        return self.phase == "baseline" or any("/" in k for k in self.knobs)
+
     def begin_step(self, step: int) -> None:
         """Call before the step's first ``clocks_for``: at a block boundary, exchange measurements
-        with the other replicas, then lay out the next block (the same everywhere)."""
-        if self._exchange is None or self.done or step < self.s.start_step:
+        with the other replicas (if any), then lay out the next block (the same everywhere)."""
+        if self.done or step < self.s.start_step:
             return
         if self.blocks and step <= self.blocks[-1].last_step:
+            return
+        if self._exchange is None:
+            self._block_at(step)
             return
         outbox, self._outbox = self._outbox, []
         self.exchanges += 1
@@ -300,12 +321,13 @@ class Explorer:
     def _knob(self, region: str) -> Optional[str]:
         if region in self.knob_of:
             return self.knob_of[region]
+        if region in self._knob_cache:
+            return self._knob_cache[region]
         r = Region.parse(region)
-        if r.name in self.knobs:
-            return r.name
-        if r.phase in self.knobs:
-            return r.phase
-        return None
+        k = r.name if r.name in self.knobs else (r.phase if r.phase in self.knobs else None)
+        if self.knobs:  # asked at every boundary: remember, once the knobs are fixed
+            self._knob_cache[region] = k
+        return k
 
     def observe_step(self, step: int, gpu_time_ms: float, region_time_ms: Mapping[str, float],
                      lane: Optional[int] = None) -> None:
@@ -406,6 +428,7 @@ class Explorer:
         used = first - self.s.start_step
         left = self.s.explore_max_steps - used
         bs = self.block_steps
+        self._refresh_default()
         if self.phase == "explore":
             # room for two validations: a plan measured slightly too slow is re-planned once
             reserve = 2 * self._validation_slots() * bs
@@ -432,9 +455,10 @@ class Explorer:
         if left < bs:
             self._finish("rejected", "the step budget ran out before a plan could be validated")
             return
-        ndef = sum(1 for b in self.blocks if b.kind in ("default", "baseline"))
+        ndef = sum(1 for b in self.blocks if b.kind in ("default", "baseline") and self._uses(b))
         nexp = sum(1 for b in self.blocks if b.kind == "explore")
-        if ndef < DEFAULT_SHARE * (ndef + nexp + 1) or not self.knobs:
+        anchored = not self.baseline_detailed or any(b.kind == "default" for b in self.blocks)
+        if not anchored or ndef < DEFAULT_SHARE * (ndef + nexp + 1) or not self.knobs:
             self._add_slot(first, bs, "default")
             return
         # Each lane's design may cost what is left per step: data-parallel ranks wait for the
@@ -468,6 +492,26 @@ class Explorer:
         self._build_grid()
         self._add_held_states()
         self.phase = "explore"
+
+    def _anchor_blocks(self) -> list[_Block]:
+        """Default-clock blocks measured as the designs are (see ``baseline_detailed``)."""
+        if not self.baseline_detailed:
+            return [b for b in self.blocks if b.kind == "baseline"]
+        return [b for b in self.blocks if b.kind == "default" and b.time_ms]
+
+    def _uses(self, b: _Block) -> bool:
+        """Whether a block's measurements enter the time table and the energy fit."""
+        return b.kind != "baseline" or not self.baseline_detailed or not self._anchor_blocks()
+
+    def _refresh_default(self) -> None:
+        """Re-derive the default step time from the default blocks once the baseline no longer
+        stands for them; the exploration excess is recounted against it."""
+        if not self.baseline_detailed or self.default_step_ms is None:
+            return
+        times = [t for b in self._anchor_blocks() for t in (b.time_ms[1:] or b.time_ms)]
+        if times:
+            self.default_step_ms = float(np.median(times))
+            self.excess_ms = self.explore_ms - self.explore_steps * self.default_step_ms
 
     def _choose_knobs(self, region_ms: Mapping[str, float]) -> None:
         """Knobs from the baseline's mean GPU ms per region."""
@@ -536,7 +580,8 @@ class Explorer:
         """Mean ms per step of each knob in a block."""
         out: dict[str, float] = {}
         for r, v in b.region_ms.items():
-            k = self.knob_of.get(r)
+            # steps marked at phase level only show the phases themselves
+            k = self.knob_of.get(r) or (self._knob(r) if self.baseline_detailed else None)
             if k is not None and v:
                 out[k] = out.get(k, 0.0) + float(np.mean(v))
         return out
@@ -546,7 +591,7 @@ class Explorer:
 
         With several lanes each lane's times are first scaled to the lanes' common default time:
         cards differ in speed by about a percent, as much as the effects the plan trades."""
-        blocks = [b for b in self.blocks if b.time_ms and b.kind != "validate-plan"]
+        blocks = [b for b in self.blocks if b.time_ms and b.kind != "validate-plan" and self._uses(b)]
         knob_ms = [self._knob_times(b) for b in blocks]
         scale: dict[tuple[str, int], float] = {}
         if self.s.lanes > 1:
@@ -693,7 +738,7 @@ class Explorer:
         fd = self._default_clock(table)
         X, y = [], []
         for b in self.blocks:
-            if b.energy_steps <= 0 or not b.time_ms or b.kind == "validate-plan":
+            if b.energy_steps <= 0 or not b.time_ms or b.kind == "validate-plan" or not self._uses(b):
                 continue
             km = self._knob_times(b)
             row = self._regressors(km, b.design, fd, b.lane)
@@ -866,7 +911,7 @@ class Explorer:
 
     def _default_step_energy(self) -> float:
         vals = [b.energy_j / b.energy_steps for b in self.blocks
-                if b.energy_steps and b.kind in ("default", "baseline", "validate-default")]
+                if b.energy_steps and b.kind in ("default", "baseline", "validate-default") and self._uses(b)]
         return float(np.mean(vals)) if vals else float("nan")
 
     def _occurrences(self, T) -> list[tuple[str, float]]:

@@ -176,3 +176,19 @@ def test_energy_windows_come_from_the_100_ms_counter(tmp_path):
     total = sum(w.energy_j for w in wins)
     if truth is not None:
         assert total == pytest.approx(truth, rel=0.15)
+
+
+def test_module_boundaries_are_marked_only_where_a_plan_sets_clocks_by_module(tmp_path):
+    # profile_every_n_steps is large: step 5 is neither warm-up nor a profiled step
+    by_phase, _ = sim_engine(tmp_path / "a", warmup_steps=0, profile_every_n_steps=1000,
+                             region_clocks={"optimizer": [1200, 2619]})
+    by_module, _ = sim_engine(tmp_path / "b", warmup_steps=0, profile_every_n_steps=1000,
+                              region_clocks={"forward/layers.*.mlp": [1200, 2619]})
+    for eng, wanted in ((by_phase, False), (by_module, True)):
+        eng.step_begin(0)
+        assert eng.profiling_or_switching  # a profiled step: every module boundary
+        eng.step_end()
+        eng.step_begin(5)
+        assert eng.profiling_or_switching is wanted
+        eng.step_end()
+        eng.close()

@@ -170,3 +170,23 @@ def test_engine_apply_with_a_plan_for_another_driver_fails_before_training(tmp_p
     eng = Engine(cfg.replace(mode="auto"), device=SimulatedDevice(0, noise=False)).start()
     assert eng.plan is None
     eng.close()
+
+
+def test_a_baseline_slowed_by_its_own_instrumentation_gives_way_to_the_default_blocks():
+    from kdvfs_plugins.sim.gpu import VirtualGPU
+
+    s = ExploreSettings(clock_table=VirtualGPU(noise=False).clock_table, window_steps=2, block_steps=4,
+                        explore_max_steps=400)
+    ex = Explorer(s)
+    ex.phase_level_after_baseline = True  # module hooks in the baseline made its steps 10% slower
+    step = 0
+    while len(ex.blocks) < 6 and not ex.done:
+        ex.begin_step(step)
+        b = ex._find_block(step, 0)
+        ex.observe_step(step, 110.0 if b.kind == "baseline" else 100.0, {"forward": 60.0, "optimizer": 40.0})
+        step += 1
+    assert [b.kind for b in ex.blocks][:2] == ["baseline", "default"]
+    assert ex.default_step_ms == pytest.approx(100.0)
+    # blocks at default measured like the designs ran exactly at the default: no excess
+    assert ex.excess_ms == pytest.approx(0.0, abs=1e-6)
+    assert 0 not in ex._time_table()["forward"] or ex._time_table()["forward"][0] == pytest.approx(60.0)

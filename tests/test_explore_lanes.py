@@ -49,15 +49,14 @@ def test_two_replicas_explore_in_about_half_the_steps_to_the_same_plan(tmp_path)
     # about half the steps one replica needs
     ratio = r0["explore_steps"] / alone["explore_steps"]
     assert 0.35 <= ratio <= 0.6, (r0["explore_steps"], alone["explore_steps"])
-    # the same plan: the same regions at the same memory clock, SM clocks at most one 15 MHz step
-    # apart (where the energy minimum is flat, seeds move it by a step)
-    assert set(r0["clocks"]) == set(alone["clocks"])
-    for region, clocks in alone["clocks"].items():
-        mine = r0["clocks"][region]
-        assert (clocks is None) == (mine is None), region
-        if clocks is not None:
-            assert mine["mem_mhz"] == clocks["mem_mhz"] and abs(mine["sm_mhz"] - clocks["sm_mhz"]) <= 15, region
-    assert r0["validated"]["energy_change"] < 0 and r0["validated"]["time_change"] < 0.05
+    # The same plan in effect: the memory-bound optimizer at the same clock (one 15 MHz step
+    # apart at most), and the same validated energy and time to within a point. Where the budget
+    # can go to forward or to backward alike, the two runs may split it differently.
+    a_opt, s_opt = alone["clocks"]["optimizer"], r0["clocks"]["optimizer"]
+    assert a_opt["mem_mhz"] == s_opt["mem_mhz"] and abs(a_opt["sm_mhz"] - s_opt["sm_mhz"]) <= 15
+    for key in ("energy_change", "time_change"):
+        assert abs(r0["validated"][key] - alone["validated"][key]) < 0.01, key
+    assert r0["validated"]["energy_change"] < -0.05 and r0["validated"]["time_change"] <= 0.05
 
 
 @pytest.mark.slow
@@ -68,9 +67,10 @@ def test_a_replica_whose_gpu_refuses_writes_keeps_exchanging_and_adds_no_data(tm
     assert r0["device"] == "simulated" and r1["device"] == "observe"
     # no stall: both ran the same steps and exchanged the same number of times
     assert r0["steps_run"] == r1["steps_run"] and r0["exchanges"] == r1["exchanges"] > 3
-    # after the fallback the refused lane's measurements (default clocks, not its design) stay out
-    assert r0["lane_steps"] == r1["lane_steps"]
-    assert r0["lane_steps"]["0"] > 50 and r0["lane_steps"]["1"] <= 2
+    # Its default-clock steps count (its GPU ran what the block asked); once it cannot set its
+    # lane's design, what it measures is not that design and stays out.
+    assert r0["lane_steps"] == r1["lane_steps"] and r0["lane_design_steps"] == r1["lane_design_steps"]
+    assert r0["lane_design_steps"]["0"] > 20 and r0["lane_design_steps"]["1"] <= 1
 
 
 def test_lanes_lay_out_one_block_per_lane_and_validate_the_same_kind_on_all():

@@ -23,12 +23,14 @@ class RegionWork:
 
 
 class SimDevice:
-    def __init__(self):
+    def __init__(self, switch_latency_ms=1.0):
         self.device = None
+        self.switch_latency_ms = switch_latency_ms
 
     @hookimpl
     def kdvfs_make_device(self, config, index):
-        self.device = SimulatedDevice(index, work_source=RegionWork(), noise=True, seed=1, switch_latency_ms=1.0)
+        self.device = SimulatedDevice(index, work_source=RegionWork(), noise=True, seed=1,
+                                      switch_latency_ms=self.switch_latency_ms)
         return self.device
 
 
@@ -49,10 +51,10 @@ class Net(pl.LightningModule):
         return torch.optim.SGD(self.parameters(), lr=0.01)
 
 
-def fit(tmp_path, steps, **cfg):
-    sim = SimDevice()
+def fit(tmp_path, steps, extra_plugins=(), switch_latency_ms=1.0, **cfg):
+    sim = SimDevice(switch_latency_ms)
     cfg.setdefault("run_dir", str(tmp_path / "run"))
-    cb = KernelDVFS(plugins=[sim], window_steps=2, warmup_steps=1, progress=False, **cfg)
+    cb = KernelDVFS(plugins=[sim, *extra_plugins], window_steps=2, warmup_steps=1, progress=False, **cfg)
     data = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(torch.randn(steps, 4)), batch_size=1)
     trainer = pl.Trainer(max_steps=steps, accelerator="cpu", devices=1, logger=False, enable_checkpointing=False,
                          enable_progress_bar=False, enable_model_summary=False, callbacks=[cb],
@@ -94,3 +96,31 @@ def test_apply_rejects_a_plan_for_another_region_set(tmp_path):
     Plan(info.name, info.clocks, {"forward": None}, key=key, source="explore").save(tmp_path / "run" / "plan.json")
     with pytest.raises(PlanError, match=r"region set \(hash\) was .*explore again"):
         fit(tmp_path, 6, mode="apply", max_slowdown=0.05)
+
+
+class StepRegions:
+    """The regions each measured step reports."""
+
+    def __init__(self):
+        self.by_step = {}
+
+    @hookimpl
+    def kdvfs_step_measured(self, record):
+        self.by_step[record.step] = set(record.region_time_ms)
+
+
+def test_exploration_marks_module_boundaries_in_the_baseline_only(tmp_path):
+    rec = StepRegions()
+    # a 20 ms switch: the 40 ms module stretches are too short to be knobs, the phases are
+    cb, _ = fit(tmp_path, 60, extra_plugins=[rec], switch_latency_ms=20.0, mode="auto", explore_max_steps=300,
+                max_slowdown=0.05)
+    ex = cb.engine.explorer
+    assert ex.knobs and not any("/" in k for k in ex.knobs)
+    assert not ex.done and ex.baseline_detailed and len(ex.blocks) >= 3
+    baseline = ex.blocks[0]
+    later = [s for s in rec.by_step if s > baseline.last_step + 1]
+    assert any("/" in r for r in rec.by_step[baseline.first_step])  # forward/layers.* in the baseline
+    assert later and all(rec.by_step[s] and not any("/" in r for r in rec.by_step[s]) for s in later)
+    # the knobs still get their times, and the default blocks anchor them
+    assert ex.blocks[1].kind == "default"
+    assert set(ex._time_table()) == set(ex.knobs) and all(0 in d for d in ex._time_table().values())

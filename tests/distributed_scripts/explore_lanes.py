@@ -74,6 +74,10 @@ result = {
     # steps measured per lane, as every rank's explorer holds them after the exchanges
     "lane_steps": {} if eng.explorer is None else {
         str(lane): sum(len(b.time_ms) for b in eng.explorer.blocks if b.lane == lane) for lane in range(world)},
+    # of those, the steps that ran a design (clocks other than the default)
+    "lane_design_steps": {} if eng.explorer is None else {
+        str(lane): sum(len(b.time_ms) for b in eng.explorer.blocks if b.lane == lane and b.design)
+        for lane in range(world)},
 }
 with open(os.path.join(out_dir, f"rank{rank}.json"), "w") as f:
     json.dump(result, f)
