@@ -156,3 +156,19 @@ def test_ddp_two_processes_each_rank_reports_its_own_regions(tmp_path):
         assert s["rank"] == rank and s["steps"] == 4
         assert {"forward", "backward", "optimizer"} <= {r["region"] for r in s["regions"]}
     assert "rank 0:" in out.stderr and "rank 1:" in out.stderr
+
+
+@pytest.mark.slow
+def test_ddp_ranks_explore_together_and_end_with_one_outcome(tmp_path):
+    env = dict(os.environ, KDVFS_STATE_DIR=str(tmp_path / "state"), PYTHONPATH=str(ROOT / "tests"))
+    settings = {"mode": "auto", "window_steps": 2, "warmup_steps": 1, "explore_max_steps": 300,
+                "max_slowdown": 0.05, "progress": False, "region_work_s": 0.04}
+    out = subprocess.run([sys.executable, str(ROOT / "tests" / "lightning_scripts" / "ddp_fit.py"), str(tmp_path / "run"),
+                          "200", json.dumps(settings)], env=env, capture_output=True, text=True, timeout=400)
+    assert out.returncode == 0, out.stderr[-3000:]
+    ex = [json.loads((tmp_path / "run" / f"rank{r}" / "summary.json").read_text())["exploration"] for r in (0, 1)]
+    # measurements exchanged inside Lightning's DDP loop: both ranks decided the same, at the same
+    # step, and the plan is in force on both
+    assert ex[0] is not None and ex[0] == ex[1]
+    assert ex[0]["status"] == "applied" and ex[0]["clocks"] and ex[0]["validated"]["energy_change"] < 0
+    assert json.loads((tmp_path / "run" / "plan.json").read_text())["regions"] == ex[0]["clocks"]

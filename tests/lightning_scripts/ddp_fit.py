@@ -1,4 +1,5 @@
 """Two-process DDP on CPU (gloo) with KernelDVFS on the simulated device."""
+import json
 import sys
 
 import torch
@@ -7,6 +8,30 @@ from torch import nn
 import lightning.pytorch as pl
 
 from kdvfs_lightning import KernelDVFS
+from kdvfs_plugins import hookimpl
+from kdvfs_plugins.devices import SimulatedDevice
+from kdvfs_plugins.sim.gpu import Work
+
+
+class RegionWork:
+    """Every stretch between two markers is the same memory-bound work on the virtual GPU."""
+
+    def __init__(self, seconds: float):
+        self.seconds = seconds
+
+    def __call__(self):
+        return [Work("copy", self.seconds)]
+
+
+class RegionWorkDevice:
+    """Each rank's simulated GPU, running RegionWork (a steady load: host time would jitter)."""
+
+    def __init__(self, seconds: float):
+        self.seconds = seconds
+
+    @hookimpl
+    def kdvfs_make_device(self, config, index):
+        return SimulatedDevice(index, work_source=RegionWork(self.seconds), noise=True, seed=1, switch_latency_ms=1.0)
 
 
 class Net(pl.LightningModule):
@@ -25,10 +50,16 @@ class Net(pl.LightningModule):
 
 
 if __name__ == "__main__":
-    data = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(torch.randn(64, 16)), batch_size=4)
+    # arguments: run directory [, max steps, more KernelDVFS settings as JSON]
+    steps = int(sys.argv[2]) if len(sys.argv) > 2 else 4
+    settings = {"mode": "observe", **(json.loads(sys.argv[3]) if len(sys.argv) > 3 else {})}
+    work_s = settings.pop("region_work_s", None)
+    if work_s is not None:
+        settings["plugins"] = [RegionWorkDevice(work_s)]
+    data = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(torch.randn(8 * steps, 16)), batch_size=4)
     trainer = pl.Trainer(
-        max_steps=4, accelerator="cpu", devices=2, strategy="ddp", logger=False, enable_checkpointing=False,
+        max_steps=steps, accelerator="cpu", devices=2, strategy="ddp", logger=False, enable_checkpointing=False,
         enable_progress_bar=False, enable_model_summary=False,
-        callbacks=[KernelDVFS(device="simulated", mode="observe", run_dir=sys.argv[1])],
+        callbacks=[KernelDVFS(device="simulated", run_dir=sys.argv[1], **settings)],
     )
     trainer.fit(Net(), data)
