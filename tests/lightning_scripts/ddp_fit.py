@@ -1,5 +1,6 @@
 """Two-process DDP on CPU (gloo) with KernelDVFS on the simulated device."""
 import json
+import os
 import sys
 
 import torch
@@ -50,7 +51,8 @@ class Net(pl.LightningModule):
 
 
 if __name__ == "__main__":
-    # arguments: run directory [, max steps, more KernelDVFS settings as JSON]
+    # arguments: run directory [, max steps, more KernelDVFS settings as JSON]; DDP_FIT_DEVICES=1
+    # runs one process alone, for comparison
     steps = int(sys.argv[2]) if len(sys.argv) > 2 else 4
     settings = {"mode": "observe", **(json.loads(sys.argv[3]) if len(sys.argv) > 3 else {})}
     work_s = settings.pop("region_work_s", None)
@@ -58,7 +60,7 @@ if __name__ == "__main__":
         settings["plugins"] = [RegionWorkDevice(work_s)]
     data = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(torch.randn(8 * steps, 16)), batch_size=4)
     trainer = pl.Trainer(
-        max_steps=steps, accelerator="cpu", devices=2, strategy="ddp", logger=False, enable_checkpointing=False,
+        max_steps=steps, accelerator="cpu", devices=int(os.environ.get("DDP_FIT_DEVICES", "2")), strategy="ddp", logger=False, enable_checkpointing=False,
         enable_progress_bar=False, enable_model_summary=False,
         callbacks=[KernelDVFS(device="simulated", run_dir=sys.argv[1], **settings)],
     )
