@@ -1,4 +1,4 @@
-"""Exploration shared by data-parallel ranks (gloo, simulated GPUs): half the steps, the same plan."""
+"""Exploration shared by data-parallel ranks (gloo, simulated GPUs): half the steps, an equally good plan."""
 import json
 import os
 import subprocess
@@ -31,7 +31,7 @@ def results(proc: subprocess.Popen, out: Path, ranks: int) -> list[dict]:
 
 
 @pytest.mark.slow
-def test_two_replicas_explore_in_about_half_the_steps_to_the_same_plan(tmp_path):
+def test_two_replicas_explore_in_about_half_the_steps_to_an_equally_good_plan(tmp_path):
     from test_distributed import free_port
 
     # both runs at once: one process alone, two sharing (the machine has two cores)
