@@ -9,7 +9,7 @@ is given, so the core stays free of training frameworks.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable, Optional, TypeVar
+from typing import Callable, TypeVar
 
 from .errors import KdvfsError
 
@@ -73,19 +73,6 @@ def agree(group, decide: Callable[[], T]) -> T:
     if status == "error":
         raise AgreementError(f"rank {src} of this group could not decide: {value}")
     return value
-
-
-def gather_to_first(group, item) -> Optional[list]:
-    """Every rank's ``item`` on the group's first rank (None elsewhere, or without a group)."""
-    dist = _dist()
-    if group is None or dist is None:
-        return [item]
-    pg = None if group == WORLD else group
-    size = dist.get_world_size(pg)
-    out = [None] * size
-    dist.all_gather_object(out, item, group=pg)
-    src = dist.get_global_rank(pg, 0) if pg is not None else 0
-    return out if dist.get_rank() == src else None
 
 
 def all_gather(group, item) -> list:

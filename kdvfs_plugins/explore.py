@@ -39,8 +39,8 @@ feed :func:`kdvfs_plugins.planner.plan` with the step's stretches in order and t
 The plan is then validated: plan blocks interleaved with default blocks, energy and time change
 per pair (mean, min, max; the paper's re-measurement). It is applied only if the energy saving is
 significant (mean + 2 standard errors < 0) and the slowdown within the budget (mean - 2 standard
-errors <= max_slowdown). A plan that was too slow is re-planned once with the budget tightened by
-the measured excess.
+errors <= max_slowdown). A plan that saves but was too slow is re-planned once, with every time
+effect of its locks made less favourable by twice the measured miss.
 """
 from __future__ import annotations
 
@@ -455,7 +455,7 @@ class Explorer:
         if left < bs:
             self._finish("rejected", "the step budget ran out before a plan could be validated")
             return
-        ndef = sum(1 for b in self.blocks if b.kind in ("default", "baseline") and self._uses(b))
+        ndef = sum(1 for b in self._used_blocks() if b.kind in ("default", "baseline"))
         nexp = sum(1 for b in self.blocks if b.kind == "explore")
         anchored = not self.baseline_detailed or any(b.kind == "default" for b in self.blocks)
         if not anchored or ndef < DEFAULT_SHARE * (ndef + nexp + 1) or not self.knobs:
@@ -499,9 +499,16 @@ class Explorer:
             return [b for b in self.blocks if b.kind == "baseline"]
         return [b for b in self.blocks if b.kind == "default" and b.time_ms]
 
-    def _uses(self, b: _Block) -> bool:
-        """Whether a block's measurements enter the time table and the energy fit."""
-        return b.kind != "baseline" or not self.baseline_detailed or not self._anchor_blocks()
+    def _baseline_used(self) -> bool:
+        """Whether the baseline's measurements enter the time table and the energy fit: unless it
+        was measured in more detail than the rest and default blocks stand in for it."""
+        return not self.baseline_detailed or not self._anchor_blocks()
+
+    def _used_blocks(self) -> list[_Block]:
+        """The blocks whose measurements enter the time table and the energy fit."""
+        if self._baseline_used():
+            return self.blocks
+        return [b for b in self.blocks if b.kind != "baseline"]
 
     def _refresh_default(self) -> None:
         """Re-derive the default step time from the default blocks once the baseline no longer
@@ -591,7 +598,7 @@ class Explorer:
 
         With several lanes each lane's times are first scaled to the lanes' common default time:
         cards differ in speed by about a percent, as much as the effects the plan trades."""
-        blocks = [b for b in self.blocks if b.time_ms and b.kind != "validate-plan" and self._uses(b)]
+        blocks = [b for b in self._used_blocks() if b.time_ms and b.kind != "validate-plan"]
         knob_ms = [self._knob_times(b) for b in blocks]
         scale: dict[tuple[str, int], float] = {}
         if self.s.lanes > 1:
@@ -725,7 +732,6 @@ class Explorer:
         row[0] = 1.0
         if lane > 0:
             row[1 + nk + 4 + lane - 1] = 1.0
-        other_ms = 0.0
         for j, k in enumerate(self.knobs):
             f, m = self._feff(k, design.get(k, 0), fd)
             v2 = float(voltage(f, self.f_max)) ** 2
@@ -737,8 +743,8 @@ class Explorer:
     def _fit_energy(self, table):
         fd = self._default_clock(table)
         X, y = [], []
-        for b in self.blocks:
-            if b.energy_steps <= 0 or not b.time_ms or b.kind == "validate-plan" or not self._uses(b):
+        for b in self._used_blocks():
+            if b.energy_steps <= 0 or not b.time_ms or b.kind == "validate-plan":
                 continue
             km = self._knob_times(b)
             row = self._regressors(km, b.design, fd, b.lane)
@@ -796,7 +802,7 @@ class Explorer:
                 E[j, i] = coef[1 + j] * v2 + T[j, i] / 1e3 * static
         return T, E
 
-    def _make_plan(self, tighten: float = 0.0, slow_scale: float = 1.0) -> None:
+    def _make_plan(self, slow_scale: float = 1.0) -> None:
         table = self._time_table()
         coef, fd = self._fit_energy(table)
         if coef is None:
@@ -841,23 +847,13 @@ class Explorer:
         ee = ee - ee.min() + 1e-3 * np.abs(ee).max() + 1e-9
         states = [self.states[i] for i in cols]
         problem = PlanningProblem(tuple(names), tt, ee, tuple(states), 0)
-        lat = self.s.switch_latency_ms / 1e3
-        switch = self._switch_model()
-        budget = max(0.0, self.s.max_slowdown - tighten)
-        objective = self.s.objective if not (self.s.objective == "strict" and tighten > 0) else "relaxed"
-        if objective == "relaxed" and budget == 0.0 and tighten > 0:
-            # a tightened strict budget: plan for a step faster than default by `tighten`
-            pass
-        ps = plan_step(problem, granularity="kernel", objective=objective if budget > 0 else "strict",
-                       max_slowdown=budget, switch=switch, exact_limit=EXACT_LIMIT)
-        if tighten > 0 and budget == 0.0:
-            ps = self._plan_faster(problem, switch, tighten)
+        budget = max(0.0, self.s.max_slowdown)
+        ps = plan_step(problem, granularity="kernel", objective=self.s.objective if budget > 0 else "strict",
+                       max_slowdown=budget, switch=self._switch_model(), exact_limit=EXACT_LIMIT)
         design = {k: self.states.index(c) for k, c in ps.clocks_by_name.items() if c is not None}
-        e_def = float(sum(E[j_of[k], 0] for k in self.knobs))
         self.predicted = {"time_change": ps.time_change,
                           "energy_change": (ps.energy_j - ps.default_energy_j) / max(self._default_step_energy(), 1e-9),
                           "energy_fit_sigma_j": self._fit["sigma_j"], "blocks": float(self._fit["n"])}
-        del e_def
         if not design:
             self._finish("rejected", "the fitted model predicts no saving within the slowdown budget: "
                          "the default clocks stay")
@@ -899,19 +895,9 @@ class Explorer:
             return SwitchModel(latency_s=lat, hide_latency=True, min_interval_s=max(floor, 1e-3))
         return SwitchModel(latency_s=lat, lands_late=lat > 0, min_interval_s=floor)
 
-    def _plan_faster(self, problem, switch, tighten):
-        """Strict plan for a step ``tighten`` faster than default (after a too-slow validation)."""
-        from dataclasses import replace
-
-        t_scale = 1.0 / (1.0 - tighten)
-        p2 = PlanningProblem(problem.names, problem.time_s * np.where(np.arange(problem.n_clocks) == 0, 1.0, t_scale)[None, :],
-                             problem.energy_j, problem.clocks, 0)
-        del replace
-        return plan_step(p2, granularity="kernel", objective="strict", switch=switch)
-
     def _default_step_energy(self) -> float:
-        vals = [b.energy_j / b.energy_steps for b in self.blocks
-                if b.energy_steps and b.kind in ("default", "baseline", "validate-default") and self._uses(b)]
+        vals = [b.energy_j / b.energy_steps for b in self._used_blocks()
+                if b.energy_steps and b.kind in ("default", "baseline", "validate-default")]
         return float(np.mean(vals)) if vals else float("nan")
 
     def _occurrences(self, T) -> list[tuple[str, float]]:
