@@ -55,8 +55,8 @@ def agree(group, decide: Callable[[], T]) -> T:
     ``decide`` runs here). An exception on the deciding rank is raised on every rank, as
     :class:`AgreementError` on the others and as itself on the deciding rank.
     """
-    dist = _dist()
-    if group is None or dist is None:
+    dist = None if group is None else _dist()
+    if dist is None:
         return decide()
     pg = None if group == WORLD else group
     src = dist.get_global_rank(pg, 0) if pg is not None else 0
@@ -77,8 +77,8 @@ def agree(group, decide: Callable[[], T]) -> T:
 
 def all_gather(group, item) -> list:
     """Every rank's ``item``, in rank order, on every rank of the group (``[item]`` without one)."""
-    dist = _dist()
-    if group is None or dist is None:
+    dist = None if group is None else _dist()
+    if dist is None:
         return [item]
     pg = None if group == WORLD else group
     out = [None] * dist.get_world_size(pg)
