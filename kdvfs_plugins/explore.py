@@ -848,8 +848,9 @@ class Explorer:
         states = [self.states[i] for i in cols]
         problem = PlanningProblem(tuple(names), tt, ee, tuple(states), 0)
         budget = max(0.0, self.s.max_slowdown)
-        ps = plan_step(problem, granularity="kernel", objective=self.s.objective if budget > 0 else "strict",
+        plan_kw = dict(granularity="kernel", objective=self.s.objective if budget > 0 else "strict",
                        max_slowdown=budget, switch=self._switch_model(), exact_limit=EXACT_LIMIT)
+        ps = self._drop_unproven_locks(problem, plan_step(problem, **plan_kw), plan_kw)
         design = {k: self.states.index(c) for k, c in ps.clocks_by_name.items() if c is not None}
         self.predicted = {"time_change": ps.time_change,
                           "energy_change": (ps.energy_j - ps.default_energy_j) / max(self._default_step_energy(), 1e-9),
@@ -865,6 +866,34 @@ class Explorer:
         self._plan_design = design
         self.plan_clocks = {k: self.states[s] for k, s in design.items()}
         self.phase = "validate"
+
+    def _drop_unproven_locks(self, problem: PlanningProblem, best, plan_kw: dict):
+        """The best plan without the locks that do not pay beyond the fit's resolution.
+
+        Each locked knob in turn goes back to default, the others re-planned around it; that plan
+        is kept where it costs less predicted energy than ``MIN_PREDICTED_SAVING`` of the step (the
+        floor a whole plan must clear) more than the best. Where the minimum is flat (a lock near
+        the held clock, or a slowdown budget that forward and backward can spend alike), which plan
+        the planner picks otherwise depends on the noise: another card, another seed, or replicas
+        sharing the exploration each pick another, and validation cannot tell them apart. The plan
+        with fewer locks is the one similar data agree on, and it switches and risks less.
+        """
+        floor_j = MIN_PREDICTED_SAVING * self._default_step_energy()
+        limit_s = best.default_time_s * (1.0 + plan_kw["max_slowdown"]) * (1 + 1e-9)
+        chosen, fixed = best, set()
+        for k in self.knobs:
+            if chosen.clocks_by_name.get(k) is None:
+                continue
+            tt = problem.time_s.copy()
+            for i, name in enumerate(problem.names):
+                if name in fixed or name == k:
+                    tt[i, 1:] = 1e3 * tt.max()  # no plan within the budget locks it
+            trial = plan_step(PlanningProblem(problem.names, tt, problem.energy_j, problem.clocks, 0), **plan_kw)
+            if trial.time_s <= limit_s and trial.energy_j - best.energy_j <= floor_j \
+                    and trial.clocks_by_name.get(k) is None:
+                chosen = trial
+                fixed.add(k)
+        return chosen
 
     def _slow_scale(self, val: Mapping[str, float], se_t: float) -> float:
         """Factor on the time cost of lowered clocks that makes the plan's prediction meet its

@@ -111,6 +111,26 @@ def test_explore_mode_writes_but_does_not_apply():
     assert ex.result.status == "explored" and ex.result.clocks_by_name
 
 
+@pytest.mark.parametrize("optimizer_saves_j, kept", [(0.1, False), (0.5, True)])
+def test_a_lock_that_pays_less_than_the_fit_resolves_goes_back_to_default(optimizer_saves_j, kept):
+    from kdvfs_plugins.planner import PlanningProblem, SwitchModel, plan
+
+    ex = Explorer(settings())
+    ex.knobs = ("forward", "optimizer")
+    ex._default_step_energy = lambda: 100.0  # the floor: 0.2% of it, 0.2 J
+    lock = ClockPair(1200, 2619)
+    # forward's lock saves 5 J, the optimizer's saves optimizer_saves_j; neither costs time
+    problem = PlanningProblem(("forward", "optimizer"), np.array([[0.08, 0.08], [0.02, 0.02]]),
+                              np.array([[50.0, 45.0], [10.0, 10.0 - optimizer_saves_j]]), (None, lock), 0)
+    kw = dict(granularity="kernel", objective="strict", max_slowdown=0.0, switch=SwitchModel(latency_s=0.0),
+              exact_limit=1000)
+    best = plan(problem, **kw)
+    assert best.clocks_by_name == {"forward": lock, "optimizer": lock}
+    chosen = ex._drop_unproven_locks(problem, best, kw)
+    assert chosen.clocks_by_name["forward"] == lock
+    assert (chosen.clocks_by_name["optimizer"] == lock) is kept
+
+
 @pytest.mark.parametrize("bound", [0.005, 0.02])
 def test_exploration_slowdown_stays_within_its_bound(bound):
     # the plan's own validation blocks count as exploration too: keep its budget below the bound
