@@ -2,8 +2,11 @@
 
 A GPT-style model (default ~355M parameters, bf16, ZeRO-2, one GPU) is trained through
 ``kdvfs_deepspeed.initialize`` with ``"device": "observe"`` (reads the GPU, never writes a clock).
-Blocks of steps alternate between kdvfs attached and detached, so both arms see the same
-warm-up, allocator state and thermal history; the first steps of each block are dropped.
+Blocks of steps alternate between kdvfs attached and detached (rounds ordered on/off, off/on, ...),
+so both arms see the same warm-up, allocator state and thermal history; the first steps of each
+block are dropped. Besides the medians over all steps of each arm, the overhead of each round (its
+two blocks, run back to back) is printed: on a host whose step time drifts during the run, the
+median of those is the steadier figure.
 
     python benchmarks/bench_deepspeed_overhead.py                     # one GPU
     python benchmarks/bench_deepspeed_overhead.py --tiny --steps-per-block 3 --blocks 4   # CPU check
@@ -207,28 +210,39 @@ def main() -> None:
     times: dict[str, list[float]] = {"on": [], "off": []}
     first_block_step = engine.global_steps
     kd_engines = []  # the kdvfs engine of each block with kdvfs; detach closes it, its figures stay
+    # Rounds of one block per arm, in the order on/off then off/on (ABBA): a drift of the step time
+    # over the run (seen: block medians from 72 to 93 ms on one host) then falls on both arms alike.
+    block_ms: dict[str, list[float]] = {"on": [], "off": []}
     for block in range(2 * a.blocks):
-        arm = "on" if block % 2 == 0 else "off"
+        rnd, first = divmod(block, 2)
+        arm = "on" if (first == 0) == (rnd % 2 == 0) else "off"
         # Attach/detach between blocks, outside the timed steps: the arms differ only in kdvfs.
+        # Every block with kdvfs gets its own kdvfs engine, also when two such blocks follow each other.
+        kdvfs_deepspeed.detach(engine)
         if arm == "on":
-            adapter = kdvfs_deepspeed.adapter_of(engine) or kdvfs_deepspeed.attach(engine)
-            kd_engines.append(adapter.engine)
-        elif arm == "off":
-            kdvfs_deepspeed.detach(engine)
+            kd_engines.append(kdvfs_deepspeed.attach(engine).engine)
+        kept = []
         for k in range(a.steps_per_block):
             dt = one_step(step)
             step += 1
             if k >= a.settle_steps:
-                times[arm].append(dt)
+                kept.append(dt)
+        times[arm].extend(kept)
+        block_ms[arm].append(statistics.median(kept) * 1e3 if kept else float("nan"))
     kdvfs_deepspeed.close(engine)
 
     on_ms, off_ms = statistics.median(times["on"]) * 1e3, statistics.median(times["off"]) * 1e3
+    # each round's blocks ran back to back: their ratio is free of the drift between rounds
+    round_pct = [(x / y - 1.0) * 100.0 for x, y in zip(block_ms["on"], block_ms["off"])]
     result = {
         "params_m": n_params / 1e6, "dtype": a.dtype, "zero": a.zero, "gas": a.gas, "micro_batch": a.micro_batch,
         "seq": a.seq, "device": a.device, "mode": a.mode, "granularity": a.granularity,
         "accelerator": accel.device_name(), "steps_per_arm": len(times["on"]),
         "median_step_ms_with_kdvfs": on_ms, "median_step_ms_without_kdvfs": off_ms,
         "overhead_pct": (on_ms / off_ms - 1.0) * 100.0,
+        "overhead_pct_per_round": round_pct,
+        "overhead_pct_median_of_rounds": statistics.median(round_pct),
+        "block_median_ms": block_ms,
         "mean_step_ms_with_kdvfs": statistics.fmean(times["on"]) * 1e3,
         "mean_step_ms_without_kdvfs": statistics.fmean(times["off"]) * 1e3,
     }
@@ -247,6 +261,8 @@ def main() -> None:
         print(f"median step time with kdvfs    {on_ms:10.3f} ms")
         print(f"median step time without kdvfs {off_ms:10.3f} ms")
         print(f"overhead                       {result['overhead_pct']:+10.3f} %")
+        print(f"overhead per round (adjacent blocks, median of {len(round_pct)}): "
+              f"{result['overhead_pct_median_of_rounds']:+.3f} % (min {min(round_pct):+.2f}, max {max(round_pct):+.2f})")
         if world > 1:
             print("(step times are rank 0's timer; each rank's own is in its section below)")
         for fig in ranks:
