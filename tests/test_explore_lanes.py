@@ -1,4 +1,4 @@
-"""Exploration shared by data-parallel ranks (gloo, simulated GPUs): half the steps, an equally good plan."""
+"""Exploration shared by data-parallel ranks (gloo, simulated GPUs): half the steps, the same plan."""
 import json
 import os
 import subprocess
@@ -31,7 +31,7 @@ def results(proc: subprocess.Popen, out: Path, ranks: int) -> list[dict]:
 
 
 @pytest.mark.slow
-def test_two_replicas_explore_in_about_half_the_steps_to_an_equally_good_plan(tmp_path):
+def test_two_replicas_explore_in_about_half_the_steps_to_the_same_plan(tmp_path):
     from test_distributed import free_port
 
     # both runs at once: one process alone, two sharing (the machine has two cores)
@@ -49,11 +49,10 @@ def test_two_replicas_explore_in_about_half_the_steps_to_an_equally_good_plan(tm
     # about half the steps one replica needs
     ratio = r0["explore_steps"] / alone["explore_steps"]
     assert 0.35 <= ratio <= 0.6, (r0["explore_steps"], alone["explore_steps"])
-    # The same plan in effect: the memory-bound optimizer at the same clock (one 15 MHz step
-    # apart at most), and the same validated energy and time to within a point. Where the budget
-    # can go to forward or to backward alike, the two runs may split it differently.
-    a_opt, s_opt = alone["clocks"]["optimizer"], r0["clocks"]["optimizer"]
-    assert a_opt["mem_mhz"] == s_opt["mem_mhz"] and abs(a_opt["sm_mhz"] - s_opt["sm_mhz"]) <= 15
+    # The same plan: every knob at the same clocks (the default seed; over five seeds the
+    # replicas' plan is one a replica alone also finds, see docs/exploration.md), and the same
+    # validated energy and time to within a point.
+    assert r0["clocks"] == alone["clocks"], (r0["clocks"], alone["clocks"])
     for key in ("energy_change", "time_change"):
         assert abs(r0["validated"][key] - alone["validated"][key]) < 0.01, key
     assert r0["validated"]["energy_change"] < -0.05 and r0["validated"]["time_change"] <= 0.05
