@@ -85,3 +85,6 @@ def test_deepspeed_two_ranks_zero2(tmp_path):
     check_ranks(proc, result)
     assert "ZeRO-2" in proc.stdout and "per GPU x 2 GPUs" in proc.stdout
     assert result["zero"] == 2 and result["steps_per_arm"] == 2 * (12 - 2)
+    # each rank's host time in kdvfs's wrappers, per step of the blocks with kdvfs
+    assert all(0 < r["host_ms_per_step"] < 1e3 for r in result["ranks"])
+    assert proc.stdout.count("host time in kdvfs's wrappers:") == 2

@@ -88,7 +88,9 @@ class DeepSpeedAdapter:
         self._saved: list[tuple] = []  # (owner, name, had an instance attribute, old value, ours)
         self._modules: Optional[ModuleRegions] = None
         self._comm_depth = 0
-        self._overhead_s = 0.0
+        #: Host seconds spent in kdvfs's wrappers since attach (the monitor logs it per step).
+        self.host_time_s = 0.0
+        self._host_logged_s = 0.0
         self._closed = False
 
     # ------------------------------------------------------------------ lifecycle
@@ -176,7 +178,7 @@ class DeepSpeedAdapter:
             if not eng.in_step:
                 eng.step_begin(self.ds.global_steps)
             eng.region_enter(FORWARD)
-            self._overhead_s += time.perf_counter() - t0
+            self.host_time_s += time.perf_counter() - t0
             try:
                 return original(*args, **kwargs)
             finally:
@@ -281,19 +283,20 @@ class DeepSpeedAdapter:
     def _timed(self, fn, *args) -> None:
         t0 = time.perf_counter()
         fn(*args)
-        self._overhead_s += time.perf_counter() - t0
+        self.host_time_s += time.perf_counter() - t0
 
     def _end_step(self) -> None:
         t0 = time.perf_counter()
         records = self.engine.step_end()
-        self._overhead_s += time.perf_counter() - t0
+        self.host_time_s += time.perf_counter() - t0
         self.records.extend(records)
         self._log(records)
 
     def _log(self, records) -> None:
         monitor = getattr(self.ds, "monitor", None)
         if not records or monitor is None or not getattr(monitor, "enabled", False):
-            self._overhead_s = 0.0 if records else self._overhead_s
+            if records:
+                self._host_logged_s = self.host_time_s
             return
         if self.ds.global_steps % self.config.log_every_n_steps:
             return
@@ -302,14 +305,14 @@ class DeepSpeedAdapter:
         events = [
             ("kdvfs/gpu_time_ms", last.gpu_time_ms, samples),
             ("kdvfs/clock_changes", float(last.clock_changes), samples),
-            ("kdvfs/overhead_ms", self._overhead_s * 1e3 / max(1, len(records)), samples),
+            ("kdvfs/overhead_ms", (self.host_time_s - self._host_logged_s) * 1e3 / max(1, len(records)), samples),
         ]
         wins = self.engine.meter.windows if self.engine.meter else []
         if wins:
             events.append(("kdvfs/energy_j_per_step", wins[-1].energy_j / wins[-1].steps, samples))
             if wins[-1].avg_power_w is not None:
                 events.append(("kdvfs/power_w", wins[-1].avg_power_w, samples))
-        self._overhead_s = 0.0
+        self._host_logged_s = self.host_time_s
         monitor.write_events(events)  # DeepSpeed's monitors write on rank 0 only
 
 
