@@ -119,3 +119,29 @@ def test_failed_open_leaves_no_nvml_session(fake):
     with pytest.raises(Exception):
         NvmlDevice(nvml=fake, nvml_index=7)
     assert fake._initialised == 0
+
+
+def test_cuda_markers_sleep_while_they_wait_and_events_are_reused():
+    """The pool's events are blocking-sync (a waiting thread sleeps instead of spinning a core)."""
+    from types import SimpleNamespace
+
+    from kdvfs_plugins.devices.base import CudaMarkerPool
+
+    made = []
+
+    class Event:
+        def __init__(self, **kwargs):
+            self.kwargs = kwargs
+            self.records = 0
+            made.append(self)
+
+        def record(self):
+            self.records += 1
+
+    pool = CudaMarkerPool(SimpleNamespace(cuda=SimpleNamespace(Event=Event)), prewarm=2)
+    markers = [pool() for _ in range(3)]  # two from the pool, one made on demand
+    assert len(made) == 3 and all(e.kwargs == {"enable_timing": True, "blocking": True} for e in made)
+    pool.release(markers[:1])
+    assert pool().event is markers[0].event and len(made) == 3
+    spinning = CudaMarkerPool(SimpleNamespace(cuda=SimpleNamespace(Event=Event)), prewarm=1, blocking=False)
+    assert made[-1].kwargs["blocking"] is False and spinning().event is made[-1]

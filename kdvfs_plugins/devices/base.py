@@ -76,7 +76,7 @@ class CudaMarker(Marker):
         return self.event.query()
 
     def wait(self) -> None:
-        # Event.synchronize releases the GIL and wakes within microseconds of the GPU.
+        # Releases the GIL; the pool's events make the waiting thread sleep, not spin (see there).
         self.event.synchronize()
 
     def elapsed_ms(self, later: "Marker") -> float:
@@ -87,20 +87,26 @@ class CudaMarkerPool:
     """Makes CUDA-event markers, reusing the events of markers already resolved.
 
     Creating a CUDA event costs more than recording one, and a profiled step records hundreds.
+
+    The events are blocking-sync: a thread waiting for one sleeps until the GPU reaches it. A
+    default event's wait spins, and kdvfs's worker waits for the GPU most of every step, so it
+    kept one CPU core busy per GPU, taken from a training loop that the CPU often paces. Waking
+    from sleep takes tens of microseconds longer, against a clock switch of milliseconds.
     """
 
-    def __init__(self, torch_module, prewarm: int = 512) -> None:
+    def __init__(self, torch_module, prewarm: int = 512, blocking: bool = True) -> None:
         self._torch = torch_module
+        self._blocking = blocking
         # Created and recorded once now: the first profiled step would otherwise create hundreds
         # of events on the training thread (measured: a 68 ms step took 103 ms on an H100).
         self._free: list = []
         for _ in range(prewarm):
-            ev = torch_module.cuda.Event(enable_timing=True)
+            ev = torch_module.cuda.Event(enable_timing=True, blocking=blocking)
             ev.record()
             self._free.append(ev)
 
     def __call__(self) -> CudaMarker:
-        ev = self._free.pop() if self._free else self._torch.cuda.Event(enable_timing=True)
+        ev = self._free.pop() if self._free else self._torch.cuda.Event(enable_timing=True, blocking=self._blocking)
         return CudaMarker(ev)
 
     def release(self, markers) -> None:
