@@ -475,15 +475,23 @@ class Explorer:
         self.default_step_ms = float(np.median(times)) if times else 100.0
         ws = max(1, self.s.window_steps)
         want = max(1, int(math.ceil(BLOCK_S / max(self.default_step_ms / 1e3, 1e-6))))
+
+        def fitted(steps: int) -> int:
+            return max(ws, int(math.ceil(steps / ws)) * ws)
+
         # but enough blocks for the fit and the validation within the step budget
-        want = min(want, max(1, self.s.explore_max_steps // MIN_BLOCKS))
-        self.block_steps = self.s.block_steps or max(ws, int(math.ceil(want / ws)) * ws)
-        self.block_steps = max(ws, int(math.ceil(self.block_steps / ws)) * ws)
-        # The exploration blocks one replica alone fits in its step budget (after the baseline
-        # and room for two validations); lanes share that number of blocks between them.
-        reserve = 2 * 2 * self.s.validation_pairs * self.block_steps
+        alone = fitted(self.s.block_steps or min(want, max(1, self.s.explore_max_steps // MIN_BLOCKS)))
+        # Lanes need 1/lanes of the steps, and each slot is one round of designs (each round goes a
+        # little deeper than what was measured). Where the step budget, not the counter's error,
+        # sets the block length, the lanes' blocks are as short as MIN_BLOCKS rounds within their
+        # share of the budget allow: as many rounds as one replica alone gets.
+        self.block_steps = alone if self.s.block_steps else fitted(
+            min(want, max(1, self.s.explore_max_steps // (MIN_BLOCKS * self.s.lanes))))
+        # The exploration one replica alone fits in its step budget (after the baseline and room
+        # for two validations), in block-steps; lanes share it between them.
+        reserve = 2 * 2 * self.s.validation_pairs * alone
         room = self.s.explore_max_steps - base[0].steps - reserve
-        self._explore_target = max(1, room // self.block_steps)
+        self._explore_target = max(1, (room // alone) * alone // self.block_steps)
         # the baseline block keeps its own length; later blocks start after it
         region_ms: dict[str, list[float]] = {}
         for b in base:

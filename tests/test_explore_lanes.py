@@ -88,3 +88,30 @@ def test_replicas_and_explorer_reject_a_lane_outside_the_lanes():
     gpu = VirtualGPU(noise=False)
     with pytest.raises(ValueError, match="lane 3 of 2"):
         Explorer(ExploreSettings(clock_table=gpu.clock_table, lanes=2, lane=3))
+
+
+@pytest.mark.parametrize("step_ms, max_steps, alone_steps, shared_steps, rounds_share", [
+    # the step budget sets the block length: the lanes' blocks are half as long, as many rounds
+    (160.0, 300, 12, 6, 1.0),
+    # the energy counter sets it (6 s of GPU time): the same length, half the rounds
+    (600.0, 600, 10, 10, 0.5),
+])
+def test_lanes_block_length_and_rounds(step_ms, max_steps, alone_steps, shared_steps, rounds_share):
+    gpu = VirtualGPU(noise=False)
+
+    def block_steps(lanes):
+        s = ExploreSettings(clock_table=gpu.clock_table, window_steps=2, explore_max_steps=max_steps, lanes=lanes)
+        ex = Explorer(s)
+        for step in range(2):  # the baseline block: one window
+            for lane in range(lanes):
+                ex.clocks_for("forward", step, lane)
+                ex.observe_step(step, step_ms, {"forward": step_ms}, lane)
+        ex.clocks_for("forward", 2)
+        return ex.block_steps, ex._explore_target
+
+    (alone, alone_target), (shared, shared_target) = block_steps(1), block_steps(2)
+    assert (alone, shared) == (alone_steps, shared_steps)
+    # the lanes together measure the block-steps one replica would; a slot (one block per lane)
+    # is a round of designs
+    assert shared_target * shared == alone_target * alone
+    assert shared_target / 2 == rounds_share * alone_target
