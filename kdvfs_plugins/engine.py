@@ -466,16 +466,16 @@ class Engine:
         """Figures for logs and the run directory."""
         m = self.meter
         steps = m.steps if m else []
-        wins = m.windows if m else []
-        energy = sum(w.energy_j for w in wins)
-        nsteps = sum(w.steps for w in wins)
+        energy = m.energy_j_total if m else 0.0
+        nsteps = m.energy_steps_total if m else 0
+        duration_s = m.energy_duration_s_total if m else 0.0
         return {
             "rank": self.rank,
             "device": self.device.kind if self.device else None,
             "steps": m.steps_seen if m else 0,
             "gpu_time_ms_per_step": (sum(s.gpu_time_ms for s in steps) / len(steps)) if steps else None,
             "energy_j_per_step": energy / nsteps if nsteps else None,
-            "avg_power_w": (energy / sum(w.duration_s for w in wins)) if wins and sum(w.duration_s for w in wins) > 0 else None,
+            "avg_power_w": energy / duration_s if duration_s > 0 else None,
             "clock_changes": self.actuator.changes_applied if self.actuator else 0,
             "clock_errors": list(self.actuator.errors) if self.actuator else [],
             "regions": [{"region": r, "gpu_ms_per_step": ms, "share": sh} for r, ms, sh in self.region_table()],

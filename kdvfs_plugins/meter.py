@@ -128,6 +128,8 @@ class EnergySampler:
 
 
 MAX_KEPT_STEPS = 20_000
+#: Energy windows kept (the latest); the totals over every window are kept as running sums.
+MAX_KEPT_WINDOWS = 20_000
 
 
 @dataclass
@@ -168,7 +170,11 @@ class Meter:
         #: keeps running totals over every profiled step.
         self.steps: deque[StepRecord] = deque(maxlen=MAX_KEPT_STEPS)
         self.steps_seen = 0
-        self.windows: list[WindowRecord] = []
+        self.windows: deque[WindowRecord] = deque(maxlen=MAX_KEPT_WINDOWS)
+        #: Over every window since the start (the deque keeps only the latest).
+        self.energy_j_total = 0.0
+        self.energy_steps_total = 0
+        self.energy_duration_s_total = 0.0
         self.region_totals_ms: dict[str, float] = defaultdict(float)
         self.region_steps = 0
         #: Steps before this one are left out of the region table (allocator and autotuning warm-up).
@@ -286,6 +292,9 @@ class Meter:
             win = WindowRecord(first.step, last.step, energy, last.t_end_s - first.t_begin_s,
                                sum(s.record.gpu_time_ms for s in chunk) / len(chunk))
             self.windows.append(win)
+            self.energy_j_total += win.energy_j
+            self.energy_steps_total += win.steps
+            self.energy_duration_s_total += win.duration_s
             if self.on_window is not None:
                 self.on_window(win)
             self.series.trim_before(first.t_begin_s)

@@ -178,6 +178,27 @@ def test_energy_windows_come_from_the_100_ms_counter(tmp_path):
         assert total == pytest.approx(truth, rel=0.15)
 
 
+def test_a_long_run_keeps_the_latest_windows_and_the_energy_of_all(tmp_path, monkeypatch):
+    import kdvfs_plugins.meter as meter_module
+
+    monkeypatch.setattr(meter_module, "MAX_KEPT_WINDOWS", 3)
+    seen = []
+
+    class Windows:
+        @hookimpl
+        def kdvfs_window_measured(self, window):
+            seen.append(window)
+
+    eng, _ = sim_engine(tmp_path, plugins=[Windows()], durations=[0.02], window_steps=1, mode="observe",
+                        warmup_steps=0)
+    run_steps(eng, 12)
+    eng.close()
+    assert len(seen) > 6 and list(eng.meter.windows) == seen[-3:]
+    s = eng.summary()
+    assert s["energy_j_per_step"] == pytest.approx(sum(w.energy_j for w in seen) / sum(w.steps for w in seen))
+    assert s["avg_power_w"] == pytest.approx(sum(w.energy_j for w in seen) / sum(w.duration_s for w in seen))
+
+
 def test_module_boundaries_are_marked_only_where_a_plan_sets_clocks_by_module(tmp_path):
     # profile_every_n_steps is large: step 5 is neither warm-up nor a profiled step
     by_phase, _ = sim_engine(tmp_path / "a", warmup_steps=0, profile_every_n_steps=1000,
