@@ -889,6 +889,8 @@ class Explorer:
         """
         floor_j = MIN_PREDICTED_SAVING * self._default_step_energy()
         limit_s = best.default_time_s * (1.0 + plan_kw["max_slowdown"]) * (1 + 1e-9)
+        # a time no plan within the budget can afford: a knob given it at every lock stays at default
+        unaffordable_s = 1e3 * float(problem.time_s.max())
         chosen, fixed = best, set()
         for k in self.knobs:
             if chosen.clocks_by_name.get(k) is None:
@@ -896,7 +898,7 @@ class Explorer:
             tt = problem.time_s.copy()
             for i, name in enumerate(problem.names):
                 if name in fixed or name == k:
-                    tt[i, 1:] = 1e3 * tt.max()  # no plan within the budget locks it
+                    tt[i, 1:] = unaffordable_s
             trial = plan_step(PlanningProblem(problem.names, tt, problem.energy_j, problem.clocks, 0), **plan_kw)
             if trial.time_s <= limit_s and trial.energy_j - best.energy_j <= floor_j \
                     and trial.clocks_by_name.get(k) is None:
