@@ -6,7 +6,12 @@ Blocks of steps alternate between kdvfs attached and detached (rounds ordered on
 so both arms see the same warm-up, allocator state and thermal history; the first steps of each
 block are dropped. Besides the medians over all steps of each arm, the overhead of each round (its
 two blocks, run back to back) is printed: on a host whose step time drifts during the run, the
-median of those is the steadier figure.
+median of those is the steadier figure; it comes with a bootstrap interval and with how much
+adjacent blocks of the same arm differ, the noise of one round (see overhead_stats.py). Short
+blocks and many rounds beat drift best:
+
+    torchrun --standalone --nproc_per_node 2 benchmarks/bench_deepspeed_overhead.py \
+        --blocks 40 --steps-per-block 8 --settle-steps 1 --mode observe
 
     python benchmarks/bench_deepspeed_overhead.py                     # one GPU
     python benchmarks/bench_deepspeed_overhead.py --tiny --steps-per-block 3 --blocks 4   # CPU check
@@ -36,6 +41,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from kdvfs_plugins.engine import format_region_table
+from overhead_stats import abba_arm, format_summary, summarise  # next to this script
 from rank_gpu import describe_gpu, gpu_identity  # benchmarks/rank_gpu.py, next to this script
 
 
@@ -156,8 +162,11 @@ def print_rank(fig: dict) -> None:
               f"(device energy counter, {fig['energy_steps']} steps of the blocks with kdvfs)")
     else:
         print("energy per step: none (no energy window of the blocks with kdvfs closed)")
+    plain, profiled = fig["host_ms_plain_step_median"], fig["host_ms_profiled_step_mean"]
     print(f"host time in kdvfs's wrappers: {fig['host_ms_per_step']:.3f} ms per step "
-          f"({fig['host_ms_per_step'] / step_ms:.2%} of the step)")
+          f"({fig['host_ms_per_step'] / step_ms:.2%} of the step)"
+          + ("" if plain is None else f"; median {plain:.3f} ms on a plain step")
+          + ("" if profiled is None else f", {profiled:.2f} ms on a profiled one ({fig['profiled_steps']} steps)"))
 
 
 def main() -> None:
@@ -212,53 +221,61 @@ def main() -> None:
     times: dict[str, list[float]] = {"on": [], "off": []}
     first_block_step = engine.global_steps
     kd_engines = []  # the kdvfs engine of each block with kdvfs; detach closes it, its figures stay
-    host_s = 0.0  # host time in kdvfs's wrappers during the blocks with kdvfs
+    # host time in kdvfs's wrappers per kept step with kdvfs, split by whether kdvfs profiled it
+    host_ms: dict[str, list[float]] = {"profiled": [], "plain": []}
     # Rounds of one block per arm, in the order on/off then off/on (ABBA): a drift of the step time
     # over the run (seen: block medians from 72 to 93 ms on one host) then falls on both arms alike.
     block_ms: dict[str, list[float]] = {"on": [], "off": []}
+    arms, all_block_ms, block_steps_ms = [], [], []
     for block in range(2 * a.blocks):
-        rnd, first = divmod(block, 2)
-        arm = "on" if (first == 0) == (rnd % 2 == 0) else "off"
+        arm = abba_arm(block)
         # Attach/detach between blocks, outside the timed steps: the arms differ only in kdvfs.
         # Two blocks with kdvfs in a row (where rounds meet) keep one kdvfs engine.
         if arm == "on":
             adapter = kdvfs_deepspeed.adapter_of(engine) or kdvfs_deepspeed.attach(engine)
             if not kd_engines or kd_engines[-1] is not adapter.engine:
                 kd_engines.append(adapter.engine)
-            host_s0 = adapter.host_time_s
         else:
             kdvfs_deepspeed.detach(engine)
         kept = []
         for k in range(a.steps_per_block):
+            host_s0 = adapter.host_time_s if arm == "on" else 0.0
             dt = one_step(step)
             step += 1
             if k >= a.settle_steps:
                 kept.append(dt)
-        if arm == "on":
-            host_s += adapter.host_time_s - host_s0
+                if arm == "on":
+                    kind = "profiled" if adapter.engine.profiling else "plain"
+                    host_ms[kind].append((adapter.host_time_s - host_s0) * 1e3)
         times[arm].extend(kept)
-        block_ms[arm].append(statistics.median(kept) * 1e3 if kept else float("nan"))
+        med = statistics.median(kept) * 1e3 if kept else float("nan")
+        block_ms[arm].append(med)
+        arms.append(arm)
+        all_block_ms.append(med)
+        block_steps_ms.append([x * 1e3 for x in kept])
     kdvfs_deepspeed.close(engine)
 
     on_ms, off_ms = statistics.median(times["on"]) * 1e3, statistics.median(times["off"]) * 1e3
-    # each round's blocks ran back to back: their ratio is free of the drift between rounds
-    round_pct = [(x / y - 1.0) * 100.0 for x, y in zip(block_ms["on"], block_ms["off"])]
+    stats = summarise(block_ms["on"], block_ms["off"], all_block_ms, arms)
     result = {
         "params_m": n_params / 1e6, "dtype": a.dtype, "zero": a.zero, "gas": a.gas, "micro_batch": a.micro_batch,
         "seq": a.seq, "device": a.device, "mode": a.mode, "granularity": a.granularity,
         "accelerator": accel.device_name(), "steps_per_arm": len(times["on"]),
         "median_step_ms_with_kdvfs": on_ms, "median_step_ms_without_kdvfs": off_ms,
         "overhead_pct": (on_ms / off_ms - 1.0) * 100.0,
-        "overhead_pct_per_round": round_pct,
-        "overhead_pct_median_of_rounds": statistics.median(round_pct),
-        "block_median_ms": block_ms,
+        **stats,
+        "block_median_ms": block_ms, "block_arms": arms, "block_steps_ms": block_steps_ms,
         "mean_step_ms_with_kdvfs": statistics.fmean(times["on"]) * 1e3,
         "mean_step_ms_without_kdvfs": statistics.fmean(times["off"]) * 1e3,
     }
     rank, world = dist.get_rank(), dist.get_world_size()
     mine = rank_figures(kd_engines, first_block_step, rank, int(os.environ.get("LOCAL_RANK", "0")), times)
     # host time inside kdvfs's wrappers: what kdvfs can add to a step the CPU paces
-    mine["host_ms_per_step"] = host_s * 1e3 / max(1, a.blocks * a.steps_per_block)
+    every = host_ms["profiled"] + host_ms["plain"]
+    mine["host_ms_per_step"] = statistics.fmean(every) if every else 0.0
+    mine["host_ms_plain_step_median"] = statistics.median(host_ms["plain"]) if host_ms["plain"] else None
+    mine["host_ms_profiled_step_mean"] = statistics.fmean(host_ms["profiled"]) if host_ms["profiled"] else None
+    mine["profiled_steps"] = len(host_ms["profiled"])
     ranks = [mine]
     if world > 1:
         ranks = [None] * world
@@ -272,8 +289,7 @@ def main() -> None:
         print(f"median step time with kdvfs    {on_ms:10.3f} ms")
         print(f"median step time without kdvfs {off_ms:10.3f} ms")
         print(f"overhead                       {result['overhead_pct']:+10.3f} %")
-        print(f"overhead per round (adjacent blocks, median of {len(round_pct)}): "
-              f"{result['overhead_pct_median_of_rounds']:+.3f} % (min {min(round_pct):+.2f}, max {max(round_pct):+.2f})")
+        print(format_summary(stats))
         if world > 1:
             print("(step times are rank 0's timer; each rank's own is in its section below)")
         for fig in ranks:

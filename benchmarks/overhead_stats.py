@@ -1,0 +1,77 @@
+"""Overhead figures from blocks of steps run with and without kdvfs, in ABBA order.
+
+On a host whose step time drifts (block medians of a few steps moving by 15% from one block to
+the next were seen on shared GPU hosts), a median over all steps of each arm mixes that drift
+with the overhead. Blocks that ran back to back see nearly the same host, so:
+
+- each round's overhead is the ratio of its two adjacent blocks (on / off);
+- the figure is the median of the rounds, with a bootstrap interval over rounds;
+- adjacent blocks of the *same* arm (ABBA puts them next to each other where rounds meet) show
+  what two blocks differ by without any change at all: the noise a round's figure carries.
+"""
+from __future__ import annotations
+
+import random
+import statistics
+from typing import Sequence
+
+
+def abba_arm(block: int) -> str:
+    """The arm of block ``block`` in the order on, off, off, on, on, off, ..."""
+    rnd, first = divmod(block, 2)
+    return "on" if (first == 0) == (rnd % 2 == 0) else "off"
+
+
+def pct(x: float, y: float) -> float:
+    return (x / y - 1.0) * 100.0
+
+
+def round_overheads_pct(on_ms: Sequence[float], off_ms: Sequence[float]) -> list[float]:
+    """Each round's overhead: its block with kdvfs against its block without, in percent."""
+    if len(on_ms) != len(off_ms):
+        raise ValueError(f"{len(on_ms)} blocks with kdvfs against {len(off_ms)} without: rounds need one of each")
+    return [pct(x, y) for x, y in zip(on_ms, off_ms)]
+
+
+def same_arm_neighbours_pct(block_ms: Sequence[float], arms: Sequence[str]) -> list[float]:
+    """Later over earlier, in percent, for each pair of adjacent blocks of the same arm."""
+    return [pct(block_ms[i + 1], block_ms[i]) for i in range(len(block_ms) - 1) if arms[i] == arms[i + 1]]
+
+
+def bootstrap_median_ci(values: Sequence[float], level: float = 0.95, resamples: int = 4000,
+                        seed: int = 0) -> tuple[float, float]:
+    """A percentile bootstrap interval for the median of ``values`` (deterministic for a seed)."""
+    if not values:
+        raise ValueError("no values to bootstrap")
+    rng = random.Random(seed)
+    n = len(values)
+    meds = sorted(statistics.median(rng.choices(values, k=n)) for _ in range(resamples))
+    lo = int((1.0 - level) / 2.0 * resamples)
+    return meds[lo], meds[min(resamples - 1, resamples - 1 - lo)]
+
+
+def summarise(on_block_ms: Sequence[float], off_block_ms: Sequence[float], block_ms: Sequence[float],
+              arms: Sequence[str]) -> dict:
+    """Round figures, their median and 95% interval, and the same-arm noise, as plain data."""
+    rounds = round_overheads_pct(on_block_ms, off_block_ms)
+    noise = same_arm_neighbours_pct(block_ms, arms)
+    lo, hi = bootstrap_median_ci(rounds)
+    return {
+        "overhead_pct_per_round": rounds,
+        "overhead_pct_median_of_rounds": statistics.median(rounds),
+        "overhead_pct_median_of_rounds_ci95": [lo, hi],
+        "same_arm_neighbours_pct": noise,
+        "same_arm_neighbours_median_abs_pct": statistics.median(abs(x) for x in noise) if noise else None,
+    }
+
+
+def format_summary(s: dict) -> str:
+    rounds = s["overhead_pct_per_round"]
+    lo, hi = s["overhead_pct_median_of_rounds_ci95"]
+    lines = [f"overhead per round (adjacent blocks, median of {len(rounds)}): "
+             f"{s['overhead_pct_median_of_rounds']:+.3f} % (95% bootstrap interval {lo:+.2f} to {hi:+.2f}; "
+             f"rounds from {min(rounds):+.2f} to {max(rounds):+.2f})"]
+    if s["same_arm_neighbours_median_abs_pct"] is not None:
+        lines.append(f"noise: adjacent blocks of the same arm differ by {s['same_arm_neighbours_median_abs_pct']:.2f} % "
+                     f"(median |difference| of {len(s['same_arm_neighbours_pct'])} pairs)")
+    return "\n".join(lines)

@@ -1,0 +1,55 @@
+"""The benchmarks' overhead figures: ABBA order, rounds, the bootstrap interval, the noise."""
+from __future__ import annotations
+
+import random
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+from overhead_stats import (abba_arm, bootstrap_median_ci, round_overheads_pct,  # noqa: E402
+                            same_arm_neighbours_pct, summarise)
+
+
+def test_abba_order_puts_each_arm_first_in_every_other_round():
+    assert [abba_arm(b) for b in range(8)] == ["on", "off", "off", "on", "on", "off", "off", "on"]
+
+
+def test_rounds_need_one_block_of_each_arm():
+    assert round_overheads_pct([101.0, 99.0], [100.0, 100.0]) == pytest.approx([1.0, -1.0])
+    with pytest.raises(ValueError, match="rounds need one of each"):
+        round_overheads_pct([1.0, 2.0], [1.0])
+
+
+def test_same_arm_neighbours_are_the_blocks_where_rounds_meet():
+    arms = [abba_arm(b) for b in range(6)]
+    blocks = [100.0, 90.0, 99.0, 110.0, 121.0, 50.0]
+    # off (90) -> off (99), on (110) -> on (121): +10% each; the other pairs differ in arm
+    assert same_arm_neighbours_pct(blocks, arms) == pytest.approx([10.0, 10.0])
+
+
+def test_bootstrap_interval_holds_the_median_and_narrows_with_more_rounds():
+    rng = random.Random(1)
+    few = [1.0 + rng.gauss(0.0, 2.0) for _ in range(8)]
+    many = [1.0 + rng.gauss(0.0, 2.0) for _ in range(200)]
+    lo_f, hi_f = bootstrap_median_ci(few)
+    lo_m, hi_m = bootstrap_median_ci(many)
+    assert lo_f <= sorted(few)[4] <= hi_f and lo_m <= 1.0 <= hi_m
+    assert hi_m - lo_m < (hi_f - lo_f) / 2
+    assert bootstrap_median_ci(few) == (lo_f, hi_f)  # deterministic for a seed
+
+
+def test_a_drift_shared_by_adjacent_blocks_leaves_the_rounds_at_the_true_overhead():
+    # Step time drifts from 80 to 100 ms over the run; kdvfs adds 0.5%. Pooled medians mix
+    # the drift in whenever the arms' blocks fall unevenly; the rounds do not.
+    arms = [abba_arm(b) for b in range(40)]
+    base = [80.0 + 20.0 * b / 39 for b in range(40)]
+    blocks = [ms * (1.005 if arm == "on" else 1.0) for ms, arm in zip(base, arms)]
+    on = [ms for ms, arm in zip(blocks, arms) if arm == "on"]
+    off = [ms for ms, arm in zip(blocks, arms) if arm == "off"]
+    s = summarise(on, off, blocks, arms)
+    # adjacent blocks are one drift step apart (about 0.6%): ABBA alternates its sign
+    assert abs(s["overhead_pct_median_of_rounds"] - 0.5) < 0.7
+    lo, hi = s["overhead_pct_median_of_rounds_ci95"]
+    assert lo < 0.5 < hi and hi - lo < 2.0
