@@ -30,6 +30,7 @@ every rank's region table, energy per step, average power and which GPU it read.
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import os
 import statistics
@@ -214,6 +215,17 @@ def main() -> None:
         accel.synchronize()
         return time.perf_counter() - t0
 
+    # Python's collector pauses the training thread; a pause in one arm only would pass for overhead.
+    gc_pauses: list[dict] = []
+    gc_t0 = [0.0]
+
+    def on_gc(phase: str, info: dict) -> None:
+        if phase == "start":
+            gc_t0[0] = time.perf_counter()
+        elif info["generation"] == 2:
+            gc_pauses.append({"step": step, "ms": (time.perf_counter() - gc_t0[0]) * 1e3})
+
+    gc.callbacks.append(on_gc)
     step = 0
     for _ in range(a.warmup_steps):
         one_step(step)
@@ -226,7 +238,7 @@ def main() -> None:
     # Rounds of one block per arm, in the order on/off then off/on (ABBA): a drift of the step time
     # over the run (seen: block medians from 72 to 93 ms on one host) then falls on both arms alike.
     block_ms: dict[str, list[float]] = {"on": [], "off": []}
-    arms, all_block_ms, block_steps_ms = [], [], []
+    arms, all_block_ms, block_steps_ms, block_profiled = [], [], [], []
     for block in range(2 * a.blocks):
         arm = abba_arm(block)
         # Attach/detach between blocks, outside the timed steps: the arms differ only in kdvfs.
@@ -237,23 +249,25 @@ def main() -> None:
                 kd_engines.append(adapter.engine)
         else:
             kdvfs_deepspeed.detach(engine)
-        kept = []
+        kept, profiled = [], []
         for k in range(a.steps_per_block):
             host_s0 = adapter.host_time_s if arm == "on" else 0.0
             dt = one_step(step)
             step += 1
             if k >= a.settle_steps:
                 kept.append(dt)
+                profiled.append(arm == "on" and adapter.engine.profiling)
                 if arm == "on":
-                    kind = "profiled" if adapter.engine.profiling else "plain"
-                    host_ms[kind].append((adapter.host_time_s - host_s0) * 1e3)
+                    host_ms["profiled" if profiled[-1] else "plain"].append((adapter.host_time_s - host_s0) * 1e3)
         times[arm].extend(kept)
         med = statistics.median(kept) * 1e3 if kept else float("nan")
         block_ms[arm].append(med)
         arms.append(arm)
         all_block_ms.append(med)
         block_steps_ms.append([x * 1e3 for x in kept])
+        block_profiled.append(profiled)
     kdvfs_deepspeed.close(engine)
+    gc.callbacks.remove(on_gc)
 
     on_ms, off_ms = statistics.median(times["on"]) * 1e3, statistics.median(times["off"]) * 1e3
     stats = summarise(block_ms["on"], block_ms["off"], all_block_ms, arms)
@@ -265,6 +279,7 @@ def main() -> None:
         "overhead_pct": (on_ms / off_ms - 1.0) * 100.0,
         **stats,
         "block_median_ms": block_ms, "block_arms": arms, "block_steps_ms": block_steps_ms,
+        "block_steps_profiled": block_profiled, "gc_gen2_pauses": gc_pauses,
         "mean_step_ms_with_kdvfs": statistics.fmean(times["on"]) * 1e3,
         "mean_step_ms_without_kdvfs": statistics.fmean(times["off"]) * 1e3,
     }
@@ -290,6 +305,8 @@ def main() -> None:
         print(f"median step time without kdvfs {off_ms:10.3f} ms")
         print(f"overhead                       {result['overhead_pct']:+10.3f} %")
         print(format_summary(stats))
+        print(f"Python's full collections on rank 0: {len(gc_pauses)}, "
+              f"{sum(g['ms'] for g in gc_pauses):.0f} ms in all")
         if world > 1:
             print("(step times are rank 0's timer; each rank's own is in its section below)")
         for fig in ranks:

@@ -89,6 +89,8 @@ def rank_figures(kd, args, rank: int, local_rank: int, with_s, without_s) -> dic
         "median_gpu_step_ms": statistics.median(r.gpu_time_ms for r in timed) if timed else None,
         "profiled_step_ms": [r.gpu_time_ms for r in timed if r.region_time_ms],
         "energy_j_per_step": s["energy_j_per_step"], "avg_power_w": s["avg_power_w"], "summary": s,
+        # every step of the block, its warm-up steps included
+        "host_ms_per_step": kd.host_time_s * 1e3 / (args.warmup + args.steps),
     }
 
 
@@ -109,6 +111,7 @@ def print_rank(fig: dict) -> None:
               "(device energy counter)")
     else:
         print("energy per step: none (no energy window closed in the last block)")
+    print(f"host time in kdvfs's hooks: {fig['host_ms_per_step']:.3f} ms per step (last block)")
 
 
 def main(argv=None) -> None:
@@ -189,6 +192,7 @@ def main(argv=None) -> None:
                   f"profiled steps: {', '.join(f'{x:.2f}' for x in mine['profiled_step_ms'])} ms")
             if s["energy_j_per_step"]:
                 print(f"energy per step {s['energy_j_per_step']:.1f} J, average power {s['avg_power_w']:.0f} W (device energy counter)")
+            print(f"host time in kdvfs's hooks: {mine['host_ms_per_step']:.3f} ms per step (last block)")
         out = {
             "params": params, "median_with_ms": med_with * 1e3, "median_without_ms": med_without * 1e3,
             "overhead": overhead, "with_ms": [x * 1e3 for x in with_s], "without_ms": [x * 1e3 for x in without_s],

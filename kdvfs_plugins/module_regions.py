@@ -7,6 +7,7 @@ The model is used through ``nn.Module``'s public methods only; no framework is i
 """
 from __future__ import annotations
 
+import time
 from typing import Iterable
 
 from .regions import BACKWARD, FORWARD, fold_module_path
@@ -53,6 +54,9 @@ class ModuleRegions:
         self.backward = backward
         self._handles: list = []
         self._root_handle = None
+        self._selected = None  # (group, module) pairs, chosen once: the model's structure is fixed
+        #: Host seconds spent in these hooks (adapters add it to their own host time).
+        self.host_time_s = 0.0
 
     def install(self) -> "ModuleRegions":
         """Watch the model: the per-module hooks are put on only for steps that use them.
@@ -64,12 +68,16 @@ class ModuleRegions:
         return self
 
     def _on_model_forward(self, model, args) -> None:
+        t0 = time.perf_counter()
         wanted = self.engine.active and self.engine.profiling_or_switching
         if wanted and not self._handles:
-            for path, module in select_modules(self.model, self.depth):
-                self._hook(fold_module_path(path), module)
+            if self._selected is None:
+                self._selected = [(fold_module_path(p), m) for p, m in select_modules(self.model, self.depth)]
+            for group, module in self._selected:
+                self._hook(group, module)
         elif not wanted and self._handles:
             self._remove_module_hooks()
+        self.host_time_s += time.perf_counter() - t0
 
     def _hook(self, group: str, module) -> None:
         eng = self.engine
@@ -79,14 +87,19 @@ class ModuleRegions:
 
         def fwd_pre(mod, args):
             if eng.profiling_or_switching:
+                t0 = time.perf_counter()
                 eng.region_enter(name(FORWARD))
+                self.host_time_s += time.perf_counter() - t0
 
         def bwd_start(grad):
+            t0 = time.perf_counter()
             eng.region_switch(name(BACKWARD))
+            self.host_time_s += time.perf_counter() - t0
 
         def fwd_post(mod, args, out):
             if not eng.profiling_or_switching:
                 return
+            t0 = time.perf_counter()
             eng.region_exit(name(FORWARD))
             # The module's backward starts when the gradient of its output arrives. A tensor hook
             # marks that point at a fraction of the CPU cost of a full backward hook, which wraps
@@ -96,6 +109,7 @@ class ModuleRegions:
                 t = out[0] if isinstance(out, (tuple, list)) and out else out
                 if getattr(t, "requires_grad", False):
                     t.register_hook(bwd_start)
+            self.host_time_s += time.perf_counter() - t0
 
         self._handles.append(module.register_forward_pre_hook(fwd_pre))
         self._handles.append(module.register_forward_hook(fwd_post))

@@ -70,6 +70,8 @@ def test_lightning_two_ranks(tmp_path):
     check_ranks(proc, result)
     assert "batch 4 per GPU x 2 GPUs (DDP)" in proc.stdout
     assert len(result["with_ms"]) == len(result["without_ms"]) == 1 and result["step_times_from"] == "rank 0"
+    assert all(0 < r["host_ms_per_step"] < 1e3 for r in result["ranks"])
+    assert proc.stdout.count("host time in kdvfs's hooks:") == 2
     for rank in (0, 1):
         assert (tmp_path / "run" / f"rank{rank}" / "summary.json").exists()
 
@@ -88,3 +90,5 @@ def test_deepspeed_two_ranks_zero2(tmp_path):
     # each rank's host time in kdvfs's wrappers, per step of the blocks with kdvfs
     assert all(0 < r["host_ms_per_step"] < 1e3 for r in result["ranks"])
     assert proc.stdout.count("host time in kdvfs's wrappers:") == 2
+    assert "95% bootstrap interval" in proc.stdout and len(result["overhead_pct_per_round"]) == 2
+    assert [len(b) for b in result["block_steps_ms"]] == [12 - 2] * 4

@@ -343,3 +343,22 @@ def test_metrics_go_to_the_deepspeed_monitor(run_dir):
     assert {"kdvfs/gpu_time_ms", "kdvfs/clock_changes", "kdvfs/overhead_ms"} <= names
     samples = sorted({s for _, _, s in mon.events})
     assert samples and all(s % 8 == 0 and s > 0 for s in samples)  # DeepSpeed's x axis: global_samples
+
+
+def test_host_time_counts_the_module_hooks_and_the_logged_overhead_spreads_it_over_steps(run_dir):
+    mon = Monitor()
+    block = {**BLOCK, "granularity": "kernel", "run_dir": run_dir, "profile_every_n_steps": 2, "warmup_steps": 0}
+    ds = FakeDeepSpeedEngine(gas=1, block=block, monitor=mon)
+    adapter = kdvfs_deepspeed.attach(ds, plugins=[SimDevice()])
+    train(ds, 6)
+    modules_s = adapter._modules.host_time_s
+    # the module hooks ran on the profiled steps, outside the phase wrappers' own timing
+    assert modules_s > 0 and adapter.host_time_s > modules_s
+    logged_ms = [v for name, v, _ in mon.events if name == "kdvfs/overhead_ms"]
+    resolved = len(adapter.records)
+    kdvfs_deepspeed.close(ds)
+    # one log per resolved step (each step_end resolved one): the logged figures add up to the
+    # host time up to the last log
+    assert len(logged_ms) == resolved >= 4 and all(v > 0 for v in logged_ms)
+    assert sum(logged_ms) == pytest.approx(adapter._host_logged_s * 1e3)
+    assert adapter._host_logged_s <= adapter.host_time_s

@@ -141,6 +141,11 @@ def test_metrics_reach_the_trainers_loggers_under_kdvfs(tmp_path):
     text = (Path(trainer.logger.log_dir) / "metrics.csv").read_text()
     header = text.splitlines()[0].split(",")
     assert {"kdvfs/gpu_time_ms", "kdvfs/clock_changes", "kdvfs/overhead_ms"} <= set(header)
+    col = header.index("kdvfs/overhead_ms")
+    logged_ms = [float(row.split(",")[col]) for row in text.splitlines()[1:] if row.split(",")[col]]
+    # the host time counts the module hooks too; the logs spread it over the steps between them
+    assert cb.host_time_s > cb._modules.host_time_s > 0
+    assert logged_ms and all(v > 0 for v in logged_ms) and sum(logged_ms) <= cb.host_time_s * 1e3
     summary = json.loads((tmp_path / "run" / "rank0" / "summary.json").read_text())
     assert summary["steps"] == 6 and summary["model_prediction"] is True and summary["regions"]
 

@@ -88,9 +88,9 @@ class DeepSpeedAdapter:
         self._saved: list[tuple] = []  # (owner, name, had an instance attribute, old value, ours)
         self._modules: Optional[ModuleRegions] = None
         self._comm_depth = 0
-        #: Host seconds spent in kdvfs's wrappers since attach (the monitor logs it per step).
-        self.host_time_s = 0.0
-        self._host_logged_s = 0.0
+        self._host_s = 0.0
+        self._host_logged_s = 0.0  # host_time_s at the last log
+        self._steps_since_log = 0
         self._closed = False
 
     # ------------------------------------------------------------------ lifecycle
@@ -144,6 +144,12 @@ class DeepSpeedAdapter:
     def active(self) -> bool:
         return not self._closed and self.engine.active
 
+    @property
+    def host_time_s(self) -> float:
+        """Host seconds spent in kdvfs's wrappers and module hooks since attach (the monitor logs
+        it per step)."""
+        return self._host_s + (self._modules.host_time_s if self._modules is not None else 0.0)
+
     # ------------------------------------------------------------------ wrapping
     def _wrap(self, owner, name: str, make: Callable[[Any], Any]) -> None:
         """Set ``owner.name`` on the instance to ``make(current value)``; remember what was there."""
@@ -178,7 +184,7 @@ class DeepSpeedAdapter:
             if not eng.in_step:
                 eng.step_begin(self.ds.global_steps)
             eng.region_enter(FORWARD)
-            self.host_time_s += time.perf_counter() - t0
+            self._host_s += time.perf_counter() - t0
             try:
                 return original(*args, **kwargs)
             finally:
@@ -283,36 +289,36 @@ class DeepSpeedAdapter:
     def _timed(self, fn, *args) -> None:
         t0 = time.perf_counter()
         fn(*args)
-        self.host_time_s += time.perf_counter() - t0
+        self._host_s += time.perf_counter() - t0
 
     def _end_step(self) -> None:
         t0 = time.perf_counter()
         records = self.engine.step_end()
-        self.host_time_s += time.perf_counter() - t0
+        self._host_s += time.perf_counter() - t0
         self.records.extend(records)
         self._log(records)
 
     def _log(self, records) -> None:
+        self._steps_since_log += len(records)
         monitor = getattr(self.ds, "monitor", None)
         if not records or monitor is None or not getattr(monitor, "enabled", False):
-            if records:
-                self._host_logged_s = self.host_time_s
             return
         if self.ds.global_steps % self.config.log_every_n_steps:
             return
         last = records[-1]
         samples = self.ds.global_samples
+        host_s = self.host_time_s
         events = [
             ("kdvfs/gpu_time_ms", last.gpu_time_ms, samples),
             ("kdvfs/clock_changes", float(last.clock_changes), samples),
-            ("kdvfs/overhead_ms", (self.host_time_s - self._host_logged_s) * 1e3 / max(1, len(records)), samples),
+            ("kdvfs/overhead_ms", (host_s - self._host_logged_s) * 1e3 / self._steps_since_log, samples),
         ]
+        self._host_logged_s, self._steps_since_log = host_s, 0
         wins = self.engine.meter.windows if self.engine.meter else []
         if wins:
             events.append(("kdvfs/energy_j_per_step", wins[-1].energy_j / wins[-1].steps, samples))
             if wins[-1].avg_power_w is not None:
                 events.append(("kdvfs/power_w", wins[-1].avg_power_w, samples))
-        self._host_logged_s = self.host_time_s
         monitor.write_events(events)  # DeepSpeed's monitors write on rank 0 only
 
 

@@ -41,7 +41,9 @@ class KernelDVFS(Callback):
         self._opt_handles: list = []
         self._stepped = False
         self._restored_plan: Optional[dict] = None
-        self._overhead_s = 0.0
+        self._host_s = 0.0
+        self._host_logged_s = 0.0  # host_time_s at the last log
+        self._steps_since_log = 0
         self.records: list = []
 
     # ------------------------------------------------------------------ lifecycle
@@ -81,11 +83,17 @@ class KernelDVFS(Callback):
             self._modules.remove()
         self.engine.finish(error)
 
+    @property
+    def host_time_s(self) -> float:
+        """Host seconds spent in the callback's hooks and the module hooks since setup (the
+        logged ``kdvfs/overhead_ms`` is its increase per step between logs)."""
+        return self._host_s + (self._modules.host_time_s if self._modules is not None else 0.0)
+
     # ------------------------------------------------------------------ phases
     def _timed(self, fn, *args) -> None:
         t0 = time.perf_counter()
         fn(*args)
-        self._overhead_s += time.perf_counter() - t0
+        self._host_s += time.perf_counter() - t0
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
         eng = self.engine
@@ -96,7 +104,7 @@ class KernelDVFS(Callback):
             eng.step_begin(trainer.global_step)
             self._stepped = False
         eng.region_enter(FORWARD)
-        self._overhead_s += time.perf_counter() - t0
+        self._host_s += time.perf_counter() - t0
 
     def on_before_backward(self, trainer, pl_module, loss) -> None:
         if self.engine is not None:
@@ -128,25 +136,27 @@ class KernelDVFS(Callback):
         if self._stepped or not trainer.optimizers:
             records = eng.step_end()
             self.records.extend(records)
-            self._overhead_s += time.perf_counter() - t0
+            self._host_s += time.perf_counter() - t0
             self._log(trainer, records)
         else:
-            self._overhead_s += time.perf_counter() - t0
+            self._host_s += time.perf_counter() - t0
 
     def _log(self, trainer, records) -> None:
+        self._steps_since_log += len(records)
         if not records or not trainer.loggers or trainer.global_step % self.config.log_every_n_steps:
             return
         last = records[-1]
+        host_s = self.host_time_s
         metrics = {
             "kdvfs/gpu_time_ms": last.gpu_time_ms,
             "kdvfs/clock_changes": float(last.clock_changes),
-            "kdvfs/overhead_ms": self._overhead_s * 1e3 / max(1, len(records)),
+            "kdvfs/overhead_ms": (host_s - self._host_logged_s) * 1e3 / self._steps_since_log,
         }
+        self._host_logged_s, self._steps_since_log = host_s, 0
         wins = self.engine.meter.windows
         if wins:
             metrics["kdvfs/energy_j_per_step"] = wins[-1].energy_j / wins[-1].steps
             metrics["kdvfs/power_w"] = wins[-1].avg_power_w
-        self._overhead_s = 0.0
         for lg in trainer.loggers:
             lg.log_metrics(metrics, step=trainer.global_step)
 

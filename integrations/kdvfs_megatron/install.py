@@ -59,8 +59,7 @@ class MegatronKdvfs:
                              plan_group=_tensor_parallel_group(), replicas=_replicas())
         #: False once the loop reports steps itself through step_begin()/step_end().
         self.auto_steps = True
-        #: CPU time spent in kdvfs at boundaries (seconds), for overhead reports.
-        self.overhead_s = 0.0
+        self._host_s = 0.0
         self.records: deque = deque(maxlen=10_000)
         self._configs: list[Any] = []
         self._global_proxy: Optional[KdvfsTimers] = None
@@ -71,6 +70,11 @@ class MegatronKdvfs:
     @property
     def active(self) -> bool:
         return self.engine.active and not self._closed
+
+    @property
+    def host_time_s(self) -> float:
+        """Host seconds spent in kdvfs at timer boundaries and in the module hooks, for overhead reports."""
+        return self._host_s + sum(m.host_time_s for m in self._modules)
 
     # ------------------------------------------------------------------ setup
     def start(self) -> "MegatronKdvfs":
@@ -128,7 +132,7 @@ class MegatronKdvfs:
                 self.engine.step_begin()
         else:
             self.engine.region_enter(REGION_OF_TIMER[name])
-        self.overhead_s += time.perf_counter() - t0
+        self._host_s += time.perf_counter() - t0
 
     def timer_stopped(self, name: str) -> None:
         if not self.active:
@@ -139,7 +143,7 @@ class MegatronKdvfs:
             self.engine.region_exit(region)
         if name == STEP_END_TIMER and self.auto_steps:
             self.records.extend(self.engine.step_end())
-        self.overhead_s += time.perf_counter() - t0
+        self._host_s += time.perf_counter() - t0
 
     # ------------------------------------------------------------------ explicit boundaries
     def step_begin(self, step: Optional[int] = None) -> None:
