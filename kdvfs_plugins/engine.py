@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Optional
 
 from .actuator import Actuator
+from .cadence import ProfileCadence
 from .clocks import ClockPair
 from .config import KdvfsConfig
 from .devices import BuiltinDevices
@@ -95,6 +96,8 @@ class Engine:
         self._plan_key: dict = {}
         self._regions_checked = False
         self._progress = None
+        #: Which steps are profiled outside exploration (set at start).
+        self.cadence: Optional[ProfileCadence] = None
 
     # ------------------------------------------------------------------ lifecycle
     @property
@@ -159,6 +162,7 @@ class Engine:
                            counter_period_s=cfg.energy_counter_period_ms / 1e3)
         self.meter.warmup_steps = cfg.warmup_steps
         self.meter.start()
+        self.cadence = ProfileCadence(cfg.profile_every_n_steps, first_step=cfg.warmup_steps)
         self.session = SessionInfo(
             framework=self.framework, rank=self.rank, local_rank=self.local_rank, world_size=self.world_size,
             device_kind=self.device.kind, device_name=info.name, device_index=self.local_rank,
@@ -344,10 +348,8 @@ class Engine:
             self._start_explorer()
         if self.explorer is not None:
             self.explorer.begin_step(self.step)  # lays out blocks; shares measurements between replicas
-        after_warmup = self.step - self.config.warmup_steps
         exploring = self.explorer is not None and not self.explorer.done
-        periodic = after_warmup >= 0 and after_warmup % self.config.profile_every_n_steps == 0
-        self.profiling = exploring or self._region_hooks or periodic
+        self.profiling = exploring or self._region_hooks or self.cadence.due(self.step)
         if exploring and not (self.explorer.wants_module_regions or self._region_hooks):
             # Every step of exploration is measured, at phase level once the knobs are known:
             # module hooks and markers at every boundary made a CPU-bound step 14-30% slower
@@ -453,6 +455,7 @@ class Engine:
             self.session = replace(self.session, device_kind=device.kind)
 
     def _on_step(self, record: StepRecord) -> None:
+        self.cadence.measured(record.step, record.gpu_time_ms, profiled=bool(record.region_time_ms))
         self._hook.kdvfs_step_measured(record=record)
 
     def _on_window(self, window: WindowRecord) -> None:
@@ -477,6 +480,7 @@ class Engine:
             "energy_j_per_step": energy / nsteps if nsteps else None,
             "avg_power_w": energy / duration_s if duration_s > 0 else None,
             "clock_changes": self.actuator.changes_applied if self.actuator else 0,
+            "profile_interval_steps": self.cadence.interval if self.cadence else None,
             "clock_errors": list(self.actuator.errors) if self.actuator else [],
             "regions": [{"region": r, "gpu_ms_per_step": ms, "share": sh} for r, ms, sh in self.region_table()],
             "model_prediction": bool(self.device is not None and self.device.kind == "simulated"),
