@@ -107,6 +107,9 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--window-steps", type=int, default=None,
                    help="steps per kdvfs energy window (default: kdvfs's own; 1 with --tiny)")
     p.add_argument("--kdvfs", default="{}", help="more keys for the kernel_dvfs block, as JSON")
+    p.add_argument("--continuous-steps", type=int, default=0,
+                   help="after the blocks, this many steps with one kdvfs session, for what its profiled "
+                        "steps cost in a long run (each block's session is too short to see a second one)")
     p.add_argument("--json", default=None, help="also write the results to this file")
     p.add_argument("--local_rank", type=int, default=-1, help="set by the deepspeed launcher")
     a = p.parse_args()
@@ -164,10 +167,17 @@ def print_rank(fig: dict) -> None:
     else:
         print("energy per step: none (no energy window of the blocks with kdvfs closed)")
     plain, profiled = fig["host_ms_plain_step_median"], fig["host_ms_profiled_step_mean"]
-    print(f"host time in kdvfs's wrappers: {fig['host_ms_per_step']:.3f} ms per step "
+    print(f"host time in kdvfs's hooks: {fig['host_ms_per_step']:.3f} ms per step "
           f"({fig['host_ms_per_step'] / step_ms:.2%} of the step)"
           + ("" if plain is None else f"; median {plain:.3f} ms on a plain step")
           + ("" if profiled is None else f", {profiled:.2f} ms on a profiled one ({fig['profiled_steps']} steps)"))
+    c = fig.get("continuous")
+    if c:
+        cost = ("no profiled step judged yet" if c["profiling_share"] is None else
+                f"each added {c['extra_ms_per_profiled_step']:.1f} ms to a {c['median_plain_gpu_ms']:.1f} ms step: "
+                f"{c['profiling_share']:.2%} of the time")
+        print(f"one kdvfs session over {c['steps']} steps: profiled steps {c['profiled_steps']}, now one in "
+              f"{c['interval_steps']}; {cost}")
 
 
 def main() -> None:
@@ -233,7 +243,7 @@ def main() -> None:
     times: dict[str, list[float]] = {"on": [], "off": []}
     first_block_step = engine.global_steps
     kd_engines = []  # the kdvfs engine of each block with kdvfs; detach closes it, its figures stay
-    # host time in kdvfs's wrappers per kept step with kdvfs, split by whether kdvfs profiled it
+    # host time in kdvfs's hooks per kept step with kdvfs, split by whether kdvfs profiled it
     host_ms: dict[str, list[float]] = {"profiled": [], "plain": []}
     # Rounds of one block per arm, in the order on/off then off/on (ABBA): a drift of the step time
     # over the run (seen: block medians from 72 to 93 ms on one host) then falls on both arms alike.
@@ -268,6 +278,26 @@ def main() -> None:
         block_profiled.append(profiled)
     kdvfs_deepspeed.close(engine)
     gc.callbacks.remove(on_gc)
+    continuous = None
+    if a.continuous_steps:
+        # Each block's session profiles its first step (installing the module hooks, dropped with
+        # the settle steps) and ends before its cadence judges a second: a long run's profiled
+        # steps are measured here, by kdvfs's own account of what they add to a step.
+        adapter = kdvfs_deepspeed.attach(engine)
+        for _ in range(a.continuous_steps):
+            one_step(step)
+            step += 1
+        cadence, steps_seen = adapter.engine.cadence, adapter.engine.meter.steps
+        plain = [r.gpu_time_ms for r in steps_seen if not r.region_time_ms]
+        profiled = [r.step for r in steps_seen if r.region_time_ms]
+        kdvfs_deepspeed.close(engine)
+        plain_ms = statistics.median(plain) if plain else None
+        continuous = {
+            "steps": a.continuous_steps, "profiled_steps": profiled, "interval_steps": cadence.interval,
+            "extra_ms_per_profiled_step": cadence.extra_ms, "median_plain_gpu_ms": plain_ms,
+            "profiling_share": (cadence.extra_ms / (cadence.interval * plain_ms)
+                                if cadence.extra_ms is not None and plain_ms else None),
+        }
 
     on_ms, off_ms = statistics.median(times["on"]) * 1e3, statistics.median(times["off"]) * 1e3
     stats = summarise(block_ms["on"], block_ms["off"], all_block_ms, arms)
@@ -285,12 +315,13 @@ def main() -> None:
     }
     rank, world = dist.get_rank(), dist.get_world_size()
     mine = rank_figures(kd_engines, first_block_step, rank, int(os.environ.get("LOCAL_RANK", "0")), times)
-    # host time inside kdvfs's wrappers: what kdvfs can add to a step the CPU paces
+    # host time inside kdvfs's hooks: what kdvfs can add to a step the CPU paces
     every = host_ms["profiled"] + host_ms["plain"]
     mine["host_ms_per_step"] = statistics.fmean(every) if every else 0.0
     mine["host_ms_plain_step_median"] = statistics.median(host_ms["plain"]) if host_ms["plain"] else None
     mine["host_ms_profiled_step_mean"] = statistics.fmean(host_ms["profiled"]) if host_ms["profiled"] else None
     mine["profiled_steps"] = len(host_ms["profiled"])
+    mine["continuous"] = continuous
     ranks = [mine]
     if world > 1:
         ranks = [None] * world

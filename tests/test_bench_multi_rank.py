@@ -81,14 +81,20 @@ def test_deepspeed_two_ranks_zero2(tmp_path):
     out = tmp_path / "bench.json"
     # mode observe: what the GPU run's observe device amounts to, and no exploration in between
     proc = torchrun("bench_deepspeed_overhead.py", ["--tiny", "--mode", "observe", "--steps-per-block", 12,
-                                                    "--blocks", 2, "--warmup-steps", 4, "--run-dir", tmp_path / "run",
-                                                    "--json", out], {"DS_ACCELERATOR": "cpu"})
+                                                    "--blocks", 2, "--warmup-steps", 4, "--continuous-steps", 12,
+                                                    "--run-dir", tmp_path / "run", "--json", out],
+                    {"DS_ACCELERATOR": "cpu"})
     result = json.loads(out.read_text())
     check_ranks(proc, result)
     assert "ZeRO-2" in proc.stdout and "per GPU x 2 GPUs" in proc.stdout
     assert result["zero"] == 2 and result["steps_per_arm"] == 2 * (12 - 2)
-    # each rank's host time in kdvfs's wrappers, per step of the blocks with kdvfs
+    # each rank's host time in kdvfs's hooks, per step of the blocks with kdvfs
     assert all(0 < r["host_ms_per_step"] < 1e3 for r in result["ranks"])
-    assert proc.stdout.count("host time in kdvfs's wrappers:") == 2
+    assert proc.stdout.count("host time in kdvfs's hooks:") == 2
     assert "95% bootstrap interval" in proc.stdout and len(result["overhead_pct_per_round"]) == 2
     assert [len(b) for b in result["block_steps_ms"]] == [12 - 2] * 4
+    # one session over the last 12 steps: its first step is profiled, the cadence reports its spacing
+    for r in result["ranks"]:
+        c = r["continuous"]
+        assert c["steps"] == 12 and c["profiled_steps"] and c["interval_steps"] >= 25
+    assert proc.stdout.count("one kdvfs session over 12 steps") == 2
