@@ -32,6 +32,7 @@ except ImportError:
 from kdvfs_lightning import KernelDVFS
 from kdvfs_lightning.demo import GPT_350M, RandomTokens, TinyGPT
 from kdvfs_plugins.engine import format_region_table
+from overhead_stats import format_summary, summarise  # next to this script
 from rank_gpu import describe_gpu, gpu_identity  # benchmarks/rank_gpu.py, next to this script
 
 
@@ -62,8 +63,11 @@ def run_block(model, loader, args, with_kdvfs: bool):
     callbacks = [timer]
     kd = None
     if with_kdvfs:
+        # kdvfs's first profiled step installs the module hooks, once in a run: at step 0 it falls
+        # in the block's untimed warm-up. Its cadence profiles again 25 steps later, and a block
+        # ends before it would space the next: a block profiles more often than a long run does.
         kd = KernelDVFS(device=args.device, mode="observe", run_dir=args.run_dir, window_steps=args.window_steps,
-                        granularity=args.granularity, warmup_steps=args.warmup)
+                        granularity=args.granularity, warmup_steps=0)
         callbacks.append(kd)
     # A new Trainer per block; the process group the first DDP fit opens stays up and is reused.
     parallel = dict(strategy="ddp", num_nodes=1) if args.devices > 1 else {}
@@ -105,7 +109,7 @@ def print_rank(fig: dict) -> None:
     print(f"region sum / measured step time: {sum(r[1] for r in rows) / step_ms:.3f}")
     if fig["median_gpu_step_ms"] is not None:
         print(f"median GPU step time from the step markers (every step): {fig['median_gpu_step_ms']:.2f} ms; "
-              f"profiled steps: {', '.join(f'{x:.2f}' for x in fig['profiled_step_ms'])} ms")
+              f"profiled steps: {', '.join(f'{x:.2f}' for x in fig['profiled_step_ms']) or 'none timed'} ms")
     if fig["energy_j_per_step"]:
         print(f"energy per step {fig['energy_j_per_step']:.1f} J, average power {fig['avg_power_w']:.0f} W "
               "(device energy counter)")
@@ -157,11 +161,14 @@ def main(argv=None) -> None:
     per_gpu = f" per GPU x {args.devices} GPUs (DDP)" if multi else ""
     say(f"GPT: {params / 1e6:.0f} M parameters, {cfg['layers']} layers, d={cfg['d']}, seq {cfg['seq']}, batch {batch}{per_gpu}, {args.precision}")
     with_s, without_s, last = [], [], None
+    blocks_ms, arms = [], []
     for r in range(args.rounds):
         order = (True, False) if r % 2 == 0 else (False, True)
         for on in order:
             step_s, kd = run_block(model, loader, args, on)
             (with_s if on else without_s).append(step_s)
+            blocks_ms.append(step_s * 1e3)
+            arms.append("on" if on else "off")
             if kd is not None:
                 last = kd
             say(f"round {r} {'with   ' if on else 'without'} kdvfs: {step_s * 1e3:8.2f} ms/step", flush=True)
@@ -178,6 +185,8 @@ def main(argv=None) -> None:
         say(f"\nmedian step time without kdvfs: {med_without * 1e3:.2f} ms")
         say(f"median step time with kdvfs:    {med_with * 1e3:.2f} ms")
         say(f"overhead: {overhead * 100:+.2f}%")
+        stats = summarise([x * 1e3 for x in with_s], [x * 1e3 for x in without_s], blocks_ms, arms)
+        say(format_summary(stats))
         if multi:
             say("(step times are rank 0's timer; each rank's own is in its section below)")
             for fig in ranks:
@@ -189,7 +198,7 @@ def main(argv=None) -> None:
             print(format_region_table(rows, step_ms=med_with * 1e3, simulated=s["model_prediction"]))
             print(f"region sum / measured step time: {sum(r[1] for r in rows) / (med_with * 1e3):.3f}")
             print(f"median GPU step time from the step markers (every step): {mine['median_gpu_step_ms']:.2f} ms; "
-                  f"profiled steps: {', '.join(f'{x:.2f}' for x in mine['profiled_step_ms'])} ms")
+                  f"profiled steps: {', '.join(f'{x:.2f}' for x in mine['profiled_step_ms']) or 'none timed'} ms")
             if s["energy_j_per_step"]:
                 print(f"energy per step {s['energy_j_per_step']:.1f} J, average power {s['avg_power_w']:.0f} W (device energy counter)")
             print(f"host time in kdvfs's hooks: {mine['host_ms_per_step']:.3f} ms per step (last block)")
@@ -199,6 +208,7 @@ def main(argv=None) -> None:
             "region_sum_ms": sum(r[1] for r in mine["regions"]), "median_gpu_step_ms": mine["median_gpu_step_ms"],
             "profiled_step_ms": mine["profiled_step_ms"], "summary": mine["summary"],
             "world_size": len(ranks), "batch_per_gpu": batch, "step_times_from": "rank 0", "ranks": ranks,
+            **stats,
         }
         if args.json_out:
             with open(args.json_out, "w") as f:
