@@ -46,6 +46,9 @@ TOLERANCE_OF_LEAD = 0.25
 MIN_TOLERANCE_S = 2e-4
 #: Cycles of marker times kept for the prediction.
 _KEEP_CYCLES = 4
+#: Markers in one cycle at most. A cycle starts at a step's first change; in a run whose clocks
+#: stop changing (observe mode, a fixed plan) the step stamps would otherwise grow one cycle forever.
+MAX_CYCLE_MARKERS = 4096
 
 
 @dataclass
@@ -82,7 +85,8 @@ class BoundaryPredictor:
 
     def slot(self, label: str, step: int, is_change: bool) -> tuple[int, int]:
         with self._lock:
-            if self._cycle < 0 or (is_change and step != self._cycle_step):
+            if self._cycle < 0 or (is_change and step != self._cycle_step) \
+                    or len(self._labels[self._cycle]) >= MAX_CYCLE_MARKERS:
                 self._cycle += 1
                 self._cycle_step = step
                 self._labels[self._cycle] = []

@@ -152,3 +152,17 @@ def test_the_worker_writes_ahead_of_a_real_marker():
     assert all(e > -0.025 for e in early), "never much later than the boundary"
     ahead = [e >= lead / 2 for e in early[-6:]]
     assert sum(ahead) >= 4, early
+
+
+def test_stamps_without_changes_do_not_grow_one_cycle_forever():
+    from kdvfs_plugins.actuator import MAX_CYCLE_MARKERS
+
+    p = BoundaryPredictor(tolerance_s=0.001)
+    # observe mode: two step stamps a step, never a change
+    for step in range(3 * MAX_CYCLE_MARKERS):
+        for _ in range(2):
+            p.reached(p.slot("", -1, False), float(step))
+    assert max(len(labels) for labels in p._labels.values()) <= MAX_CYCLE_MARKERS
+    assert sum(len(t) for t in p._times.values()) <= (4 + 2) * MAX_CYCLE_MARKERS
+    # a change still opens its own cycle and is numbered from its start
+    assert p.slot("forward", 10**6, True)[1] == 0
