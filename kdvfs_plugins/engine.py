@@ -32,6 +32,12 @@ from .regions import STEP
 #: "leave the clocks as they are" (observe mode chooses nothing).
 _KEEP = object()
 
+#: Host seconds between step markers that the actuator's worker waits on, where markers can be
+#: dated from one another (CUDA events): the other steps' times follow from those anchors on the
+#: GPU's own clock, which drifts from the host's by parts per million. Each wait wakes the worker,
+#: which then takes the GIL from a training thread that the CPU may pace.
+ANCHOR_PERIOD_S = 2.0
+
 
 class _LayoutMeter(Meter):
     """A meter that can also hand over one profiled step's stretches in order (the explorer's layout).
@@ -96,6 +102,8 @@ class Engine:
         self._plan_key: dict = {}
         self._regions_checked = False
         self._progress = None
+        self._last_anchor_s: Optional[float] = None
+        self._last_step_changed = False
         #: Which steps are profiled outside exploration (set at start).
         self.cadence: Optional[ProfileCadence] = None
 
@@ -367,8 +375,22 @@ class Engine:
         self._stack = [STEP]
         marker = self.device.marker()
         st = self.meter.step_begin(self.step, marker, STEP, profiled=self.profiling, detailed=self._detail)
-        self.actuator.stamp(marker, lambda t, st=st, m=marker: self.meter.reached(st, "begin", t, m))
+        st.begin_stamped = self._stamp_due(marker)
+        if st.begin_stamped:
+            self.actuator.stamp(marker, lambda t, st=st, m=marker: self.meter.reached(st, "begin", t, m))
         self._apply(marker, STEP)
+
+    def _stamp_due(self, marker) -> bool:
+        """Whether the worker waits on this step's begin marker: always where markers cannot be
+        dated from one another or the last step changed clocks (the boundary predictor anchors
+        each step cycle on it), else once per ``ANCHOR_PERIOD_S``."""
+        if not marker.dated_by_anchor or self._last_step_changed:
+            return True
+        now = time.perf_counter()
+        if self._last_anchor_s is not None and now - self._last_anchor_s < ANCHOR_PERIOD_S:
+            return False
+        self._last_anchor_s = now
+        return True
 
     def region_enter(self, name: str) -> None:
         if not (self.active and self._in_step):
@@ -410,7 +432,13 @@ class Engine:
         self._stack = []
         marker = self.device.marker()
         st = self.meter.step_end(marker)
-        self.actuator.stamp(marker, lambda t, st=st, m=marker: self.meter.reached(st, "end", t, m))
+        if st is not None:
+            self._last_step_changed = st.clock_changes > 0
+            # A step that changed clocks has its end stamped: the worker reaches it only after
+            # those changes, so its markers are not reused while a change still waits on one.
+            st.end_stamped = st.begin_stamped or self._last_step_changed or not marker.dated_by_anchor
+            if st.end_stamped:
+                self.actuator.stamp(marker, lambda t, st=st, m=marker: self.meter.reached(st, "end", t, m))
         return self.meter.poll()
 
     def _boundary(self, name: str, enter: bool) -> None:

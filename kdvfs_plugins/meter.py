@@ -144,6 +144,9 @@ class _Step:
     profiled: bool = True
     #: module boundaries were marked too (the region table counts only such steps)
     detailed: bool = True
+    #: the actuator's worker dates the begin / end marker; otherwise an anchor does (see Meter)
+    begin_stamped: bool = True
+    end_stamped: bool = True
 
 
 class Meter:
@@ -180,6 +183,8 @@ class Meter:
         #: Steps before this one are left out of the region table (allocator and autotuning warm-up).
         self.warmup_steps = 0
         self.profiled_steps_seen = 0
+        #: ((step, 0 begin / 1 end), marker, host time reached): step markers the worker dated
+        self._anchors: deque = deque(maxlen=8)
 
     def start(self) -> None:
         if self.sampler is not None:
@@ -224,6 +229,30 @@ class Meter:
             st.t_begin_s = t
         else:
             st.t_end_s = t
+        if marker.dated_by_anchor:
+            with self._lock:
+                self._anchors.append(((st.step, 0 if which == "begin" else 1), marker, t))
+
+    def _anchored_s(self, key: tuple[int, int], marker: Marker) -> Optional[float]:
+        """Host time at which the GPU reached ``marker``, from the latest anchor not after it."""
+        with self._lock:
+            if not self._anchors:
+                return None  # the first step's stamp is on its way
+            anchor = next((a for a in reversed(self._anchors) if a[0] <= key), None)
+        if anchor is None:
+            # Older than every anchor kept (a step left pending far behind): the GPU reached it by
+            # now, which is late by at most the time since the last poll. Waiting would stall.
+            return time.perf_counter()
+        _, a_marker, a_s = anchor
+        return a_s if a_marker is marker else a_s + a_marker.elapsed_ms(marker) / 1e3
+
+    def _date(self, st: _Step) -> bool:
+        """Fill in the host times of the step's markers that no thread waited on; False: no anchor yet."""
+        if st.t_begin_s is None and not st.begin_stamped:
+            st.t_begin_s = self._anchored_s((st.step, 0), st.marks[0][0])
+        if st.t_end_s is None and not st.end_stamped:
+            st.t_end_s = self._anchored_s((st.step, 1), st.end)
+        return st.t_begin_s is not None and st.t_end_s is not None
 
     def poll(self, wait: bool = False) -> list[StepRecord]:
         """Resolve finished steps (and windows) whose markers the GPU has reached."""
@@ -233,13 +262,19 @@ class Meter:
                 if not self._pending:
                     break
                 st = self._pending[0]
-                # t_end_s is set by the actuator's worker once it has handled every earlier job,
-                # so no queued clock change still waits on a marker about to be reused.
-                if not wait and (st.t_end_s is None or not st.end.query()):
+                # A stamped time is set by the actuator's worker once it has handled every earlier
+                # job, so no queued clock change still waits on a marker about to be reused (a step
+                # with clock changes always has its end stamped).
+                if not wait and ((st.end_stamped and st.t_end_s is None)
+                                 or (st.begin_stamped and st.t_begin_s is None) or not st.end.query()):
                     break
-                self._pending.popleft()
             if wait:
                 st.end.wait()
+                self._date(st)
+            elif not self._date(st):
+                break  # the anchor before it is not reached yet
+            with self._lock:  # only this thread takes steps off the queue
+                self._pending.popleft()
             done.append(self._resolve(st))
         self._close_windows(final=False)
         return done

@@ -40,6 +40,10 @@ class Marker(abc.ABC):
     def elapsed_ms(self, later: "Marker") -> float:
         """GPU time from this marker to ``later`` (both reached)."""
 
+    #: Whether the host time at which the GPU reached this marker follows from an earlier marker's
+    #: (its ``elapsed_ms`` on one GPU clock), so that not every marker needs a thread to wait on it.
+    dated_by_anchor = False
+
     def gpu_time_s(self) -> Optional[float]:
         """Absolute GPU-timeline position in seconds, where the device has one (simulated)."""
         return None
@@ -67,6 +71,7 @@ class CudaMarker(Marker):
     """A CUDA event on the current stream. Recording costs about 12 µs of CPU time on an H100."""
 
     __slots__ = ("event",)
+    dated_by_anchor = True
 
     def __init__(self, event) -> None:
         self.event = event
