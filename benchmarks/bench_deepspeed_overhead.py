@@ -1,6 +1,6 @@
 """Step-time overhead of kdvfs under DeepSpeed: the same engine, kdvfs attached and detached.
 
-A GPT-style model (default ~355M parameters, bf16, ZeRO-2, one GPU) is trained through
+A GPT-style model (default ~406M parameters, bf16, ZeRO-2, one GPU) is trained through
 ``kdvfs_deepspeed.initialize`` with ``"device": "observe"`` (reads the GPU, never writes a clock).
 Blocks of steps alternate between kdvfs attached and detached (rounds ordered on/off, off/on, ...),
 so both arms see the same warm-up, allocator state and thermal history; the first steps of each
@@ -8,10 +8,12 @@ block are dropped. Besides the medians over all steps of each arm, the overhead 
 two blocks, run back to back) is printed: on a host whose step time drifts during the run, the
 median of those is the steadier figure; it comes with a bootstrap interval and with how much
 adjacent blocks of the same arm differ, the noise of one round (see overhead_stats.py). Short
-blocks and many rounds beat drift best:
+blocks and many rounds beat drift best. Each block's kdvfs session is too short to profile a
+step after its first (dropped with the settle steps), so ``--continuous-steps`` ends the run with
+one long session and prints what its profiled steps cost by kdvfs's own measure:
 
     torchrun --standalone --nproc_per_node 2 benchmarks/bench_deepspeed_overhead.py \
-        --blocks 40 --steps-per-block 8 --settle-steps 1 --mode observe
+        --blocks 40 --steps-per-block 8 --settle-steps 1 --mode observe --continuous-steps 300
 
     python benchmarks/bench_deepspeed_overhead.py                     # one GPU
     python benchmarks/bench_deepspeed_overhead.py --tiny --steps-per-block 3 --blocks 4   # CPU check
