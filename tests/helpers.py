@@ -1,7 +1,10 @@
-"""Shared test helpers: deterministic work sources and a region recorder plugin."""
+"""Shared test helpers: deterministic work sources, a region recorder plugin, a lagging marker."""
 from __future__ import annotations
 
+import time
+
 from kdvfs_plugins import hookimpl
+from kdvfs_plugins.devices.base import Marker
 from kdvfs_plugins.sim.gpu import Work
 
 
@@ -41,3 +44,21 @@ class RegionRecorder:
     def phases(self, step=None):
         """Entered region names (phases only) in order."""
         return [r for kind, r, s in self.events if kind == "enter" and "/" not in r and (step is None or s == step)]
+
+
+class TimedMarker(Marker):
+    """Reached when the host clock passes ``t`` (a GPU running behind the training thread)."""
+
+    def __init__(self, t):
+        self.t = t
+
+    def query(self):
+        return time.perf_counter() >= self.t
+
+    def wait(self):
+        d = self.t - time.perf_counter()
+        if d > 0:
+            time.sleep(d)
+
+    def elapsed_ms(self, later):
+        return (later.t - self.t) * 1e3

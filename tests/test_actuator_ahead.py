@@ -11,8 +11,9 @@ import pytest
 
 from kdvfs_plugins.actuator import Actuator, BoundaryPredictor
 from kdvfs_plugins.clocks import ClockPair
-from kdvfs_plugins.devices.base import Marker
 from kdvfs_plugins.devices.simulated import VirtualMarker
+
+from helpers import TimedMarker
 
 A, B, C = ClockPair(1980, 2619), ClockPair(1200, 2619), ClockPair(900, 2619)
 #: (offset from the step's start s, region, clocks) of each change; the step lasts PERIOD_S
@@ -85,24 +86,6 @@ def test_predictor_needs_the_same_marker_sequence():
             p.reached(p.slot(label, c, True), c * 1.0 + i * 0.1)
     other = p.slot("x", 3, True)  # a different region where "a" was: no prediction
     assert p.predict(other) is None
-
-
-class TimedMarker(Marker):
-    """Reached when the host clock passes ``t`` (a GPU running behind the training thread)."""
-
-    def __init__(self, t):
-        self.t = t
-
-    def query(self):
-        return time.perf_counter() >= self.t
-
-    def wait(self):
-        d = self.t - time.perf_counter()
-        if d > 0:
-            time.sleep(d)
-
-    def elapsed_ms(self, later):
-        return (later.t - self.t) * 1e3
 
 
 class HostRecorder:

@@ -9,30 +9,20 @@ import pytest
 import kdvfs_plugins.engine as engine_module
 from kdvfs_plugins import KdvfsConfig
 from kdvfs_plugins.devices import SimulatedDevice
-from kdvfs_plugins.devices.base import Marker
 from kdvfs_plugins.engine import Engine
+
+from helpers import TimedMarker
 
 LAG_S = 0.003  # the GPU reaches a marker this long after the CPU records it
 
 
-class LaggingMarker(Marker):
-    """Reached when the host clock passes ``t``; dated from another on that one clock, like CUDA events."""
+class LaggingMarker(TimedMarker):
+    """Reached ``LAG_S`` after it is recorded; dated from another on that one clock, like CUDA events."""
 
     dated_by_anchor = True
 
     def __init__(self):
-        self.t = time.perf_counter() + LAG_S
-
-    def query(self):
-        return time.perf_counter() >= self.t
-
-    def wait(self):
-        d = self.t - time.perf_counter()
-        if d > 0:
-            time.sleep(d)
-
-    def elapsed_ms(self, later):
-        return (later.t - self.t) * 1e3
+        super().__init__(time.perf_counter() + LAG_S)
 
 
 class LaggingDevice(SimulatedDevice):
