@@ -377,8 +377,12 @@ class Engine:
         st = self.meter.step_begin(self.step, marker, STEP, profiled=self.profiling, detailed=self._detail)
         st.begin_stamped = self._stamp_due(marker)
         if st.begin_stamped:
-            self.actuator.stamp(marker, lambda t, st=st, m=marker: self.meter.reached(st, "begin", t, m))
+            self._stamp(st, "begin", marker)
         self._apply(marker, STEP)
+
+    def _stamp(self, st, which: str, marker) -> None:
+        """Have the worker note when the GPU reaches the step's ``which`` ("begin"/"end") marker."""
+        self.actuator.stamp(marker, lambda t: self.meter.reached(st, which, t, marker))
 
     def _stamp_due(self, marker) -> bool:
         """Whether the worker waits on this step's begin marker: always where markers cannot be
@@ -438,7 +442,7 @@ class Engine:
             # those changes, so its markers are not reused while a change still waits on one.
             st.end_stamped = st.begin_stamped or self._last_step_changed or not marker.dated_by_anchor
             if st.end_stamped:
-                self.actuator.stamp(marker, lambda t, st=st, m=marker: self.meter.reached(st, "end", t, m))
+                self._stamp(st, "end", marker)
         return self.meter.poll()
 
     def _boundary(self, name: str, enter: bool) -> None:

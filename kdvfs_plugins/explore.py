@@ -37,8 +37,9 @@ time grows at most like the clock ratio), keeps the cumulative exploration slowd
 Plan and validation. The fitted tables (time and energy for every knob at every clock state)
 feed :func:`kdvfs_plugins.planner.plan` with the step's stretches in order and the switch model.
 A lock that pays less than the fit resolves (``MIN_PREDICTED_SAVING`` of the step) goes back to
-default, so that similar data give one plan where the minimum is flat. The plan is then validated: plan blocks interleaved with default blocks, energy and time change
-per pair (mean, min, max; the paper's re-measurement). It is applied only if the energy saving is
+default, so that similar data give one plan where the minimum is flat. The plan is then
+validated: plan blocks interleaved with default blocks, energy and time change per pair (mean,
+min, max; the paper's re-measurement). It is applied only if the energy saving is
 significant (mean + 2 standard errors < 0) and the slowdown within the budget (mean - 2 standard
 errors <= max_slowdown). A plan that saves but was too slow is re-planned once, with every time
 effect of its locks made less favourable by twice the measured miss.
