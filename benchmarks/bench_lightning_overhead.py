@@ -58,6 +58,30 @@ class BlockTimer(pl.Callback):
             self.step_s = (time.perf_counter() - self.t0) / self.n
 
 
+class HostTimeSampler(pl.Callback):
+    """kdvfs's host time in each timed step, and whether kdvfs profiled it.
+
+    Listed before the kdvfs callback, so the reading at one batch start comes before kdvfs's own
+    hooks of that batch: the difference to the next start is all kdvfs spent on the batch.
+    """
+
+    def __init__(self, kd, warmup: int):
+        self.kd, self.warmup = kd, warmup
+        self._last_s = None
+        self.ms = {"plain": [], "profiled": []}
+        self._profiled = False
+
+    def on_train_batch_start(self, trainer, module, batch, batch_idx):
+        now_s = self.kd.host_time_s
+        if self._last_s is not None and batch_idx > self.warmup:
+            self.ms["profiled" if self._profiled else "plain"].append((now_s - self._last_s) * 1e3)
+        self._last_s = now_s
+
+    def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx):
+        engine = self.kd.engine
+        self._profiled = engine is not None and engine.profiling
+
+
 def run_block(model, loader, args, with_kdvfs: bool):
     timer = BlockTimer(args.warmup, args.steps)
     callbacks = [timer]
@@ -68,7 +92,8 @@ def run_block(model, loader, args, with_kdvfs: bool):
         # ends before it would space the next: a block profiles more often than a long run does.
         kd = KernelDVFS(device=args.device, mode="observe", run_dir=args.run_dir, window_steps=args.window_steps,
                         granularity=args.granularity, warmup_steps=0)
-        callbacks.append(kd)
+        kd.host_sampler = HostTimeSampler(kd, args.warmup)
+        callbacks += [kd.host_sampler, kd]
     # A new Trainer per block; the process group the first DDP fit opens stays up and is reused.
     parallel = dict(strategy="ddp", num_nodes=1) if args.devices > 1 else {}
     trainer = pl.Trainer(
@@ -85,6 +110,7 @@ def rank_figures(kd, args, rank: int, local_rank: int, with_s, without_s) -> dic
     eng = kd.engine
     s = eng.summary()
     timed = [r for r in eng.meter.steps if r.step >= args.warmup]
+    plain, profiled = kd.host_sampler.ms["plain"], kd.host_sampler.ms["profiled"]
     return {
         "rank": rank, "local_rank": local_rank, "gpu": gpu_identity(eng),
         "median_with_ms": statistics.median(with_s) * 1e3, "median_without_ms": statistics.median(without_s) * 1e3,
@@ -93,8 +119,11 @@ def rank_figures(kd, args, rank: int, local_rank: int, with_s, without_s) -> dic
         "median_gpu_step_ms": statistics.median(r.gpu_time_ms for r in timed) if timed else None,
         "profiled_step_ms": [r.gpu_time_ms for r in timed if r.region_time_ms],
         "energy_j_per_step": s["energy_j_per_step"], "avg_power_w": s["avg_power_w"], "summary": s,
-        # every step of the block, its warm-up steps included
+        # every step of the block, its warm-up steps (and the hook installation) included
         "host_ms_per_step": kd.host_time_s * 1e3 / (args.warmup + args.steps),
+        # the timed steps (but the last), split by whether kdvfs profiled them
+        "host_ms_plain_step_median": statistics.median(plain) if plain else None,
+        "host_ms_profiled_steps": profiled,
     }
 
 
@@ -115,7 +144,15 @@ def print_rank(fig: dict) -> None:
               "(device energy counter)")
     else:
         print("energy per step: none (no energy window closed in the last block)")
-    print(f"host time in kdvfs's hooks: {fig['host_ms_per_step']:.3f} ms per step (last block)")
+    print(host_time_line(fig))
+
+
+def host_time_line(fig: dict) -> str:
+    plain, profiled = fig["host_ms_plain_step_median"], fig["host_ms_profiled_steps"]
+    return (f"host time in kdvfs's hooks (last block): {fig['host_ms_per_step']:.3f} ms per step with the "
+            "warm-up's hook installation"
+            + ("" if plain is None else f"; median {plain:.3f} ms on a plain timed step")
+            + ("" if not profiled else f", {statistics.fmean(profiled):.2f} ms on a profiled one ({len(profiled)})"))
 
 
 def main(argv=None) -> None:
@@ -201,7 +238,7 @@ def main(argv=None) -> None:
                   f"profiled steps: {', '.join(f'{x:.2f}' for x in mine['profiled_step_ms']) or 'none timed'} ms")
             if s["energy_j_per_step"]:
                 print(f"energy per step {s['energy_j_per_step']:.1f} J, average power {s['avg_power_w']:.0f} W (device energy counter)")
-            print(f"host time in kdvfs's hooks: {mine['host_ms_per_step']:.3f} ms per step (last block)")
+            print(host_time_line(mine))
         out = {
             "params": params, "median_with_ms": med_with * 1e3, "median_without_ms": med_without * 1e3,
             "overhead": overhead, "with_ms": [x * 1e3 for x in with_s], "without_ms": [x * 1e3 for x in without_s],

@@ -71,7 +71,11 @@ def test_lightning_two_ranks(tmp_path):
     assert "batch 4 per GPU x 2 GPUs (DDP)" in proc.stdout
     assert len(result["with_ms"]) == len(result["without_ms"]) == 1 and result["step_times_from"] == "rank 0"
     assert all(0 < r["host_ms_per_step"] < 1e3 for r in result["ranks"])
-    assert proc.stdout.count("host time in kdvfs's hooks:") == 2
+    # the timed steps but the last (11) split by profiled or not; the warm-up's installation left out
+    for r in result["ranks"]:
+        assert len(r["host_ms_profiled_steps"]) < 11 and 0 < r["host_ms_plain_step_median"] < r["host_ms_per_step"]
+    assert proc.stdout.count("host time in kdvfs's hooks (last block):") == 2
+    assert proc.stdout.count("on a plain timed step") == 2
     for rank in (0, 1):
         assert (tmp_path / "run" / f"rank{rank}" / "summary.json").exists()
 
@@ -98,3 +102,20 @@ def test_deepspeed_two_ranks_zero2(tmp_path):
         c = r["continuous"]
         assert c["steps"] == 12 and c["profiled_steps"] and c["interval_steps"] >= 25
     assert proc.stdout.count("one kdvfs session over 12 steps") == 2
+
+
+def test_deepspeed_two_ranks_synchronised_per_block(tmp_path):
+    pytest.importorskip("deepspeed")
+    out = tmp_path / "bench.json"
+    proc = torchrun("bench_deepspeed_overhead.py", ["--tiny", "--mode", "observe", "--steps-per-block", 8,
+                                                    "--blocks", 2, "--warmup-steps", 2, "--sync", "block",
+                                                    "--run-dir", tmp_path / "run", "--json", out],
+                    {"DS_ACCELERATOR": "cpu"})
+    result = json.loads(out.read_text())
+    assert result["sync"] == "block" and "synchronised per block" in proc.stdout
+    # one time per block, the mean of its steps after the settle steps; host time still per step
+    assert result["steps_per_arm"] == 2 * (8 - 2)
+    assert [len(b) for b in result["block_steps_ms"]] == [1] * 4 and all(b[0] > 0 for b in result["block_steps_ms"])
+    assert all(len(p) == 8 - 2 for p in result["block_steps_profiled"])
+    assert all(0 < r["host_ms_per_step"] < 1e3 for r in result["ranks"])
+    assert "(median of the blocks' means)" in proc.stdout and len(result["overhead_pct_per_round"]) == 2
