@@ -11,6 +11,11 @@ costs nothing). The profiled steps are then spaced so that they cost at most ``b
 time, and never more than ``max_stretch`` times ``profile_every_n_steps`` apart, so the region
 table keeps following the run. The first profiled step installs the module hooks and pays once
 for that, so its cost does not count.
+
+A step's GPU time arrives when the GPU has finished it and kdvfs has dated it, which on a step
+that changes no clock can be a couple of seconds later (see ``Engine``'s anchors): no step is
+profiled while the one before it still waits to be judged, or an 85 ms step profiled one in 25
+would have profiled again before learning what the last one cost.
 """
 from __future__ import annotations
 
@@ -42,15 +47,23 @@ class ProfileCadence:
         self.extra_ms: Optional[float] = None
         self._plain_ms: deque = deque(maxlen=32)
         self._due: set = set()
-        self._profiled_seen = 0
+        self._first: Optional[int] = None
 
     def due(self, step: int) -> bool:
         """Whether ``step`` is to be profiled (call once per step, in order)."""
-        if step < self.next_step:
+        if step < self.next_step or self._awaiting_judgement(step):
             return False
         self.next_step = step + self.interval
+        if self._first is None:
+            self._first = step
         self._due.add(step)
         return True
+
+    def _awaiting_judgement(self, step: int) -> bool:
+        """A profiled step to be judged has not been measured yet (and may still be)."""
+        # A measurement that never comes (a step whose record was dropped) stops no one for long.
+        self._due = {d for d in self._due if step - d < self.every_n_steps * self.max_stretch}
+        return any(d != self._first for d in self._due)  # the first is not judged: no wait for it
 
     def measured(self, step: int, gpu_time_ms: float, profiled: bool) -> None:
         """A step's GPU time, once the GPU has finished it."""
@@ -60,8 +73,7 @@ class ProfileCadence:
         if step not in self._due:
             return  # profiled for another reason (exploration, a plugin watching regions)
         self._due.discard(step)
-        self._profiled_seen += 1
-        if self._profiled_seen == 1 or len(self._plain_ms) < MIN_PLAIN_STEPS:
+        if step == self._first or len(self._plain_ms) < MIN_PLAIN_STEPS:
             return
         plain_ms = statistics.median(self._plain_ms)
         if plain_ms <= 0:

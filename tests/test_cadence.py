@@ -54,6 +54,32 @@ def test_steps_profiled_for_other_reasons_do_not_count():
     assert c.interval == 5 and c.extra_ms == pytest.approx(0.0)
 
 
+def test_no_step_is_profiled_while_the_last_one_waits_to_be_judged():
+    c = ProfileCadence(5, first_step=0)
+    lag_steps = 12  # step times arrive this many steps late (dated by an anchor seconds later)
+    due, profiled = [], []
+    for step in range(300):
+        due.append(c.due(step))
+        if due[-1]:
+            profiled.append(step)
+        if step >= lag_steps:
+            late = step - lag_steps
+            c.measured(late, 120.0 if due[late] else 100.0, profiled=due[late])
+    # 0 is not judged (no wait); 5 is, and nothing is profiled until its time arrives at step 17,
+    # which spaces the next 100 steps on: one step in 5 would have profiled 10 and 15 meanwhile
+    assert profiled == [0, 5, 105, 205]
+    assert c.interval == 100
+
+
+def test_a_measurement_that_never_comes_stops_profiling_only_for_a_while():
+    c = ProfileCadence(5, first_step=0, max_stretch=4)
+    assert c.due(0)
+    c.measured(0, 100.0, profiled=True)
+    assert c.due(5)  # never measured
+    waited = [s for s in range(6, 40) if c.due(s)]
+    assert waited[0] == 5 + 5 * 4  # gives up after the longest spacing
+
+
 class MarkerCostDevice(SimulatedDevice):
     """Every marker costs the GPU 1 ms (the host paces it); the test adds the step's own work."""
 
