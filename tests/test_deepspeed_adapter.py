@@ -360,5 +360,5 @@ def test_host_time_counts_the_module_hooks_and_the_logged_overhead_spreads_it_ov
     # one log per resolved step (each step_end resolved one): the logged figures add up to the
     # host time up to the last log
     assert len(logged_ms) == resolved >= 4 and all(v > 0 for v in logged_ms)
-    assert sum(logged_ms) == pytest.approx(adapter._host_logged_s * 1e3)
-    assert adapter._host_logged_s <= adapter.host_time_s
+    assert sum(logged_ms) == pytest.approx(adapter._metrics.logged_host_s * 1e3)
+    assert adapter._metrics.logged_host_s <= adapter.host_time_s

@@ -27,6 +27,7 @@ from kdvfs_plugins.engine import Engine
 from kdvfs_plugins.log import logger
 from kdvfs_plugins.module_regions import ModuleRegions
 from kdvfs_plugins.regions import BACKWARD, COMMUNICATION, FORWARD, OPTIMIZER
+from kdvfs_plugins.step_metrics import StepMetrics
 
 from .config import as_kdvfs_config, config_from_deepspeed, BLOCK_KEY
 
@@ -89,8 +90,7 @@ class DeepSpeedAdapter:
         self._modules: Optional[ModuleRegions] = None
         self._comm_depth = 0
         self._host_s = 0.0
-        self._host_logged_s = 0.0  # host_time_s at the last log
-        self._steps_since_log = 0
+        self._metrics = StepMetrics()
         self._closed = False
 
     # ------------------------------------------------------------------ lifecycle
@@ -299,27 +299,16 @@ class DeepSpeedAdapter:
         self._log(records)
 
     def _log(self, records) -> None:
-        self._steps_since_log += len(records)
+        self._metrics.count(records)
         monitor = getattr(self.ds, "monitor", None)
         if not records or monitor is None or not getattr(monitor, "enabled", False):
             return
         if self.ds.global_steps % self.config.log_every_n_steps:
             return
-        last = records[-1]
-        samples = self.ds.global_samples
-        host_s = self.host_time_s
-        events = [
-            ("kdvfs/gpu_time_ms", last.gpu_time_ms, samples),
-            ("kdvfs/clock_changes", float(last.clock_changes), samples),
-            ("kdvfs/overhead_ms", (host_s - self._host_logged_s) * 1e3 / self._steps_since_log, samples),
-        ]
-        self._host_logged_s, self._steps_since_log = host_s, 0
         wins = self.engine.meter.windows if self.engine.meter else []
-        if wins:
-            events.append(("kdvfs/energy_j_per_step", wins[-1].energy_j / wins[-1].steps, samples))
-            if wins[-1].avg_power_w is not None:
-                events.append(("kdvfs/power_w", wins[-1].avg_power_w, samples))
-        monitor.write_events(events)  # DeepSpeed's monitors write on rank 0 only
+        metrics = self._metrics.take(records[-1], wins, self.host_time_s)
+        samples = self.ds.global_samples
+        monitor.write_events([(name, value, samples) for name, value in metrics.items()])  # rank 0 writes
 
 
 # ---------------------------------------------------------------------- helpers

@@ -23,6 +23,7 @@ from kdvfs_plugins.log import logger
 from kdvfs_plugins.module_regions import ModuleRegions
 from kdvfs_plugins.plan import Plan
 from kdvfs_plugins.regions import BACKWARD, FORWARD, OPTIMIZER
+from kdvfs_plugins.step_metrics import StepMetrics
 
 
 class KernelDVFS(Callback):
@@ -42,8 +43,7 @@ class KernelDVFS(Callback):
         self._stepped = False
         self._restored_plan: Optional[dict] = None
         self._host_s = 0.0
-        self._host_logged_s = 0.0  # host_time_s at the last log
-        self._steps_since_log = 0
+        self._metrics = StepMetrics()
         self.records: list = []
 
     # ------------------------------------------------------------------ lifecycle
@@ -142,21 +142,10 @@ class KernelDVFS(Callback):
             self._host_s += time.perf_counter() - t0
 
     def _log(self, trainer, records) -> None:
-        self._steps_since_log += len(records)
+        self._metrics.count(records)
         if not records or not trainer.loggers or trainer.global_step % self.config.log_every_n_steps:
             return
-        last = records[-1]
-        host_s = self.host_time_s
-        metrics = {
-            "kdvfs/gpu_time_ms": last.gpu_time_ms,
-            "kdvfs/clock_changes": float(last.clock_changes),
-            "kdvfs/overhead_ms": (host_s - self._host_logged_s) * 1e3 / self._steps_since_log,
-        }
-        self._host_logged_s, self._steps_since_log = host_s, 0
-        wins = self.engine.meter.windows
-        if wins:
-            metrics["kdvfs/energy_j_per_step"] = wins[-1].energy_j / wins[-1].steps
-            metrics["kdvfs/power_w"] = wins[-1].avg_power_w
+        metrics = self._metrics.take(records[-1], self.engine.meter.windows, self.host_time_s)
         for lg in trainer.loggers:
             lg.log_metrics(metrics, step=trainer.global_step)
 
