@@ -51,7 +51,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from kdvfs_plugins.engine import format_region_table
-from overhead_stats import abba_arm, format_summary, summarise  # next to this script
+from overhead_stats import abba_arm, format_long_session, format_summary, long_session_figures, summarise  # next to this script
 from rank_gpu import describe_gpu, gpu_identity  # benchmarks/rank_gpu.py, next to this script
 
 
@@ -184,13 +184,8 @@ def print_rank(fig: dict) -> None:
           f"({fig['host_ms_per_step'] / step_ms:.2%} of the step)"
           + ("" if plain is None else f"; median {plain:.3f} ms on a plain step")
           + ("" if profiled is None else f", {profiled:.2f} ms on a profiled one ({fig['profiled_steps']} steps)"))
-    c = fig.get("continuous")
-    if c:
-        cost = ("no profiled step judged yet" if c["profiling_share"] is None else
-                f"each added {c['extra_ms_per_profiled_step']:.1f} ms to a {c['median_plain_gpu_ms']:.1f} ms step: "
-                f"{c['profiling_share']:.2%} of the time")
-        print(f"one kdvfs session over {c['steps']} steps: profiled steps {c['profiled_steps']}, now one in "
-              f"{c['interval_steps']}; {cost}")
+    if fig.get("continuous"):
+        print(format_long_session(fig["continuous"]))
 
 
 def main() -> None:
@@ -314,17 +309,8 @@ def main() -> None:
         for _ in range(a.continuous_steps):
             one_step(step)
             step += 1
-        cadence, steps_seen = adapter.engine.cadence, adapter.engine.meter.steps
-        plain = [r.gpu_time_ms for r in steps_seen if not r.region_time_ms]
-        profiled = [r.step for r in steps_seen if r.region_time_ms]
-        kdvfs_deepspeed.close(engine)
-        plain_ms = statistics.median(plain) if plain else None
-        continuous = {
-            "steps": a.continuous_steps, "profiled_steps": profiled, "interval_steps": cadence.interval,
-            "extra_ms_per_profiled_step": cadence.extra_ms, "median_plain_gpu_ms": plain_ms,
-            "profiling_share": (cadence.extra_ms / (cadence.interval * plain_ms)
-                                if cadence.extra_ms is not None and plain_ms else None),
-        }
+        kdvfs_deepspeed.close(engine)  # the engine's figures stay readable after closing
+        continuous = long_session_figures(adapter.engine, a.continuous_steps)
 
     on_ms, off_ms = statistics.median(times["on"]) * 1e3, statistics.median(times["off"]) * 1e3
     stats = summarise(block_ms["on"], block_ms["off"], all_block_ms, arms)

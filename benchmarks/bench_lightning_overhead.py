@@ -13,6 +13,11 @@ runs kdvfs on its own GPU, and rank 0 prints each rank's region table, energy an
 
     torchrun --standalone --nproc_per_node 2 benchmarks/bench_lightning_overhead.py --devices 2 --device observe
     torchrun --standalone --nproc_per_node 2 benchmarks/bench_lightning_overhead.py --devices 2 --tiny --device simulated
+
+Each block with the callback is a new kdvfs session, which installs its module hooks in the
+warm-up and profiles one more step 25 steps in, before its cadence has learnt what profiled steps
+cost; a long run spaces them further. ``--continuous-steps N`` ends the run with one fit of N
+steps and prints what its profiled steps cost by kdvfs's own measure.
 """
 from __future__ import annotations
 
@@ -32,7 +37,7 @@ except ImportError:
 from kdvfs_lightning import KernelDVFS
 from kdvfs_lightning.demo import GPT_350M, RandomTokens, TinyGPT
 from kdvfs_plugins.engine import format_region_table
-from overhead_stats import format_summary, summarise  # next to this script
+from overhead_stats import format_long_session, format_summary, long_session_figures, summarise  # next to this script
 from rank_gpu import describe_gpu, gpu_identity  # benchmarks/rank_gpu.py, next to this script
 
 
@@ -145,6 +150,8 @@ def print_rank(fig: dict) -> None:
     else:
         print("energy per step: none (no energy window closed in the last block)")
     print(host_time_line(fig))
+    if fig.get("continuous"):
+        print(format_long_session(fig["continuous"]))
 
 
 def host_time_line(fig: dict) -> str:
@@ -166,6 +173,9 @@ def main(argv=None) -> None:
     p.add_argument("--warmup", type=int, default=None, help="untimed steps at the start of a block (5; --tiny: 2)")
     p.add_argument("--granularity", default="kernel")
     p.add_argument("--run-dir", default="kdvfs_runs/bench_lightning")
+    p.add_argument("--continuous-steps", type=int, default=0,
+                   help="after the blocks, one fit of this many steps with kdvfs, for what its profiled steps "
+                        "cost in a long run (a block's session ends before its cadence has spaced them)")
     p.add_argument("--json", dest="json_out", default=None, help="also write the figures to this file")
     args = p.parse_args(argv)
     if args.devices > 1 and int(os.environ.get("WORLD_SIZE", "1")) != args.devices:
@@ -212,6 +222,10 @@ def main(argv=None) -> None:
     med_with, med_without = statistics.median(with_s), statistics.median(without_s)
     overhead = med_with / med_without - 1
     mine = rank_figures(last, args, rank, local_rank, with_s, without_s)
+    if args.continuous_steps:
+        long_args = argparse.Namespace(**{**vars(args), "warmup": 0, "steps": args.continuous_steps})
+        _, kd = run_block(model, loader, long_args, True)
+        mine["continuous"] = long_session_figures(kd.engine, args.continuous_steps)
     ranks = [mine]
     if multi:
         ranks = [None] * torch.distributed.get_world_size()
@@ -239,6 +253,8 @@ def main(argv=None) -> None:
             if s["energy_j_per_step"]:
                 print(f"energy per step {s['energy_j_per_step']:.1f} J, average power {s['avg_power_w']:.0f} W (device energy counter)")
             print(host_time_line(mine))
+            if mine.get("continuous"):
+                print(format_long_session(mine["continuous"]))
         out = {
             "params": params, "median_with_ms": med_with * 1e3, "median_without_ms": med_without * 1e3,
             "overhead": overhead, "with_ms": [x * 1e3 for x in with_s], "without_ms": [x * 1e3 for x in without_s],

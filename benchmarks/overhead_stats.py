@@ -75,3 +75,28 @@ def format_summary(s: dict) -> str:
         lines.append(f"noise: adjacent blocks of the same arm differ by {s['same_arm_neighbours_median_abs_pct']:.2f} % "
                      f"(median |difference| of {len(s['same_arm_neighbours_pct'])} pairs)")
     return "\n".join(lines)
+
+
+def long_session_figures(engine, steps: int) -> dict:
+    """What one long kdvfs session's profiled steps cost, by kdvfs's own measure (its cadence):
+    the steps it profiled, the spacing in force, each one's extra GPU time against the median plain
+    step, and the share of the time that comes to. A benchmark's short blocks each start a session
+    and end before the cadence has spaced its profiled steps, so they cannot show this."""
+    cadence, records = engine.cadence, engine.meter.steps
+    plain = [r.gpu_time_ms for r in records if not r.region_time_ms]
+    plain_ms = statistics.median(plain) if plain else None
+    return {
+        "steps": steps, "profiled_steps": [r.step for r in records if r.region_time_ms],
+        "interval_steps": cadence.interval, "extra_ms_per_profiled_step": cadence.extra_ms,
+        "median_plain_gpu_ms": plain_ms,
+        "profiling_share": (cadence.extra_ms / (cadence.interval * plain_ms)
+                            if cadence.extra_ms is not None and plain_ms else None),
+    }
+
+
+def format_long_session(c: dict) -> str:
+    cost = ("no profiled step judged yet" if c["profiling_share"] is None else
+            f"each added {c['extra_ms_per_profiled_step']:.1f} ms to a {c['median_plain_gpu_ms']:.1f} ms step: "
+            f"{c['profiling_share']:.2%} of the time")
+    return (f"one kdvfs session over {c['steps']} steps: profiled steps {c['profiled_steps']}, now one in "
+            f"{c['interval_steps']}; {cost}")

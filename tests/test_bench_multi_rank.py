@@ -65,7 +65,8 @@ def test_lightning_two_ranks(tmp_path):
     pytest.importorskip("lightning.pytorch")
     out = tmp_path / "bench.json"
     proc = torchrun("bench_lightning_overhead.py", ["--tiny", "--device", "simulated", "--devices", 2, "--rounds", 1,
-                                                    "--steps", 12, "--run-dir", tmp_path / "run", "--json", out])
+                                                    "--steps", 12, "--continuous-steps", 30,
+                                                    "--run-dir", tmp_path / "run", "--json", out])
     result = json.loads(out.read_text())
     check_ranks(proc, result)
     assert "batch 4 per GPU x 2 GPUs (DDP)" in proc.stdout
@@ -76,6 +77,11 @@ def test_lightning_two_ranks(tmp_path):
         assert len(r["host_ms_profiled_steps"]) < 11 and 0 < r["host_ms_plain_step_median"] < r["host_ms_per_step"]
     assert proc.stdout.count("host time in kdvfs's hooks (last block):") == 2
     assert proc.stdout.count("on a plain timed step") == 2
+    # one long session after the blocks: its first step installs the hooks, the cadence goes on
+    for r in result["ranks"]:
+        c = r["continuous"]
+        assert c["steps"] == 30 and c["profiled_steps"][:2] == [0, 25] and c["interval_steps"] >= 25
+    assert proc.stdout.count("one kdvfs session over 30 steps") == 2
     for rank in (0, 1):
         assert (tmp_path / "run" / f"rank{rank}" / "summary.json").exists()
 
