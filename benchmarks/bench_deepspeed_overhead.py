@@ -51,7 +51,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from kdvfs_plugins.engine import format_region_table
-from overhead_stats import abba_arm, format_long_session, format_summary, long_session_figures, summarise  # next to this script
+from overhead_stats import (abba_arm, format_long_run_estimate, format_long_session, format_summary,  # next to this script
+                            long_run_estimate, long_session_figures, summarise)
 from rank_gpu import describe_gpu, gpu_identity  # benchmarks/rank_gpu.py, next to this script
 
 
@@ -335,6 +336,8 @@ def main() -> None:
     mine["host_ms_profiled_step_mean"] = statistics.fmean(host_ms["profiled"]) if host_ms["profiled"] else None
     mine["profiled_steps"] = len(host_ms["profiled"])
     mine["continuous"] = continuous
+    result["long_run_estimate"] = (long_run_estimate(stats, continuous, len(host_ms["profiled"]))
+                                   if continuous else None)
     ranks = [mine]
     if world > 1:
         ranks = [None] * world
@@ -351,6 +354,8 @@ def main() -> None:
         print(f"median step time without kdvfs {off_ms:10.3f} ms{of}")
         print(f"overhead                       {result['overhead_pct']:+10.3f} %")
         print(format_summary(stats))
+        if result["long_run_estimate"]:
+            print(format_long_run_estimate(result["long_run_estimate"]))
         print(f"Python's full collections on rank 0: {len(gc_pauses)}, "
               f"{sum(g['ms'] for g in gc_pauses):.0f} ms in all")
         if world > 1:

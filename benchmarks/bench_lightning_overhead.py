@@ -37,7 +37,8 @@ except ImportError:
 from kdvfs_lightning import KernelDVFS
 from kdvfs_lightning.demo import GPT_350M, RandomTokens, TinyGPT
 from kdvfs_plugins.engine import format_region_table
-from overhead_stats import format_long_session, format_summary, long_session_figures, summarise  # next to this script
+from overhead_stats import (format_long_run_estimate, format_long_session, format_summary,  # next to this script
+                            long_run_estimate, long_session_figures, summarise)
 from rank_gpu import describe_gpu, gpu_identity  # benchmarks/rank_gpu.py, next to this script
 
 
@@ -209,6 +210,7 @@ def main(argv=None) -> None:
     say(f"GPT: {params / 1e6:.0f} M parameters, {cfg['layers']} layers, d={cfg['d']}, seq {cfg['seq']}, batch {batch}{per_gpu}, {args.precision}")
     with_s, without_s, last = [], [], None
     blocks_ms, arms = [], []
+    profiled_timed = 0  # timed steps that kdvfs profiled, over every block with it
     for r in range(args.rounds):
         order = (True, False) if r % 2 == 0 else (False, True)
         for on in order:
@@ -218,6 +220,7 @@ def main(argv=None) -> None:
             arms.append("on" if on else "off")
             if kd is not None:
                 last = kd
+                profiled_timed += sum(1 for r in kd.engine.meter.steps if r.step >= args.warmup and r.region_time_ms)
             say(f"round {r} {'with   ' if on else 'without'} kdvfs: {step_s * 1e3:8.2f} ms/step", flush=True)
     med_with, med_without = statistics.median(with_s), statistics.median(without_s)
     overhead = med_with / med_without - 1
@@ -238,6 +241,10 @@ def main(argv=None) -> None:
         say(f"overhead: {overhead * 100:+.2f}%")
         stats = summarise([x * 1e3 for x in with_s], [x * 1e3 for x in without_s], blocks_ms, arms)
         say(format_summary(stats))
+        estimate = (long_run_estimate(stats, mine["continuous"], profiled_timed)
+                    if mine.get("continuous") else None)
+        if estimate:
+            say(format_long_run_estimate(estimate))
         if multi:
             say("(step times are rank 0's timer; each rank's own is in its section below)")
             for fig in ranks:
@@ -261,7 +268,7 @@ def main(argv=None) -> None:
             "region_sum_ms": sum(r[1] for r in mine["regions"]), "median_gpu_step_ms": mine["median_gpu_step_ms"],
             "profiled_step_ms": mine["profiled_step_ms"], "summary": mine["summary"],
             "world_size": len(ranks), "batch_per_gpu": batch, "step_times_from": "rank 0", "ranks": ranks,
-            **stats,
+            "long_run_estimate": estimate, **stats,
         }
         if args.json_out:
             with open(args.json_out, "w") as f:

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import random
 import statistics
-from typing import Sequence
+from typing import Optional, Sequence
 
 
 def abba_arm(block: int) -> str:
@@ -100,3 +100,27 @@ def format_long_session(c: dict) -> str:
             f"{c['profiling_share']:.2%} of the time")
     return (f"one kdvfs session over {c['steps']} steps: profiled steps {c['profiled_steps']}, now one in "
             f"{c['interval_steps']}; {cost}")
+
+
+def long_run_estimate(stats: dict, session: dict, profiled_timed_steps: int) -> Optional[dict]:
+    """The overhead a long run would see: the blocks' median of rounds (their timed steps
+    plain, so the hooks of every step, kdvfs's threads and what a session start leaves behind)
+    plus the long session's profiled share (kdvfs's measure, not a timing of this benchmark).
+
+    ``profiled_timed_steps``: timed steps of the blocks that kdvfs profiled; their cost is then in
+    the rounds as well, and the sum counts it twice: an upper bound."""
+    share = session.get("profiling_share")
+    if share is None:
+        return None
+    lo, hi = stats["overhead_pct_median_of_rounds_ci95"]
+    add = share * 100.0
+    return {"overhead_pct": stats["overhead_pct_median_of_rounds"] + add, "ci95": [lo + add, hi + add],
+            "profiling_pct": add, "profiled_timed_steps": profiled_timed_steps}
+
+
+def format_long_run_estimate(e: dict) -> str:
+    lo, hi = e["ci95"]
+    caveat = ("" if not e["profiled_timed_steps"] else
+              f"; {e['profiled_timed_steps']} timed steps were profiled, counted twice: an upper bound")
+    return (f"long-run estimate: median of rounds + profiled share {e['profiling_pct']:.2f}% = "
+            f"{e['overhead_pct']:+.2f}% (interval {lo:+.2f} to {hi:+.2f}){caveat}")

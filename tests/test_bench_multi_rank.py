@@ -82,6 +82,12 @@ def test_lightning_two_ranks(tmp_path):
         c = r["continuous"]
         assert c["steps"] == 30 and c["profiled_steps"][:2] == [0, 25] and c["interval_steps"] >= 25
     assert proc.stdout.count("one kdvfs session over 30 steps") == 2
+    # the second profiled step (25) was judged: the estimate is the rounds plus rank 0's share
+    share = result["ranks"][0]["continuous"]["profiling_share"]
+    assert share is not None and share > 0
+    e = result["long_run_estimate"]
+    assert e["overhead_pct"] == pytest.approx(result["overhead_pct_median_of_rounds"] + 100 * share)
+    assert "long-run estimate: median of rounds + profiled share" in proc.stdout
     for rank in (0, 1):
         assert (tmp_path / "run" / f"rank{rank}" / "summary.json").exists()
 

@@ -8,8 +8,8 @@ from pathlib import Path
 import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
-from overhead_stats import (abba_arm, bootstrap_median_ci, round_overheads_pct,  # noqa: E402
-                            same_arm_neighbours_pct, summarise)
+from overhead_stats import (abba_arm, bootstrap_median_ci, format_long_run_estimate,  # noqa: E402
+                            long_run_estimate, round_overheads_pct, same_arm_neighbours_pct, summarise)
 
 
 def test_abba_order_puts_each_arm_first_in_every_other_round():
@@ -53,3 +53,15 @@ def test_a_drift_shared_by_adjacent_blocks_leaves_the_rounds_at_the_true_overhea
     assert abs(s["overhead_pct_median_of_rounds"] - 0.5) < 0.7
     lo, hi = s["overhead_pct_median_of_rounds_ci95"]
     assert lo < 0.5 < hi and hi - lo < 2.0
+
+
+def test_the_long_run_estimate_adds_the_profiled_share_to_the_rounds_and_their_interval():
+    stats = {"overhead_pct_median_of_rounds": 0.30, "overhead_pct_median_of_rounds_ci95": [-0.10, 0.70]}
+    e = long_run_estimate(stats, {"profiling_share": 0.0018}, profiled_timed_steps=0)
+    assert e["overhead_pct"] == pytest.approx(0.48) and e["ci95"] == pytest.approx([0.08, 0.88])
+    assert "+0.48% (interval +0.08 to +0.88)" in format_long_run_estimate(e)
+    assert "upper bound" not in format_long_run_estimate(e)
+    # profiled steps among the timed ones are in the rounds already: said, not hidden
+    assert "2 timed steps were profiled" in format_long_run_estimate(long_run_estimate(stats, {"profiling_share": 0.0018}, 2))
+    # a session too short to judge a profiled step gives no estimate
+    assert long_run_estimate(stats, {"profiling_share": None}, 0) is None
