@@ -37,8 +37,8 @@ except ImportError:
 from kdvfs_lightning import KernelDVFS
 from kdvfs_lightning.demo import GPT_350M, RandomTokens, TinyGPT
 from kdvfs_plugins.engine import format_region_table
-from overhead_stats import (format_long_run_estimate, format_long_session, format_summary,  # next to this script
-                            long_run_estimate, long_session_figures, summarise)
+from overhead_stats import (abba_arm, format_long_run_estimate, format_long_session,  # next to this script
+                            format_summary, long_run_estimate, long_session_figures, summarise)
 from rank_gpu import describe_gpu, gpu_identity  # benchmarks/rank_gpu.py, next to this script
 
 
@@ -111,11 +111,16 @@ def run_block(model, loader, args, with_kdvfs: bool):
     return timer.step_s, kd
 
 
+def timed_records(kd, warmup: int) -> list:
+    """The step records of a block's timed steps (those after its warm-up)."""
+    return [r for r in kd.engine.meter.steps if r.step >= warmup]
+
+
 def rank_figures(kd, args, rank: int, local_rank: int, with_s, without_s) -> dict:
     """This rank's figures from its last block with kdvfs, plain data for all_gather_object."""
     eng = kd.engine
     s = eng.summary()
-    timed = [r for r in eng.meter.steps if r.step >= args.warmup]
+    timed = timed_records(kd, args.warmup)
     plain, profiled = kd.host_sampler.ms["plain"], kd.host_sampler.ms["profiled"]
     return {
         "rank": rank, "local_rank": local_rank, "gpu": gpu_identity(eng),
@@ -211,17 +216,17 @@ def main(argv=None) -> None:
     with_s, without_s, last = [], [], None
     blocks_ms, arms = [], []
     profiled_timed = 0  # timed steps that kdvfs profiled, over every block with it
-    for r in range(args.rounds):
-        order = (True, False) if r % 2 == 0 else (False, True)
-        for on in order:
-            step_s, kd = run_block(model, loader, args, on)
-            (with_s if on else without_s).append(step_s)
-            blocks_ms.append(step_s * 1e3)
-            arms.append("on" if on else "off")
-            if kd is not None:
-                last = kd
-                profiled_timed += sum(1 for r in kd.engine.meter.steps if r.step >= args.warmup and r.region_time_ms)
-            say(f"round {r} {'with   ' if on else 'without'} kdvfs: {step_s * 1e3:8.2f} ms/step", flush=True)
+    for block in range(2 * args.rounds):
+        arm = abba_arm(block)
+        on = arm == "on"
+        step_s, kd = run_block(model, loader, args, on)
+        (with_s if on else without_s).append(step_s)
+        blocks_ms.append(step_s * 1e3)
+        arms.append(arm)
+        if kd is not None:
+            last = kd
+            profiled_timed += sum(1 for rec in timed_records(kd, args.warmup) if rec.region_time_ms)
+        say(f"round {block // 2} {'with   ' if on else 'without'} kdvfs: {step_s * 1e3:8.2f} ms/step", flush=True)
     med_with, med_without = statistics.median(with_s), statistics.median(without_s)
     overhead = med_with / med_without - 1
     mine = rank_figures(last, args, rank, local_rank, with_s, without_s)
