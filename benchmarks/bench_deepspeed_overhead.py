@@ -51,8 +51,9 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from kdvfs_plugins.engine import format_region_table
-from overhead_stats import (abba_arm, format_long_run_estimate, format_long_session, format_summary,  # next to this script
-                            long_run_estimate, long_session_figures, summarise)
+from overhead_stats import (abba_arm, format_long_run_estimate, format_long_session,  # next to this script
+                            format_step_quantiles, format_summary, long_run_estimate, long_session_figures,
+                            step_quantiles, summarise)
 from rank_gpu import describe_gpu, gpu_identity  # benchmarks/rank_gpu.py, next to this script
 
 
@@ -326,6 +327,9 @@ def main() -> None:
         "block_steps_profiled": block_profiled, "gc_gen2_pauses": gc_pauses,
         "mean_step_ms_with_kdvfs": statistics.fmean(times["on"]) * 1e3,
         "mean_step_ms_without_kdvfs": statistics.fmean(times["off"]) * 1e3,
+        # per-step times only where each step was timed: a block's mean has no quantiles to speak of
+        "step_quantiles": (step_quantiles([x * 1e3 for x in times["on"]], [x * 1e3 for x in times["off"]])
+                           if per_step else None),
     }
     rank, world = dist.get_rank(), dist.get_world_size()
     mine = rank_figures(kd_engines, first_block_step, rank, int(os.environ.get("LOCAL_RANK", "0")), times)
@@ -354,6 +358,8 @@ def main() -> None:
         print(f"median step time without kdvfs {off_ms:10.3f} ms{of}")
         print(f"overhead                       {result['overhead_pct']:+10.3f} %")
         print(format_summary(stats))
+        if result["step_quantiles"]:
+            print(format_step_quantiles(result["step_quantiles"]))
         if result["long_run_estimate"]:
             print(format_long_run_estimate(result["long_run_estimate"]))
         print(f"Python's full collections on rank 0: {len(gc_pauses)}, "

@@ -148,8 +148,7 @@ def print_rank(fig: dict) -> None:
     print(format_region_table(rows, step_ms=step_ms, simulated=fig["summary"]["model_prediction"]))
     print(f"region sum / measured step time: {sum(r[1] for r in rows) / step_ms:.3f}")
     if fig["median_gpu_step_ms"] is not None:
-        print(f"median GPU step time from the step markers (every step): {fig['median_gpu_step_ms']:.2f} ms; "
-              f"profiled steps: {', '.join(f'{x:.2f}' for x in fig['profiled_step_ms']) or 'none timed'} ms")
+        print(marker_step_times(fig))
     if fig["energy_j_per_step"]:
         print(f"energy per step {fig['energy_j_per_step']:.1f} J, average power {fig['avg_power_w']:.0f} W "
               "(device energy counter)")
@@ -158,6 +157,14 @@ def print_rank(fig: dict) -> None:
     print(host_time_line(fig))
     if fig.get("continuous"):
         print(format_long_session(fig["continuous"]))
+
+
+def marker_step_times(fig: dict) -> str:
+    profiled = fig["profiled_step_ms"]
+    return (f"median GPU step time from the step markers (timed steps of the last block): "
+            f"{fig['median_gpu_step_ms']:.2f} ms; "
+            + (f"profiled ones: {', '.join(f'{x:.2f}' for x in profiled)} ms" if profiled
+               else "none of them profiled"))
 
 
 def host_time_line(fig: dict) -> str:
@@ -260,8 +267,8 @@ def main(argv=None) -> None:
             print(f"\nkdvfs region table (last block, {s['device']} device):")
             print(format_region_table(rows, step_ms=med_with * 1e3, simulated=s["model_prediction"]))
             print(f"region sum / measured step time: {sum(r[1] for r in rows) / (med_with * 1e3):.3f}")
-            print(f"median GPU step time from the step markers (every step): {mine['median_gpu_step_ms']:.2f} ms; "
-                  f"profiled steps: {', '.join(f'{x:.2f}' for x in mine['profiled_step_ms']) or 'none timed'} ms")
+            if mine["median_gpu_step_ms"] is not None:
+                print(marker_step_times(mine))
             if s["energy_j_per_step"]:
                 print(f"energy per step {s['energy_j_per_step']:.1f} J, average power {s['avg_power_w']:.0f} W (device energy counter)")
             print(host_time_line(mine))

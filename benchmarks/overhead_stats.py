@@ -77,6 +77,37 @@ def format_summary(s: dict) -> str:
     return "\n".join(lines)
 
 
+def quantile(sorted_values: Sequence[float], q: float) -> float:
+    """The ``q`` quantile of already sorted values, interpolated between neighbours."""
+    if not sorted_values:
+        raise ValueError("no values")
+    x = q * (len(sorted_values) - 1)
+    i = int(x)
+    j = min(i + 1, len(sorted_values) - 1)
+    return sorted_values[i] + (sorted_values[j] - sorted_values[i]) * (x - i)
+
+
+def step_quantiles(on_ms: Sequence[float], off_ms: Sequence[float],
+                   qs: Sequence[float] = (0.1, 0.25, 0.5, 0.75, 0.9)) -> list[dict]:
+    """Each arm's step-time quantiles, and their ratio in percent.
+
+    Host hiccups only ever add time to a step, so the low quantiles are the steps none reached:
+    there the ratio is what kdvfs adds to an undisturbed step. Where it grows towards the high
+    quantiles, kdvfs's cost depends on the host's disturbances (or adds some of its own)."""
+    on, off = sorted(on_ms), sorted(off_ms)
+    rows = []
+    for q in qs:
+        a, b = quantile(on, q), quantile(off, q)
+        rows.append({"q": q, "with_ms": a, "without_ms": b, "overhead_pct": pct(a, b)})
+    return rows
+
+
+def format_step_quantiles(rows: Sequence[dict]) -> str:
+    return ("step-time quantiles, with / without kdvfs: "
+            + "; ".join(f"p{round(r['q'] * 100):02d} {r['with_ms']:.2f} / {r['without_ms']:.2f} ms "
+                        f"({r['overhead_pct']:+.2f}%)" for r in rows))
+
+
 def long_session_figures(engine, steps: int) -> dict:
     """What one long kdvfs session's profiled steps cost, by kdvfs's own measure (its cadence):
     the steps it profiled, the spacing in force, each one's extra GPU time against the median plain

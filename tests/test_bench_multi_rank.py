@@ -77,6 +77,10 @@ def test_lightning_two_ranks(tmp_path):
         assert len(r["host_ms_profiled_steps"]) < 11 and 0 < r["host_ms_plain_step_median"] < r["host_ms_per_step"]
     assert proc.stdout.count("host time in kdvfs's hooks (last block):") == 2
     assert proc.stdout.count("on a plain timed step") == 2
+    # the step markers' times of the last block's timed steps, and which of them were profiled
+    for r in result["ranks"]:
+        said = "none of them profiled" if not r["profiled_step_ms"] else "profiled ones: "
+        assert f"(timed steps of the last block): {r['median_gpu_step_ms']:.2f} ms; {said}" in proc.stdout
     # one long session after the blocks: its first step installs the hooks, the cadence goes on
     for r in result["ranks"]:
         c = r["continuous"]
@@ -109,6 +113,11 @@ def test_deepspeed_two_ranks_zero2(tmp_path):
     assert proc.stdout.count("host time in kdvfs's hooks:") == 2
     assert "95% bootstrap interval" in proc.stdout and len(result["overhead_pct_per_round"]) == 2
     assert [len(b) for b in result["block_steps_ms"]] == [12 - 2] * 4
+    # every step timed: the arms' step-time quantiles, from the same steps as the medians
+    q = {r["q"]: r for r in result["step_quantiles"]}
+    assert q[0.5]["with_ms"] == pytest.approx(result["median_step_ms_with_kdvfs"])
+    assert q[0.1]["without_ms"] <= q[0.5]["without_ms"] <= q[0.9]["without_ms"]
+    assert "step-time quantiles, with / without kdvfs: p10 " in proc.stdout
     # one session over the last 12 steps: its first step is profiled, the cadence reports its spacing
     for r in result["ranks"]:
         c = r["continuous"]
@@ -131,3 +140,4 @@ def test_deepspeed_two_ranks_synchronised_per_block(tmp_path):
     assert all(len(p) == 8 - 2 for p in result["block_steps_profiled"])
     assert all(0 < r["host_ms_per_step"] < 1e3 for r in result["ranks"])
     assert "(median of the blocks' means)" in proc.stdout and len(result["overhead_pct_per_round"]) == 2
+    assert result["step_quantiles"] is None and "step-time quantiles" not in proc.stdout

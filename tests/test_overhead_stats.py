@@ -9,7 +9,8 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 from overhead_stats import (abba_arm, bootstrap_median_ci, format_long_run_estimate,  # noqa: E402
-                            long_run_estimate, round_overheads_pct, same_arm_neighbours_pct, summarise)
+                            format_step_quantiles, long_run_estimate, quantile, round_overheads_pct,
+                            same_arm_neighbours_pct, step_quantiles, summarise)
 
 
 def test_abba_order_puts_each_arm_first_in_every_other_round():
@@ -65,3 +66,27 @@ def test_the_long_run_estimate_adds_the_profiled_share_to_the_rounds_and_their_i
     assert "2 timed steps were profiled" in format_long_run_estimate(long_run_estimate(stats, {"profiling_share": 0.0018}, 2))
     # a session too short to judge a profiled step gives no estimate
     assert long_run_estimate(stats, {"profiling_share": None}, 0) is None
+
+
+def test_quantiles_interpolate_between_neighbours():
+    assert quantile([10.0, 20.0, 30.0], 0.5) == 20.0
+    assert quantile([10.0, 20.0], 0.25) == pytest.approx(12.5)
+    assert quantile([7.0], 0.9) == 7.0
+    with pytest.raises(ValueError):
+        quantile([], 0.5)
+
+
+def test_step_quantiles_tell_a_fixed_cost_from_one_that_grows_with_host_hiccups():
+    # Undisturbed steps take 72 ms; a third of them meet a hiccup of up to 30 ms. kdvfs adds
+    # 0.2% to every step, and in one run also 5% to the disturbed ones.
+    rng = random.Random(3)
+    base = [72.0 + (rng.uniform(0.0, 30.0) if rng.random() < 1 / 3 else rng.uniform(0.0, 0.2)) for _ in range(3000)]
+    off = [72.0 + (rng.uniform(0.0, 30.0) if rng.random() < 1 / 3 else rng.uniform(0.0, 0.2)) for _ in range(3000)]
+    fixed = step_quantiles([x * 1.002 for x in base], off)
+    growing = step_quantiles([x * (1.002 if x < 72.2 else 1.05) for x in base], off)
+    by_q = {r["q"]: r["overhead_pct"] for r in fixed}
+    assert abs(by_q[0.1] - 0.2) < 0.1 and abs(by_q[0.5] - 0.2) < 0.1
+    grown = {r["q"]: r["overhead_pct"] for r in growing}
+    assert abs(grown[0.1] - 0.2) < 0.1 and grown[0.9] > 3.0
+    text = format_step_quantiles(fixed)
+    assert text.startswith("step-time quantiles, with / without kdvfs: p10 ") and "; p90 " in text
