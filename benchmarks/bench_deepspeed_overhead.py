@@ -186,6 +186,8 @@ def print_rank(fig: dict) -> None:
           f"({fig['host_ms_per_step'] / step_ms:.2%} of the step)"
           + ("" if plain is None else f"; median {plain:.3f} ms on a plain step")
           + ("" if profiled is None else f", {profiled:.2f} ms on a profiled one ({fig['profiled_steps']} steps)"))
+    print(f"CPU time of kdvfs's threads: {fig['thread_cpu_ms_per_step']:.3f} ms per step "
+          f"({fig['thread_cpu_ms_per_step'] / step_ms:.2%} of the step)")
     if fig.get("continuous"):
         print(format_long_session(fig["continuous"]))
 
@@ -339,6 +341,8 @@ def main() -> None:
     mine["host_ms_plain_step_median"] = statistics.median(host_ms["plain"]) if host_ms["plain"] else None
     mine["host_ms_profiled_step_mean"] = statistics.fmean(host_ms["profiled"]) if host_ms["profiled"] else None
     mine["profiled_steps"] = len(host_ms["profiled"])
+    # beside the training thread: the power sampler and the worker, over every step with kdvfs
+    mine["thread_cpu_ms_per_step"] = sum(e.thread_cpu_s for e in kd_engines) * 1e3 / (a.blocks * a.steps_per_block)
     mine["continuous"] = continuous
     result["long_run_estimate"] = (long_run_estimate(stats, continuous, len(host_ms["profiled"]))
                                    if continuous else None)

@@ -132,6 +132,8 @@ def rank_figures(kd, args, rank: int, local_rank: int, with_s, without_s) -> dic
         "energy_j_per_step": s["energy_j_per_step"], "avg_power_w": s["avg_power_w"], "summary": s,
         # every step of the block, its warm-up steps (and the hook installation) included
         "host_ms_per_step": kd.host_time_s * 1e3 / (args.warmup + args.steps),
+        # beside the training thread: the power sampler and the worker, over the same steps
+        "thread_cpu_ms_per_step": eng.thread_cpu_s * 1e3 / (args.warmup + args.steps),
         # the timed steps (but the last), split by whether kdvfs profiled them
         "host_ms_plain_step_median": statistics.median(plain) if plain else None,
         "host_ms_profiled_steps": profiled,
@@ -172,7 +174,8 @@ def host_time_line(fig: dict) -> str:
     return (f"host time in kdvfs's hooks (last block): {fig['host_ms_per_step']:.3f} ms per step with the "
             "warm-up's hook installation"
             + ("" if plain is None else f"; median {plain:.3f} ms on a plain timed step")
-            + ("" if not profiled else f", {statistics.fmean(profiled):.2f} ms on a profiled one ({len(profiled)})"))
+            + ("" if not profiled else f", {statistics.fmean(profiled):.2f} ms on a profiled one ({len(profiled)})")
+            + f"; CPU time of kdvfs's threads {fig['thread_cpu_ms_per_step']:.3f} ms per step")
 
 
 def main(argv=None) -> None:

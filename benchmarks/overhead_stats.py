@@ -122,6 +122,7 @@ def long_session_figures(engine, steps: int) -> dict:
         "median_plain_gpu_ms": plain_ms,
         "profiling_share": (cadence.extra_ms / (cadence.interval * plain_ms)
                             if cadence.extra_ms is not None and plain_ms else None),
+        "thread_cpu_ms_per_step": engine.thread_cpu_s * 1e3 / steps if steps else None,
     }
 
 
@@ -129,8 +130,10 @@ def format_long_session(c: dict) -> str:
     cost = ("no profiled step judged yet" if c["profiling_share"] is None else
             f"each added {c['extra_ms_per_profiled_step']:.1f} ms to a {c['median_plain_gpu_ms']:.1f} ms step: "
             f"{c['profiling_share']:.2%} of the time")
+    threads = c.get("thread_cpu_ms_per_step")
     return (f"one kdvfs session over {c['steps']} steps: profiled steps {c['profiled_steps']}, now one in "
-            f"{c['interval_steps']}; {cost}")
+            f"{c['interval_steps']}; {cost}"
+            + ("" if threads is None else f"; kdvfs's threads used {threads:.3f} ms of CPU time per step"))
 
 
 def long_run_estimate(stats: dict, session: dict, profiled_timed_steps: int) -> Optional[dict]:

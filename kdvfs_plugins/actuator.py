@@ -164,6 +164,8 @@ class Actuator:
         self.changes_applied = 0
         self.changes_skipped = 0
         self.errors: list[str] = []
+        #: CPU seconds the worker thread has used (its share of kdvfs's cost beside the hooks').
+        self.worker_cpu_s = 0.0
 
     # ------------------------------------------------------------------ training thread
     @property
@@ -252,6 +254,7 @@ class Actuator:
             except Exception as exc:  # the worker must outlive any one bad job
                 pending.popleft()
                 self._note_error(f"{type(exc).__name__}: {exc}")
+            self.worker_cpu_s = time.thread_time()
 
     def _due_ahead(self, pending: deque) -> tuple[Optional[float], Optional[_Job]]:
         """The first change not yet written and when to write it ahead (None: at its boundary)."""

@@ -497,6 +497,13 @@ class Engine:
     def region_table(self) -> list[tuple[str, float, float]]:
         return self.meter.region_table() if self.meter else []
 
+    @property
+    def thread_cpu_s(self) -> float:
+        """CPU seconds used by kdvfs's own threads (energy sampler, actuator worker) so far: the
+        part of its cost that the adapters' host time, spent on the training thread, leaves out."""
+        sampler = self.meter.sampler if self.meter else None
+        return (sampler.cpu_time_s if sampler else 0.0) + (self.actuator.worker_cpu_s if self.actuator else 0.0)
+
     def summary(self) -> dict:
         """Figures for logs and the run directory."""
         m = self.meter
@@ -512,6 +519,7 @@ class Engine:
             "energy_j_per_step": energy / nsteps if nsteps else None,
             "avg_power_w": energy / duration_s if duration_s > 0 else None,
             "clock_changes": self.actuator.changes_applied if self.actuator else 0,
+            "thread_cpu_ms": self.thread_cpu_s * 1e3,
             "profile_interval_steps": self.cadence.interval if self.cadence else None,
             "clock_errors": list(self.actuator.errors) if self.actuator else [],
             "regions": [{"region": r, "gpu_ms_per_step": ms, "share": sh} for r, ms, sh in self.region_table()],

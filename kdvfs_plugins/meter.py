@@ -78,6 +78,8 @@ class EnergySampler:
         self._thread = threading.Thread(target=self._run, name="kdvfs-energy", daemon=True)
         self.reads = 0
         self.counter_reads = 0
+        #: CPU seconds this thread has used (its share of kdvfs's cost beside the hooks' host time).
+        self.cpu_time_s = 0.0
 
     def start(self) -> None:
         self._thread.start()
@@ -125,6 +127,7 @@ class EnergySampler:
                 counter = self._counter()
                 if counter is not None and total_int_mj > 0 and counter > start_mj:
                     scale = (counter - start_mj) / total_int_mj
+            self.cpu_time_s = time.thread_time()
 
 
 MAX_KEPT_STEPS = 20_000

@@ -77,6 +77,7 @@ def test_lightning_two_ranks(tmp_path):
         assert len(r["host_ms_profiled_steps"]) < 11 and 0 < r["host_ms_plain_step_median"] < r["host_ms_per_step"]
     assert proc.stdout.count("host time in kdvfs's hooks (last block):") == 2
     assert proc.stdout.count("on a plain timed step") == 2
+    assert proc.stdout.count("; CPU time of kdvfs's threads ") == 2
     # the step markers' times of the last block's timed steps, and which of them were profiled
     for r in result["ranks"]:
         said = "none of them profiled" if not r["profiled_step_ms"] else "profiled ones: "
@@ -86,6 +87,7 @@ def test_lightning_two_ranks(tmp_path):
         c = r["continuous"]
         assert c["steps"] == 30 and c["profiled_steps"][:2] == [0, 25] and c["interval_steps"] >= 25
     assert proc.stdout.count("one kdvfs session over 30 steps") == 2
+    assert [r["continuous"]["thread_cpu_ms_per_step"] for r in result["ranks"]] == [0.0, 0.0]  # simulated
     # the second profiled step (25) was judged: the estimate is the rounds plus rank 0's share
     share = result["ranks"][0]["continuous"]["profiling_share"]
     assert share is not None and share > 0
@@ -111,6 +113,10 @@ def test_deepspeed_two_ranks_zero2(tmp_path):
     # each rank's host time in kdvfs's hooks, per step of the blocks with kdvfs
     assert all(0 < r["host_ms_per_step"] < 1e3 for r in result["ranks"])
     assert proc.stdout.count("host time in kdvfs's hooks:") == 2
+    # and what kdvfs's own threads used beside it: none here, as the simulated GPU needs no power
+    # sampler and its markers are reached when recorded, with no worker to wait on them
+    assert [r["thread_cpu_ms_per_step"] for r in result["ranks"]] == [0.0, 0.0]
+    assert proc.stdout.count("CPU time of kdvfs's threads: ") == 2
     assert "95% bootstrap interval" in proc.stdout and len(result["overhead_pct_per_round"]) == 2
     assert [len(b) for b in result["block_steps_ms"]] == [12 - 2] * 4
     # every step timed: the arms' step-time quantiles, from the same steps as the medians
