@@ -18,6 +18,7 @@ from .errors import ConfigError
 MODES = ("observe", "explore", "apply", "auto")
 DEVICES = ("auto", "nvml", "observe", "simulated")
 GRANULARITIES = ("kernel", "pass", "iteration")
+POWER_READINGS = ("background", "step_end")
 OBJECTIVES = ("strict", "relaxed", "edp")
 
 
@@ -67,11 +68,14 @@ class KdvfsConfig:
     #: boundaries where clocks change, which keeps the CPU cost per step small.
     profile_every_n_steps: int = 25
     window_steps: int = 10
-    #: How often a background thread reads power (about 2 µs a read; it refreshes every 100 ms); 0: no energy.
+    #: How often power is read (about 2 µs a read; it refreshes every 100 ms); 0: no energy.
     energy_sample_period_ms: float = 100.0
     #: How often it reads the energy counter to anchor the integrated power (a read stalls CUDA
     #: calls for about 4 ms on an H100); 0: power only.
     energy_counter_period_ms: float = 5000.0
+    #: Where power is read: on the background thread, or at step ends on the training thread
+    #: (a loop that holds the GIL then hands it to no sampler; the thread keeps the counter reads).
+    power_readings: str = "background"
     #: Slowdown that exploration may cost, averaged over the exploration phase.
     explore_max_slowdown: float = 0.02
     explore_max_steps: int = 1500
@@ -242,6 +246,7 @@ _CHECKS = {
     "window_steps": _number(1, 100000, integer=True),
     "energy_sample_period_ms": _number(0.0, 60000.0),
     "energy_counter_period_ms": _number(0.0, 3_600_000.0),
+    "power_readings": _choice(POWER_READINGS),
     "explore_max_slowdown": _number(0.0, 1.0),
     "explore_max_steps": _number(1, 10_000_000, integer=True),
     "explore_across_ranks": _bool,

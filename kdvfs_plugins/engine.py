@@ -167,7 +167,8 @@ class Engine:
         )
         self.meter = _LayoutMeter(self.device, window_steps=cfg.window_steps, on_step=self._on_step, on_window=self._on_window,
                            energy_period_s=cfg.energy_sample_period_ms / 1e3,
-                           counter_period_s=cfg.energy_counter_period_ms / 1e3)
+                           counter_period_s=cfg.energy_counter_period_ms / 1e3,
+                           power_on_steps=cfg.power_readings == "step_end")
         self.meter.warmup_steps = cfg.warmup_steps
         self.meter.start()
         self.cadence = ProfileCadence(cfg.profile_every_n_steps, first_step=cfg.warmup_steps)

@@ -4,8 +4,8 @@ Times: each boundary's marker opens a stretch that belongs to the innermost open
 regions' exclusive times add up to the step's GPU time. Steps are resolved once the GPU has
 reached their end marker (no synchronisation of the training thread).
 
-Energy: the counter refreshes every 100 ms and a read costs about 4 ms on an H100, so a
-background thread integrates power readings, anchored to occasional counter reads (see
+Energy: the counter refreshes every 100 ms and a read costs about 4 ms on an H100, so power
+readings are integrated, anchored to occasional counter reads on a background thread (see
 :class:`EnergySampler`), and step and window boundaries are placed on that series by the host
 time at which the GPU reached them. The simulated device's counter is cheap and lives on
 its virtual timeline, so it is read at the boundaries directly.
@@ -59,27 +59,43 @@ class EnergySeries:
 
 
 class EnergySampler:
-    """Builds the energy series on its own thread from cheap power readings, anchored to the counter.
+    """Builds the energy series from cheap power readings, anchored to the counter on its own thread.
 
     Measured on an H100: a read of the energy counter takes about 4 ms and holds up the training
     process's CUDA calls meanwhile (reading it every 100 ms cost DeepSpeed 2% of its step time).
-    A power reading costs about 2 µs and refreshes as often (100 ms). So power is sampled every
+    A power reading costs about 2 µs and refreshes as often (100 ms). So power is read every
     ``power_period_s`` and integrated, and the counter is read only every ``counter_period_s``:
     the integral is scaled by the counter's increase over the integral's since the first read,
     which keeps the counter's accuracy over long runs at a small fraction of its cost.
+
+    Where power is read (``power_on_steps``): on this thread (the default), or on the training
+    thread at step ends. A thread that wakes every 100 ms takes the GIL from a training loop
+    that holds it (a loop the CPU paces) twice per reading, and the loop waits to get it back;
+    at step ends the 2 µs reading needs no hand-over. This thread then wakes only for the
+    counter, and reads power itself only when steps stop coming (evaluation, a checkpoint).
     """
 
-    def __init__(self, device, series: EnergySeries, power_period_s: float = 0.1, counter_period_s: float = 5.0):
+    def __init__(self, device, series: EnergySeries, power_period_s: float = 0.1, counter_period_s: float = 5.0,
+                 power_on_steps: bool = False):
         self.device = device
         self.series = series
         self.power_period_s = power_period_s
         self.counter_period_s = counter_period_s
+        self.power_on_steps = power_on_steps
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="kdvfs-energy", daemon=True)
+        self._lock = threading.Lock()  # the integral, when both threads add to it
         self.reads = 0
         self.counter_reads = 0
         #: CPU seconds this thread has used (its share of kdvfs's cost beside the hooks' host time).
         self.cpu_time_s = 0.0
+        self._start_mj: Optional[float] = None
+        self._last_t: Optional[float] = None  # None until the thread has read the counter once
+        self._last_w: Optional[float] = None
+        self._total_int_mj = 0.0
+        self._base_mj = 0.0
+        self._scale = 1.0
+        self._no_power = False
 
     def start(self) -> None:
         self._thread.start()
@@ -98,35 +114,56 @@ class EnergySampler:
         self.counter_reads += 1
         return value
 
+    def _read_power(self) -> bool:
+        """Add one power reading to the integral; False: this device gives none."""
+        t = time.perf_counter()
+        try:
+            w = self.device.power_mw() / 1e3
+        except Exception:
+            self._no_power = True  # windows simply carry no energy
+            return False
+        with self._lock:
+            if self._last_t is None or t <= self._last_t:
+                return True
+            inc_mj = (w if self._last_w is None else 0.5 * (w + self._last_w)) * (t - self._last_t) * 1e3
+            self._last_t, self._last_w = t, w
+            self._total_int_mj += inc_mj
+            self._base_mj += inc_mj * self._scale
+            self.reads += 1
+            self.series.add(t, self._base_mj)
+        return True
+
+    def on_step_end(self) -> None:
+        """On the training thread at each step end: a power reading, when one is due."""
+        last = self._last_t
+        if last is not None and not self._no_power and time.perf_counter() - last >= self.power_period_s:
+            self._read_power()
+
     def _run(self) -> None:
         start_t = time.perf_counter()
         start_mj = self._counter()
         # The counter is read at unknown offsets from its 100 ms refreshes, so one reading is stale
         # by up to 100 ms: a scale taken between two reads 5 s apart would be off by up to 2%. The
         # scale is taken over everything since the first read instead, where that error fades.
-        total_int_mj = 0.0
-        scale = 1.0
+        with self._lock:
+            self._start_mj = start_mj
+            self._base_mj = start_mj or 0.0
+            self._last_t = start_t
+            self.series.add(start_t, self._base_mj)
         next_anchor_t = start_t + self.counter_period_s
-        base_mj = start_mj or 0.0
-        last_t, last_w = start_t, None
-        self.series.add(start_t, base_mj)
-        while not self._stop.wait(self.power_period_s):
+        # With power read at step ends this thread only anchors, and stands in when steps stop.
+        wake_s = (self.counter_period_s or 1.0) if self.power_on_steps else self.power_period_s
+        while not self._stop.wait(wake_s):
             t = time.perf_counter()
-            try:
-                w = self.device.power_mw() / 1e3
-            except Exception:
-                return  # no power reading on this device: windows simply carry no energy
-            self.reads += 1
-            inc_mj = (w if last_w is None else 0.5 * (w + last_w)) * (t - last_t) * 1e3
-            last_t, last_w = t, w
-            total_int_mj += inc_mj
-            base_mj += inc_mj * scale
-            self.series.add(t, base_mj)
+            if not self.power_on_steps or t - (self._last_t or 0.0) >= wake_s:
+                if not self._read_power():
+                    return
             if start_mj is not None and self.counter_period_s > 0 and t >= next_anchor_t:
                 next_anchor_t = t + self.counter_period_s
                 counter = self._counter()
-                if counter is not None and total_int_mj > 0 and counter > start_mj:
-                    scale = (counter - start_mj) / total_int_mj
+                with self._lock:
+                    if counter is not None and self._total_int_mj > 0 and counter > start_mj:
+                        self._scale = (counter - start_mj) / self._total_int_mj
             self.cpu_time_s = time.thread_time()
 
 
@@ -159,14 +196,14 @@ class Meter:
                  on_step: Optional[Callable[[StepRecord], None]] = None,
                  on_window: Optional[Callable[[WindowRecord], None]] = None,
                  sample_energy_in_background: Optional[bool] = None, energy_period_s: float = 0.1,
-                 counter_period_s: float = 5.0):
+                 counter_period_s: float = 5.0, power_on_steps: bool = False):
         self.device = device
         self.window_steps = window_steps
         self.on_step = on_step
         self.on_window = on_window
         self.series = EnergySeries()
         background = device.kind != "simulated" if sample_energy_in_background is None else sample_energy_in_background
-        self.sampler = (EnergySampler(device, self.series, energy_period_s, counter_period_s)
+        self.sampler = (EnergySampler(device, self.series, energy_period_s, counter_period_s, power_on_steps)
                         if background and energy_period_s > 0 else None)
         self._open: Optional[_Step] = None
         self._pending: deque[_Step] = deque()
@@ -218,6 +255,8 @@ class Meter:
         st.end = marker
         with self._lock:
             self._pending.append(st)
+        if self.sampler is not None and self.sampler.power_on_steps:
+            self.sampler.on_step_end()  # before the poll: a window that ends now finds a reading after it
         return st
 
     # ------------------------------------------------------------------ any thread

@@ -1,3 +1,4 @@
+import threading
 import time
 
 import pytest
@@ -46,6 +47,72 @@ def test_power_only_when_the_counter_is_never_read():
     assert s.counter_reads == 0 and card.counter_reads == 0
     t0, t1 = series.t_s[0], series.t_s[-1]
     assert (series.at(t1) - series.at(t0)) / 1e3 / (t1 - t0) == pytest.approx(500, rel=0.03)
+
+
+class ThreadCard(Card):
+    """Also notes which thread read power."""
+
+    def __init__(self):
+        super().__init__()
+        self.power_threads = []
+
+    def power_mw(self):
+        self.power_threads.append(threading.get_ident())
+        return super().power_mw()
+
+
+def test_power_read_at_step_ends_on_the_training_thread_is_scaled_alike():
+    card, series = ThreadCard(), EnergySeries()
+    s = EnergySampler(card, series, power_period_s=0.01, counter_period_s=0.1, power_on_steps=True)
+    s.start()
+    end = time.perf_counter() + 0.45
+    while time.perf_counter() < end:
+        s.on_step_end()  # a step ending every 2 ms: a reading at most every 10 ms
+        time.sleep(0.002)
+    s.stop()
+    me = threading.get_ident()
+    assert 20 < s.reads <= 46 and set(card.power_threads) == {me}, "power on the steps' thread only"
+    assert 3 <= s.counter_reads <= 6, "the thread still anchors to the counter"
+    t0, t1 = series.t_s[0], series.t_s[-1]
+    assert (series.at(t1) - series.at(t0)) / 1e3 / (t1 - t0) == pytest.approx(520, rel=0.03)
+
+
+def test_when_steps_stop_the_thread_reads_power_itself():
+    card, series = ThreadCard(), EnergySeries()
+    s = EnergySampler(card, series, power_period_s=0.01, counter_period_s=0.05, power_on_steps=True)
+    s.start()
+    time.sleep(0.4)  # no step ends at all: evaluation, a checkpoint
+    s.stop()
+    assert s.reads >= 4 and threading.get_ident() not in card.power_threads
+    t0, t1 = series.t_s[0], series.t_s[-1]
+    assert t1 - t0 > 0.25 and (series.at(t1) - series.at(t0)) / 1e3 / (t1 - t0) == pytest.approx(520, rel=0.05)
+
+
+def test_the_meter_reads_power_at_step_end_when_configured(tmp_path):
+    from kdvfs_plugins import KdvfsConfig
+    from kdvfs_plugins.devices import ObserveDevice
+    from kdvfs_plugins.devices.base import HostMarker
+    from kdvfs_plugins.engine import Engine
+
+    from fakes.fake_nvml import FakeNvml
+
+    dev = ObserveDevice(nvml=FakeNvml(), marker_factory=HostMarker)
+    cfg = KdvfsConfig.from_dict({"mode": "observe", "run_dir": str(tmp_path), "energy_sample_period_ms": 5,
+                                 "power_readings": "step_end", "window_steps": 2})
+    eng = Engine(cfg, device=dev).start()
+    try:
+        sampler = eng.meter.sampler
+        assert sampler.power_on_steps
+        while sampler._last_t is None:  # the thread's first counter read
+            time.sleep(0.001)
+        for _ in range(12):
+            eng.step_begin()
+            time.sleep(0.006)
+            eng.step_end()
+        assert sampler.reads >= 8, "a reading at nearly every 6 ms step end"
+        assert eng.meter.windows and all(w.energy_j > 0 for w in eng.meter.windows)
+    finally:
+        eng.close()
 
 
 def test_the_engine_reports_its_threads_cpu_time(tmp_path):
