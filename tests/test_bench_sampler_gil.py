@@ -19,18 +19,22 @@ def test_each_arm_takes_every_position_over_as_many_rounds_as_arms():
         assert sorted(o.index(a) for o in orders) == [0, 1, 2]
 
 
-def test_a_short_run_reports_each_period_against_no_sampler(tmp_path, capsys):
+def test_a_short_run_reports_each_arm_against_no_sampler(tmp_path, capsys):
     out = tmp_path / "sampler.json"
-    bench.main(["--device", "simulated", "--rounds", "2", "--block-s", "0.1", "--periods-ms", "10",
-                "--json", str(out)])
+    bench.main(["--device", "simulated", "--rounds", "2", "--block-s", "0.2", "--step-ms", "10",
+                "--periods-ms", "10", "--step-end-periods-ms", "10", "--json", str(out)])
     result = json.loads(out.read_text())
-    (row,) = result["periods"]
-    assert row["period_ms"] == 10.0 and len(row["slowdown_pct_per_round"]) == 2
-    # the sampler ran during its blocks only: readings at up to 100 a second, and some CPU time
-    assert 0 < row["reads_per_s"] <= 100 and row["sampler_cpu_pct"] > 0
-    lo, hi = row["ci95"]
-    assert lo <= row["slowdown_pct_median"] <= hi
-    assert "power every 10 ms: " in capsys.readouterr().out
+    thread, step_end = result["arms"]
+    assert (thread["where"], step_end["where"]) == ("thread", "step_end") and result["steps"] == 20
+    for row in (thread, step_end):
+        assert row["period_ms"] == 10.0 and len(row["slowdown_pct_per_round"]) == 2
+        assert 0 < row["reads_per_s"] <= 100
+        lo, hi = row["ci95"]
+        assert lo <= row["slowdown_pct_median"] <= hi
+    # the thread that reads power uses CPU; at step ends the reading is the loop's own
+    assert thread["sampler_cpu_pct"] > 0
+    text = capsys.readouterr().out
+    assert "power read by the thread every 10 ms: " in text and "power read at step ends every 10 ms: " in text
 
 
 def test_periods_must_be_positive(capsys):
