@@ -133,6 +133,11 @@ class EnergySampler:
             self.series.add(t, self._base_mj)
         return True
 
+    def read_power_now(self) -> None:
+        """A reading now, on the calling thread (the end of training, when no step end follows)."""
+        if self._last_t is not None and not self._no_power:
+            self._read_power()
+
     def on_step_end(self) -> None:
         """On the training thread at each step end: a power reading, when one is due."""
         last = self._last_t
@@ -380,6 +385,8 @@ class Meter:
         """Resolve everything left (end of training: waiting is allowed now)."""
         self.poll(wait=True)
         if self.sampler is not None:
+            if self.sampler.power_on_steps:
+                self.sampler.read_power_now()  # no step end follows the last: its window needs a reading after it
             deadline = time.perf_counter() + 0.3
             while self._window and time.perf_counter() < deadline:
                 self._close_windows(final=False)

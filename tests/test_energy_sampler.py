@@ -113,6 +113,9 @@ def test_the_meter_reads_power_at_step_end_when_configured(tmp_path):
         assert eng.meter.windows and all(w.energy_j > 0 for w in eng.meter.windows)
     finally:
         eng.close()
+    # no step end follows the last one: closing reads power once more, and every window has energy
+    assert [(w.first_step, w.last_step) for w in eng.meter.windows] == [(s, s + 1) for s in range(0, 12, 2)]
+    assert all(w.energy_j > 0 for w in eng.meter.windows)
 
 
 def test_the_engine_reports_its_threads_cpu_time(tmp_path):
