@@ -89,7 +89,6 @@ class EnergySampler:
         self.counter_reads = 0
         #: CPU seconds this thread has used (its share of kdvfs's cost beside the hooks' host time).
         self.cpu_time_s = 0.0
-        self._start_mj: Optional[float] = None
         self._last_t: Optional[float] = None  # None until the thread has read the counter once
         self._last_w: Optional[float] = None
         self._total_int_mj = 0.0
@@ -151,7 +150,6 @@ class EnergySampler:
         # by up to 100 ms: a scale taken between two reads 5 s apart would be off by up to 2%. The
         # scale is taken over everything since the first read instead, where that error fades.
         with self._lock:
-            self._start_mj = start_mj
             self._base_mj = start_mj or 0.0
             self._last_t = start_t
             self.series.add(start_t, self._base_mj)
