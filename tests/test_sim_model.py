@@ -141,3 +141,20 @@ def test_categories_map_and_unknown_is_rejected_only_without_fallback():
     d["category_to_class"].pop("*")
     with pytest.raises(ConfigError):
         H100Model(d).class_of("something_new")
+
+
+def test_one_clock_pair_paths_match_the_vectorised_model():
+    """The virtual GPU's float paths are the same formulas as the vectorised ones, at every
+    supported SM clock, between grid points (where the power cap lands) and both memory clocks."""
+    m = default_model()
+    p = m.params
+    sm = np.concatenate([np.arange(p.sm_min_mhz, p.sm_max_mhz + 1, p.sm_step_mhz), [351.7, 1003.3, 1977.5]])
+    for mem in (float(p.mem_max_mhz), 1593.0):
+        static = m.static_power_w(sm, mem)
+        for i, f in enumerate(sm):
+            assert m.static_power_at(float(f), mem) == pytest.approx(float(static[i]), rel=1e-12)
+        for name in p.classes:
+            shape, power = m.shape(name, sm, mem), m.power_w(name, sm, mem)
+            for i, f in enumerate(sm):
+                assert m.shape_at(name, float(f), mem) == pytest.approx(float(shape[i]), rel=1e-12)
+                assert m.power_at(name, float(f), mem) == pytest.approx(float(power[i]), rel=1e-12)

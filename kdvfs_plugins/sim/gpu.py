@@ -87,6 +87,7 @@ class VirtualGPU:
         self._lock: Optional[ClockPair] = None
         # Controller state: windowed average of power curves; starts as if idle for a long time.
         self._mix = np.full_like(self.model.grid_sm_mhz, self.model.idle_power_w())
+        self._ceiling: Optional[float] = None  # the controller's clock for the current _mix
         self._idle_since: Optional[float] = -p.idle_hold_s  # idle since long before t=0
         self._counter_mj = 0
         #: (virtual time, counter mJ) at every refresh, for readers that need the exact instants.
@@ -97,6 +98,7 @@ class VirtualGPU:
         self._instant_w = self.model.idle_power_w()
         self.last_sm_mhz = float(p.idle_sm_mhz)
         self.last_mem_mhz = int(p.mem_max_mhz)
+        self._mem_max_mhz = float(p.mem_max_mhz)  # a property that takes a max: read per slice
 
     # --- clocks --------------------------------------------------------------------------------
     def request_clocks(self, clocks: Optional[ClockPair], at_s: float) -> None:
@@ -118,14 +120,15 @@ class VirtualGPU:
             self._lock = self._pending.pop(0)[2]
 
     def _ceiling_sm_mhz(self) -> float:
-        return self.model.ceiling_from_curve(self._mix)
+        if self._ceiling is None:  # asked once or twice per slice: worked out once per _mix
+            self._ceiling = self.model.ceiling_from_curve(self._mix)
+        return self._ceiling
 
     def _clocks_now(self) -> tuple[float, float]:
         """(SM MHz, memory MHz) a kernel would run at now: the lock, lowered by the cap."""
-        p = self.params
         ceiling = self._ceiling_sm_mhz()
         if self._lock is None:
-            return ceiling, float(p.mem_max_mhz)
+            return ceiling, self._mem_max_mhz
         return min(float(self._lock.sm_mhz), ceiling), float(self._lock.mem_mhz)
 
     def effective_clocks(self) -> ClockPair:
@@ -161,7 +164,7 @@ class VirtualGPU:
         while remaining > 1e-12:
             self._apply_due()
             sm, mem = self._clocks_now()
-            full_d = top_s * float(model.shape(cls, sm, mem)) * t_factor
+            full_d = top_s * model.shape_at(cls, sm, mem) * t_factor
             d = remaining * full_d
             # Stop early where a clock change lands or the controller would re-decide.
             limit = self.now_s + substep_s
@@ -172,7 +175,7 @@ class VirtualGPU:
                 remaining -= d / full_d
             else:
                 remaining = 0.0
-            true_w = float(model.power_w(cls, sm, mem)) * p_factor
+            true_w = model.power_at(cls, sm, mem) * p_factor
             lock_sm = None if self._lock is None else float(self._lock.sm_mhz)
             curve = model.power_curve(cls, mem, lock_sm)
             self._advance(d, true_w * p_jitter, curve * p_factor)
@@ -202,9 +205,9 @@ class VirtualGPU:
                 sm, mem = self._clocks_now()
                 lock_sm = None if self._lock is None else float(self._lock.sm_mhz)
                 curve = self.model.static_curve(mem, lock_sm)
-                w = float(self.model.static_power_w(sm, mem))
+                w = self.model.static_power_at(sm, mem)
             else:
-                sm, mem = float(p.idle_sm_mhz), float(p.mem_max_mhz)
+                sm, mem = float(p.idle_sm_mhz), self._mem_max_mhz
                 w = self.model.idle_power_w()
                 curve = np.full_like(self._mix, w)
             self._advance(d, w, curve)
@@ -220,6 +223,7 @@ class VirtualGPU:
         self._instant_w = power_w
         a = math.exp(-d / self.params.power_window_s)
         self._mix = a * self._mix + (1.0 - a) * curve
+        self._ceiling = None
         # Refreshes that fall inside this stretch see the energy at their own instant.
         while self._next_refresh_s <= self.now_s + 1e-12:
             t_r = self._next_refresh_s

@@ -166,6 +166,7 @@ class H100Model:
         # The controller works on the supported SM clocks, ascending (interpolating between them).
         self.grid_sm_mhz = np.arange(p.sm_min_mhz, p.sm_max_mhz + 1, p.sm_step_mhz, dtype=float)
         self._curve_cache: dict = {}
+        self._mem_max_mhz = float(p.mem_max_mhz)  # a property that takes a max: read per kernel slice
 
     # --- classes ---------------------------------------------------------------------------
     def class_of(self, category: Union[str, Work]) -> KernelClass:
@@ -197,7 +198,7 @@ class H100Model:
     def top_time_s(self, work: Work) -> float:
         """Time of ``work`` at the top clocks, without the power cap."""
         p = self.params
-        return work.duration_s / float(self.shape(work, p.work_ref_sm_mhz, p.work_ref_mem_mhz))
+        return work.duration_s / self.shape_at(self.class_of(work).name, p.work_ref_sm_mhz, p.work_ref_mem_mhz)
 
     def time_s(self, work: Work, sm_mhz: ArrayLike, mem_mhz: ArrayLike) -> np.ndarray:
         """Time of ``work`` at exactly these clocks (no cap applied)."""
@@ -233,6 +234,43 @@ class H100Model:
         v2 = self.voltage(f) ** 2
         return (self.static_power_w(f, m) + p.mem_traffic_w * (c.a_mem / raw)
                 + c.dyn_w * (f / p.sm_max_mhz) * v2 * u_sm)
+
+    # --- one clock pair at a time ----------------------------------------------------------
+    # The virtual GPU asks for one kernel slice at a time, hundreds of thousands of times a run,
+    # where numpy's cost per call on 0-d arrays was most of the demo's time. The same formulas on
+    # floats (the tests hold them to the vectorised ones above).
+    def shape_at(self, class_name: str, sm_mhz: float, mem_mhz: float) -> float:
+        """:meth:`shape` of one class at one clock pair, as a float."""
+        c = self.params.classes[class_name]
+        return self._raw_at(c, sm_mhz, mem_mhz) / float(self._norm[class_name])
+
+    def _raw_at(self, c: KernelClass, sm_mhz: float, mem_mhz: float) -> float:
+        p = self.params
+        x_sm = c.a_sm * p.sm_max_mhz / sm_mhz
+        x_mem = c.a_mem * self._mem_max_mhz / mem_mhz
+        return (x_sm ** self._p + x_mem ** self._p) ** (1.0 / self._p) + c.a_fix
+
+    def _v2_at(self, sm_mhz: float) -> float:
+        p = self.params
+        x = min(max((sm_mhz - p.v_knee_mhz) / (p.sm_max_mhz - p.v_knee_mhz), 0.0), 1.0)
+        v = p.v_min + (1.0 - p.v_min) * x
+        return v * v
+
+    def static_power_at(self, sm_mhz: float, mem_mhz: float) -> float:
+        """:meth:`static_power_w` at one clock pair, as a float."""
+        p = self.params
+        v2 = self._v2_at(sm_mhz)
+        return (p.board_w + p.leak_w * v2 + p.clock_tree_w * (sm_mhz / p.sm_max_mhz) * v2
+                + p.mem_background_w * (mem_mhz / self._mem_max_mhz))
+
+    def power_at(self, class_name: str, sm_mhz: float, mem_mhz: float) -> float:
+        """:meth:`power_w` of one class at one clock pair, as a float."""
+        c = self.params.classes[class_name]
+        p = self.params
+        raw = self._raw_at(c, sm_mhz, mem_mhz)
+        u_sm = (c.a_sm * p.sm_max_mhz / sm_mhz) / raw
+        return (self.static_power_at(sm_mhz, mem_mhz) + p.mem_traffic_w * (c.a_mem / raw)
+                + c.dyn_w * (sm_mhz / p.sm_max_mhz) * self._v2_at(sm_mhz) * u_sm)
 
     # --- the power cap ---------------------------------------------------------------------
     def power_curve(self, category, mem_mhz: float, lock_sm_mhz: Optional[float] = None) -> np.ndarray:
