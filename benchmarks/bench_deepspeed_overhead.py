@@ -321,7 +321,7 @@ def main() -> None:
     result = {
         "params_m": n_params / 1e6, "dtype": a.dtype, "zero": a.zero, "gas": a.gas, "micro_batch": a.micro_batch,
         "seq": a.seq, "device": a.device, "mode": a.mode, "granularity": a.granularity,
-        "accelerator": accel.device_name(), "sync": a.sync, "steps_per_arm": timed_steps["on"],
+        "accelerator": accel.device_name(), "sync": a.sync, "kdvfs_extra": json.loads(a.kdvfs), "steps_per_arm": timed_steps["on"],
         "median_step_ms_with_kdvfs": on_ms, "median_step_ms_without_kdvfs": off_ms,
         "overhead_pct": (on_ms / off_ms - 1.0) * 100.0,
         **stats,
@@ -356,7 +356,7 @@ def main() -> None:
         print(f"model {result['params_m']:.1f}M params, {a.dtype}, ZeRO-{a.zero}, GAS {a.gas}, "
               f"micro-batch {a.micro_batch} x {a.seq} tokens{f' per GPU x {world} GPUs' if world > 1 else ''}, "
               f"kdvfs device={a.device} mode={a.mode} granularity={a.granularity}, {timed_steps['on']} steps per arm, "
-              f"synchronised per {a.sync}")
+              f"synchronised per {a.sync}" + (f", kernel_dvfs also {a.kdvfs}" if json.loads(a.kdvfs) else ""))
         of = "" if per_step else " (median of the blocks' means)"
         print(f"median step time with kdvfs    {on_ms:10.3f} ms{of}")
         print(f"median step time without kdvfs {off_ms:10.3f} ms{of}")

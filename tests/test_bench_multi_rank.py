@@ -136,10 +136,14 @@ def test_deepspeed_two_ranks_synchronised_per_block(tmp_path):
     out = tmp_path / "bench.json"
     proc = torchrun("bench_deepspeed_overhead.py", ["--tiny", "--mode", "observe", "--steps-per-block", 8,
                                                     "--blocks", 2, "--warmup-steps", 2, "--sync", "block",
+                                                    "--kdvfs", '{"power_readings": "step_end"}',
                                                     "--run-dir", tmp_path / "run", "--json", out],
                     {"DS_ACCELERATOR": "cpu"})
     result = json.loads(out.read_text())
     assert result["sync"] == "block" and "synchronised per block" in proc.stdout
+    # keys given with --kdvfs reach the kernel_dvfs block and the header says so
+    assert 'synchronised per block, kernel_dvfs also {"power_readings": "step_end"}' in proc.stdout
+    assert result["kdvfs_extra"] == {"power_readings": "step_end"}
     # one time per block, the mean of its steps after the settle steps; host time still per step
     assert result["steps_per_arm"] == 2 * (8 - 2)
     assert [len(b) for b in result["block_steps_ms"]] == [1] * 4 and all(b[0] > 0 for b in result["block_steps_ms"])
