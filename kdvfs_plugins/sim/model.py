@@ -167,6 +167,7 @@ class H100Model:
         self.grid_sm_mhz = np.arange(p.sm_min_mhz, p.sm_max_mhz + 1, p.sm_step_mhz, dtype=float)
         self._curve_cache: dict = {}
         self._mem_max_mhz = float(p.mem_max_mhz)  # a property that takes a max: read per kernel slice
+        self._norm_f = {n: float(v) for n, v in self._norm.items()}
 
     # --- classes ---------------------------------------------------------------------------
     def class_of(self, category: Union[str, Work]) -> KernelClass:
@@ -242,7 +243,7 @@ class H100Model:
     def shape_at(self, class_name: str, sm_mhz: float, mem_mhz: float) -> float:
         """:meth:`shape` of one class at one clock pair, as a float."""
         c = self.params.classes[class_name]
-        return self._raw_at(c, sm_mhz, mem_mhz) / float(self._norm[class_name])
+        return self._raw_at(c, sm_mhz, mem_mhz) / self._norm_f[class_name]
 
     def _raw_at(self, c: KernelClass, sm_mhz: float, mem_mhz: float) -> float:
         p = self.params
@@ -258,8 +259,10 @@ class H100Model:
 
     def static_power_at(self, sm_mhz: float, mem_mhz: float) -> float:
         """:meth:`static_power_w` at one clock pair, as a float."""
+        return self._static_at(sm_mhz, mem_mhz, self._v2_at(sm_mhz))
+
+    def _static_at(self, sm_mhz: float, mem_mhz: float, v2: float) -> float:
         p = self.params
-        v2 = self._v2_at(sm_mhz)
         return (p.board_w + p.leak_w * v2 + p.clock_tree_w * (sm_mhz / p.sm_max_mhz) * v2
                 + p.mem_background_w * (mem_mhz / self._mem_max_mhz))
 
@@ -269,8 +272,9 @@ class H100Model:
         p = self.params
         raw = self._raw_at(c, sm_mhz, mem_mhz)
         u_sm = (c.a_sm * p.sm_max_mhz / sm_mhz) / raw
-        return (self.static_power_at(sm_mhz, mem_mhz) + p.mem_traffic_w * (c.a_mem / raw)
-                + c.dyn_w * (sm_mhz / p.sm_max_mhz) * self._v2_at(sm_mhz) * u_sm)
+        v2 = self._v2_at(sm_mhz)  # once for the static and the dynamic part
+        return (self._static_at(sm_mhz, mem_mhz, v2) + p.mem_traffic_w * (c.a_mem / raw)
+                + c.dyn_w * (sm_mhz / p.sm_max_mhz) * v2 * u_sm)
 
     # --- the power cap ---------------------------------------------------------------------
     def power_curve(self, category, mem_mhz: float, lock_sm_mhz: Optional[float] = None) -> np.ndarray:
