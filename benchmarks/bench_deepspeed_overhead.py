@@ -117,7 +117,7 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--energy-period-ms", type=float, default=100.0, help="energy counter read period (0: off)")
     p.add_argument("--window-steps", type=int, default=None,
                    help="steps per kdvfs energy window (default: kdvfs's own; 1 with --tiny)")
-    p.add_argument("--kdvfs", default="{}", help="more keys for the kernel_dvfs block, as JSON")
+    p.add_argument("--kdvfs", default="{}", type=json.loads, help="more keys for the kernel_dvfs block, as JSON")
     p.add_argument("--continuous-steps", type=int, default=0,
                    help="after the blocks, this many steps with one kdvfs session, for what its profiled "
                         "steps cost in a long run (each block's session is too short to see a second one)")
@@ -219,7 +219,7 @@ def main() -> None:
     }
     if a.window_steps:
         ds_config["kernel_dvfs"]["window_steps"] = a.window_steps
-    ds_config["kernel_dvfs"].update(json.loads(a.kdvfs))
+    ds_config["kernel_dvfs"].update(a.kdvfs)
     torch.manual_seed(0)
     model = GPT(a.vocab, a.width, a.layers, a.heads, a.seq + 1)
     n_params = sum(p.numel() for p in model.parameters())
@@ -321,7 +321,7 @@ def main() -> None:
     result = {
         "params_m": n_params / 1e6, "dtype": a.dtype, "zero": a.zero, "gas": a.gas, "micro_batch": a.micro_batch,
         "seq": a.seq, "device": a.device, "mode": a.mode, "granularity": a.granularity,
-        "accelerator": accel.device_name(), "sync": a.sync, "kdvfs_extra": json.loads(a.kdvfs), "steps_per_arm": timed_steps["on"],
+        "accelerator": accel.device_name(), "sync": a.sync, "kdvfs_extra": a.kdvfs, "steps_per_arm": timed_steps["on"],
         "median_step_ms_with_kdvfs": on_ms, "median_step_ms_without_kdvfs": off_ms,
         "overhead_pct": (on_ms / off_ms - 1.0) * 100.0,
         **stats,
@@ -356,7 +356,7 @@ def main() -> None:
         print(f"model {result['params_m']:.1f}M params, {a.dtype}, ZeRO-{a.zero}, GAS {a.gas}, "
               f"micro-batch {a.micro_batch} x {a.seq} tokens{f' per GPU x {world} GPUs' if world > 1 else ''}, "
               f"kdvfs device={a.device} mode={a.mode} granularity={a.granularity}, {timed_steps['on']} steps per arm, "
-              f"synchronised per {a.sync}" + (f", kernel_dvfs also {a.kdvfs}" if json.loads(a.kdvfs) else ""))
+              f"synchronised per {a.sync}" + (f", kernel_dvfs also {json.dumps(a.kdvfs)}" if a.kdvfs else ""))
         of = "" if per_step else " (median of the blocks' means)"
         print(f"median step time with kdvfs    {on_ms:10.3f} ms{of}")
         print(f"median step time without kdvfs {off_ms:10.3f} ms{of}")

@@ -77,14 +77,14 @@ def format_summary(s: dict) -> str:
     return "\n".join(lines)
 
 
-def quantile(sorted_values: Sequence[float], q: float) -> float:
-    """The ``q`` quantile of already sorted values, interpolated between neighbours."""
-    if not sorted_values:
+def quantiles_at(values: Sequence[float], qs: Sequence[float]) -> list[float]:
+    """The quantiles of ``values`` at ``qs`` (whole percents), interpolated between neighbours."""
+    if not values:
         raise ValueError("no values")
-    x = q * (len(sorted_values) - 1)
-    i = int(x)
-    j = min(i + 1, len(sorted_values) - 1)
-    return sorted_values[i] + (sorted_values[j] - sorted_values[i]) * (x - i)
+    if len(values) == 1:
+        return [float(values[0])] * len(qs)
+    cuts = statistics.quantiles(values, n=100, method="inclusive")
+    return [cuts[round(q * 100) - 1] for q in qs]
 
 
 def step_quantiles(on_ms: Sequence[float], off_ms: Sequence[float],
@@ -94,12 +94,8 @@ def step_quantiles(on_ms: Sequence[float], off_ms: Sequence[float],
     Host hiccups only ever add time to a step, so the low quantiles are the steps none reached:
     there the ratio is what kdvfs adds to an undisturbed step. Where it grows towards the high
     quantiles, kdvfs's cost depends on the host's disturbances (or adds some of its own)."""
-    on, off = sorted(on_ms), sorted(off_ms)
-    rows = []
-    for q in qs:
-        a, b = quantile(on, q), quantile(off, q)
-        rows.append({"q": q, "with_ms": a, "without_ms": b, "overhead_pct": pct(a, b)})
-    return rows
+    return [{"q": q, "with_ms": a, "without_ms": b, "overhead_pct": pct(a, b)}
+            for q, a, b in zip(qs, quantiles_at(on_ms, qs), quantiles_at(off_ms, qs))]
 
 
 def format_step_quantiles(rows: Sequence[dict]) -> str:

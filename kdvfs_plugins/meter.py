@@ -140,8 +140,8 @@ class EnergySampler:
     def on_step_end(self) -> None:
         """On the training thread at each step end: a power reading, when one is due."""
         last = self._last_t
-        if last is not None and not self._no_power and time.perf_counter() - last >= self.power_period_s:
-            self._read_power()
+        if last is not None and time.perf_counter() - last >= self.power_period_s:
+            self.read_power_now()
 
     def _run(self) -> None:
         start_t = time.perf_counter()

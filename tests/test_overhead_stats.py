@@ -9,7 +9,7 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 from overhead_stats import (abba_arm, bootstrap_median_ci, format_long_run_estimate,  # noqa: E402
-                            format_step_quantiles, long_run_estimate, quantile, round_overheads_pct,
+                            format_step_quantiles, long_run_estimate, quantiles_at, round_overheads_pct,
                             same_arm_neighbours_pct, step_quantiles, summarise)
 
 
@@ -69,11 +69,11 @@ def test_the_long_run_estimate_adds_the_profiled_share_to_the_rounds_and_their_i
 
 
 def test_quantiles_interpolate_between_neighbours():
-    assert quantile([10.0, 20.0, 30.0], 0.5) == 20.0
-    assert quantile([10.0, 20.0], 0.25) == pytest.approx(12.5)
-    assert quantile([7.0], 0.9) == 7.0
+    assert quantiles_at([10.0, 20.0, 30.0], [0.5]) == [20.0]
+    assert quantiles_at([10.0, 20.0], [0.25]) == pytest.approx([12.5])
+    assert quantiles_at([7.0], [0.9]) == [7.0]
     with pytest.raises(ValueError):
-        quantile([], 0.5)
+        quantiles_at([], [0.5])
 
 
 def test_step_quantiles_tell_a_fixed_cost_from_one_that_grows_with_host_hiccups():
