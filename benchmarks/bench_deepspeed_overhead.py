@@ -32,6 +32,14 @@ arms' steps took 131 ms against 76-89 ms elsewhere, so per-step timing stays the
     torchrun --standalone --nproc_per_node 2 benchmarks/bench_deepspeed_overhead.py \
         --blocks 40 --steps-per-block 10 --settle-steps 2 --mode observe --sync block
 
+``--alt-kdvfs`` adds a third arm, kdvfs with more keys, to the rounds (rotated so that each arm
+takes each place in turn): two settings compared on one host, within the same rounds, where runs
+after each other would each meet a different host:
+
+    torchrun --standalone --nproc_per_node 2 benchmarks/bench_deepspeed_overhead.py \
+        --blocks 60 --steps-per-block 10 --settle-steps 2 --mode observe \
+        --alt-kdvfs '{"power_readings": "step_end"}'
+
 Under torchrun every rank runs kdvfs on its own GPU (the micro-batch is per GPU, so each GPU
 does the same work as on one); the step times printed are rank 0's timer, and rank 0 prints
 every rank's region table, energy per step, average power and which GPU it read.
@@ -51,9 +59,9 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from kdvfs_plugins.engine import format_region_table
-from overhead_stats import (abba_arm, format_long_run_estimate, format_long_session,  # next to this script
+from overhead_stats import (format_long_run_estimate, format_long_session,  # next to this script
                             format_step_quantiles, format_summary, long_run_estimate, long_session_figures,
-                            step_quantiles, summarise)
+                            rotated_arm, step_quantiles, summarise)
 from rank_gpu import describe_gpu, gpu_identity  # benchmarks/rank_gpu.py, next to this script
 
 
@@ -118,6 +126,9 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--window-steps", type=int, default=None,
                    help="steps per kdvfs energy window (default: kdvfs's own; 1 with --tiny)")
     p.add_argument("--kdvfs", default="{}", type=json.loads, help="more keys for the kernel_dvfs block, as JSON")
+    p.add_argument("--alt-kdvfs", default=None, type=json.loads,
+                   help="a third arm: kdvfs with these keys too, as JSON; rounds of three blocks then compare "
+                        "two settings on the same host")
     p.add_argument("--continuous-steps", type=int, default=0,
                    help="after the blocks, this many steps with one kdvfs session, for what its profiled "
                         "steps cost in a long run (each block's session is too short to see a second one)")
@@ -165,6 +176,20 @@ def rank_figures(kd_engines: list, first_block_step: int, rank: int, local_rank:
     }
 
 
+def cost_figures(host_ms: dict, engines: list, steps: int) -> dict:
+    """What one arm's kdvfs cost this rank: host time in its hooks per kept step (what kdvfs can add
+    to a step the CPU paces) and, beside the training thread, its threads' CPU time (the power
+    sampler and the worker) over every step of its blocks."""
+    every = host_ms["profiled"] + host_ms["plain"]
+    return {
+        "host_ms_per_step": statistics.fmean(every) if every else 0.0,
+        "host_ms_plain_step_median": statistics.median(host_ms["plain"]) if host_ms["plain"] else None,
+        "host_ms_profiled_step_mean": statistics.fmean(host_ms["profiled"]) if host_ms["profiled"] else None,
+        "profiled_steps": len(host_ms["profiled"]),
+        "thread_cpu_ms_per_step": sum(e.thread_cpu_s for e in engines) * 1e3 / steps,
+    }
+
+
 def print_rank(fig: dict) -> None:
     rows, step_ms = [tuple(r) for r in fig["regions"]], fig["median_step_ms_with_kdvfs"]
     g = fig["gpu"]
@@ -188,6 +213,11 @@ def print_rank(fig: dict) -> None:
           + ("" if profiled is None else f", {profiled:.2f} ms on a profiled one ({fig['profiled_steps']} steps)"))
     print(f"CPU time of kdvfs's threads: {fig['thread_cpu_ms_per_step']:.3f} ms per step "
           f"({fig['thread_cpu_ms_per_step'] / step_ms:.2%} of the step)")
+    if fig.get("alt"):
+        alt = fig["alt"]
+        print(f"third arm: median step time {alt['median_step_ms']:.3f} ms; host time in kdvfs's hooks "
+              f"{alt['host_ms_per_step']:.3f} ms per step; CPU time of kdvfs's threads "
+              f"{alt['thread_cpu_ms_per_step']:.3f} ms per step")
     if fig.get("continuous"):
         print(format_long_session(fig["continuous"]))
 
@@ -256,39 +286,48 @@ def main() -> None:
     for _ in range(a.warmup_steps):
         one_step(step)
         step += 1
-    times: dict[str, list[float]] = {"on": [], "off": []}  # per step, or per block with --sync block
-    timed_steps = {"on": 0, "off": 0}
+    # the kernel_dvfs block of each arm with kdvfs
+    blocks_of = {"on": ds_config["kernel_dvfs"]}
+    if a.alt_kdvfs:
+        blocks_of["alt"] = {**ds_config["kernel_dvfs"], **a.alt_kdvfs}
+    names = ("on", "off", "alt") if a.alt_kdvfs else ("on", "off")
+    times: dict[str, list[float]] = {n: [] for n in names}  # per step, or per block with --sync block
+    timed_steps = {n: 0 for n in names}
     first_block_step = engine.global_steps
-    kd_engines = []  # the kdvfs engine of each block with kdvfs; detach closes it, its figures stay
-    # host time in kdvfs's hooks per kept step with kdvfs, split by whether kdvfs profiled it
-    host_ms: dict[str, list[float]] = {"profiled": [], "plain": []}
-    # Rounds of one block per arm, in the order on/off then off/on (ABBA): a drift of the step time
-    # over the run (seen: block medians from 72 to 93 ms on one host) then falls on both arms alike.
-    block_ms: dict[str, list[float]] = {"on": [], "off": []}
+    # each arm's kdvfs engine of each of its blocks; detach closes one, its figures stay
+    kd_engines: dict[str, list] = {n: [] for n in blocks_of}
+    # host time in kdvfs's hooks per kept step of each arm with kdvfs, split by whether kdvfs profiled it
+    host_ms = {n: {"profiled": [], "plain": []} for n in blocks_of}
+    # Rounds of one block per arm, each round's order the last one's turned by one (ABBA for two
+    # arms): a drift of the step time over the run (seen: block medians from 72 to 93 ms on one
+    # host) then falls on every arm alike.
+    block_ms: dict[str, list[float]] = {n: [] for n in names}
     arms, all_block_ms, block_steps_ms, block_profiled = [], [], [], []
-    for block in range(2 * a.blocks):
-        arm = abba_arm(block)
+    attached = None  # the arm whose kdvfs is attached
+    for block in range(len(names) * a.blocks):
+        arm = rotated_arm(block, names)
         # Attach/detach between blocks, outside the timed steps: the arms differ only in kdvfs.
-        # Two blocks with kdvfs in a row (where rounds meet) keep one kdvfs engine.
-        if arm == "on":
-            adapter = kdvfs_deepspeed.adapter_of(engine) or kdvfs_deepspeed.attach(engine)
-            if not kd_engines or kd_engines[-1] is not adapter.engine:
-                kd_engines.append(adapter.engine)
-        else:
+        # Two blocks of one arm in a row (where rounds meet) keep one kdvfs engine.
+        if arm != attached:
             kdvfs_deepspeed.detach(engine)
+            attached = None
+        if arm in blocks_of and attached is None:
+            adapter = kdvfs_deepspeed.attach(engine, blocks_of[arm])
+            attached = arm
+            kd_engines[arm].append(adapter.engine)
         kept, profiled = [], []
         for k in range(a.steps_per_block):
             if k == a.settle_steps and not per_step:
                 accel.synchronize()
                 block_t0 = time.perf_counter()
-            host_s0 = adapter.host_time_s if arm == "on" else 0.0
+            host_s0 = adapter.host_time_s if attached else 0.0
             dt = one_step(step)
             step += 1
             if k >= a.settle_steps:
                 kept.append(dt)
-                profiled.append(arm == "on" and adapter.engine.profiling)
-                if arm == "on":
-                    host_ms["profiled" if profiled[-1] else "plain"].append((adapter.host_time_s - host_s0) * 1e3)
+                profiled.append(bool(attached) and adapter.engine.profiling)
+                if attached:
+                    host_ms[arm]["profiled" if profiled[-1] else "plain"].append((adapter.host_time_s - host_s0) * 1e3)
         if kept and not per_step:
             # Without a synchronisation per step a step's wall time is only its host time: the
             # block's mean is what was timed.
@@ -309,7 +348,7 @@ def main() -> None:
         # Each block's session profiles its first step (installing the module hooks, dropped with
         # the settle steps) and ends before its cadence judges a second: a long run's profiled
         # steps are measured here, by kdvfs's own account of what they add to a step.
-        adapter = kdvfs_deepspeed.attach(engine)
+        adapter = kdvfs_deepspeed.attach(engine, blocks_of["on"])
         for _ in range(a.continuous_steps):
             one_step(step)
             step += 1
@@ -333,18 +372,24 @@ def main() -> None:
         "step_quantiles": (step_quantiles([x * 1e3 for x in times["on"]], [x * 1e3 for x in times["off"]])
                            if per_step else None),
     }
+    if a.alt_kdvfs:
+        result["alt"] = {
+            "kdvfs_extra": a.alt_kdvfs, "median_step_ms": statistics.median(times["alt"]) * 1e3,
+            "against_without": summarise(block_ms["alt"], block_ms["off"], all_block_ms, arms),
+            "against_with": summarise(block_ms["alt"], block_ms["on"], all_block_ms, arms),
+            "step_quantiles": (step_quantiles([x * 1e3 for x in times["alt"]], [x * 1e3 for x in times["off"]])
+                               if per_step else None),
+        }
     rank, world = dist.get_rank(), dist.get_world_size()
-    mine = rank_figures(kd_engines, first_block_step, rank, int(os.environ.get("LOCAL_RANK", "0")), times)
-    # host time inside kdvfs's hooks: what kdvfs can add to a step the CPU paces
-    every = host_ms["profiled"] + host_ms["plain"]
-    mine["host_ms_per_step"] = statistics.fmean(every) if every else 0.0
-    mine["host_ms_plain_step_median"] = statistics.median(host_ms["plain"]) if host_ms["plain"] else None
-    mine["host_ms_profiled_step_mean"] = statistics.fmean(host_ms["profiled"]) if host_ms["profiled"] else None
-    mine["profiled_steps"] = len(host_ms["profiled"])
-    # beside the training thread: the power sampler and the worker, over every step with kdvfs
-    mine["thread_cpu_ms_per_step"] = sum(e.thread_cpu_s for e in kd_engines) * 1e3 / (a.blocks * a.steps_per_block)
+    mine = rank_figures(kd_engines["on"], first_block_step, rank, int(os.environ.get("LOCAL_RANK", "0")), times)
+    mine.update(cost_figures(host_ms["on"], kd_engines["on"], a.blocks * a.steps_per_block))
+    if a.alt_kdvfs:
+        mine["alt"] = {"median_step_ms": statistics.median(times["alt"]) * 1e3,
+                       # what its kdvfs engines ran with, read back: the keys reached them
+                       "config": {k: getattr(kd_engines["alt"][-1].config, k, None) for k in a.alt_kdvfs},
+                       **cost_figures(host_ms["alt"], kd_engines["alt"], a.blocks * a.steps_per_block)}
     mine["continuous"] = continuous
-    result["long_run_estimate"] = (long_run_estimate(stats, continuous, len(host_ms["profiled"]))
+    result["long_run_estimate"] = (long_run_estimate(stats, continuous, mine["profiled_steps"])
                                    if continuous else None)
     ranks = [mine]
     if world > 1:
@@ -364,6 +409,13 @@ def main() -> None:
         print(format_summary(stats))
         if result["step_quantiles"]:
             print(format_step_quantiles(result["step_quantiles"]))
+        if a.alt_kdvfs:
+            alt = result["alt"]
+            print(f"third arm, kdvfs with {json.dumps(a.alt_kdvfs)} too: median step time {alt['median_step_ms']:.3f} ms")
+            print(format_summary(alt["against_without"], label="against without kdvfs", noise=False))
+            print(format_summary(alt["against_with"], label="against kdvfs without those keys", noise=False))
+            if alt["step_quantiles"]:
+                print(format_step_quantiles(alt["step_quantiles"], label="third arm / without kdvfs"))
         if result["long_run_estimate"]:
             print(format_long_run_estimate(result["long_run_estimate"]))
         print(f"Python's full collections on rank 0: {len(gc_pauses)}, "

@@ -16,10 +16,18 @@ import statistics
 from typing import Optional, Sequence
 
 
+def rotated_arm(block: int, names: Sequence[str]) -> str:
+    """The arm of block ``block`` in rounds of one block per arm, each round's order the last one's
+    turned right by one: a round starts with the arm the last one ended with (adjacent blocks of
+    the same arm show the noise), and every arm takes every place in turn (a drift within rounds
+    falls on all arms alike). For two arms this is ABBA order."""
+    rnd, place = divmod(block, len(names))
+    return names[(place - rnd) % len(names)]
+
+
 def abba_arm(block: int) -> str:
     """The arm of block ``block`` in the order on, off, off, on, on, off, ..."""
-    rnd, first = divmod(block, 2)
-    return "on" if (first == 0) == (rnd % 2 == 0) else "off"
+    return rotated_arm(block, ("on", "off"))
 
 
 def pct(x: float, y: float) -> float:
@@ -65,13 +73,13 @@ def summarise(on_block_ms: Sequence[float], off_block_ms: Sequence[float], block
     }
 
 
-def format_summary(s: dict) -> str:
+def format_summary(s: dict, label: str = "", noise: bool = True) -> str:
     rounds = s["overhead_pct_per_round"]
     lo, hi = s["overhead_pct_median_of_rounds_ci95"]
-    lines = [f"overhead per round (adjacent blocks, median of {len(rounds)}): "
+    lines = [f"overhead{' ' + label if label else ''} per round (a round's blocks, median of {len(rounds)}): "
              f"{s['overhead_pct_median_of_rounds']:+.3f} % (95% bootstrap interval {lo:+.2f} to {hi:+.2f}; "
              f"rounds from {min(rounds):+.2f} to {max(rounds):+.2f})"]
-    if s["same_arm_neighbours_median_abs_pct"] is not None:
+    if noise and s["same_arm_neighbours_median_abs_pct"] is not None:
         lines.append(f"noise: adjacent blocks of the same arm differ by {s['same_arm_neighbours_median_abs_pct']:.2f} % "
                      f"(median |difference| of {len(s['same_arm_neighbours_pct'])} pairs)")
     return "\n".join(lines)
@@ -98,8 +106,8 @@ def step_quantiles(on_ms: Sequence[float], off_ms: Sequence[float],
             for q, a, b in zip(qs, quantiles_at(on_ms, qs), quantiles_at(off_ms, qs))]
 
 
-def format_step_quantiles(rows: Sequence[dict]) -> str:
-    return ("step-time quantiles, with / without kdvfs: "
+def format_step_quantiles(rows: Sequence[dict], label: str = "with / without kdvfs") -> str:
+    return (f"step-time quantiles, {label}: "
             + "; ".join(f"p{round(r['q'] * 100):02d} {r['with_ms']:.2f} / {r['without_ms']:.2f} ms "
                         f"({r['overhead_pct']:+.2f}%)" for r in rows))
 

@@ -153,9 +153,17 @@ class EnergySampler:
             self._base_mj = start_mj or 0.0
             self._last_t = start_t
             self.series.add(start_t, self._base_mj)
-        next_anchor_t = start_t + self.counter_period_s
         # With power read at step ends this thread only anchors, and stands in when steps stop.
         wake_s = (self.counter_period_s or 1.0) if self.power_on_steps else self.power_period_s
+        try:
+            self._loop(start_mj, start_t, wake_s)
+        finally:
+            # also at the end: a session shorter than one wake (power read at step ends, the
+            # thread asleep for the counter's period) would otherwise report none of its time
+            self.cpu_time_s = time.thread_time()
+
+    def _loop(self, start_mj: Optional[float], start_t: float, wake_s: float) -> None:
+        next_anchor_t = start_t + self.counter_period_s
         while not self._stop.wait(wake_s):
             t = time.perf_counter()
             if not self.power_on_steps or t - (self._last_t or 0.0) >= wake_s:

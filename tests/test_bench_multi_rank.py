@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import statistics
 import subprocess
 import sys
 from pathlib import Path
@@ -151,3 +152,33 @@ def test_deepspeed_two_ranks_synchronised_per_block(tmp_path):
     assert all(0 < r["host_ms_per_step"] < 1e3 for r in result["ranks"])
     assert "(median of the blocks' means)" in proc.stdout and len(result["overhead_pct_per_round"]) == 2
     assert result["step_quantiles"] is None and "step-time quantiles" not in proc.stdout
+
+
+def test_deepspeed_third_arm_compares_two_settings_within_the_same_rounds(tmp_path):
+    pytest.importorskip("deepspeed")
+    out = tmp_path / "bench.json"
+    proc = torchrun("bench_deepspeed_overhead.py", ["--tiny", "--mode", "observe", "--steps-per-block", 4,
+                                                    "--blocks", 2, "--warmup-steps", 2, "--settle-steps", 1,
+                                                    "--alt-kdvfs", '{"granularity": "iteration"}',
+                                                    "--run-dir", tmp_path / "run", "--json", out],
+                    {"DS_ACCELERATOR": "cpu"})
+    result = json.loads(out.read_text())
+    # two rounds of three blocks, the second turned by one: it starts with the arm the first ended with
+    assert result["block_arms"] == ["on", "off", "alt", "alt", "on", "off"]
+    alt = result["alt"]
+    assert alt["kdvfs_extra"] == {"granularity": "iteration"}
+    for versus in ("against_without", "against_with"):
+        assert len(alt[versus]["overhead_pct_per_round"]) == 2
+    # each round's figure is its third-arm block over its block of the other arm
+    blocks = dict(zip(range(6), zip(result["block_arms"], [statistics.median(b) for b in result["block_steps_ms"]])))
+    first_round = {arm: ms for i, (arm, ms) in blocks.items() if i < 3}
+    assert alt["against_with"]["overhead_pct_per_round"][0] == pytest.approx(
+        (first_round["alt"] / first_round["on"] - 1) * 100)
+    # every rank ran the third arm with its keys, and without module hooks its steps cost the
+    # host less than the kernel-granularity arm's, whose first step installs and profiles them
+    for r in result["ranks"]:
+        assert r["alt"]["config"] == {"granularity": "iteration"}
+        assert 0 < r["alt"]["host_ms_per_step"] < r["host_ms_per_step"]
+    assert "third arm, kdvfs with {\"granularity\": \"iteration\"} too" in proc.stdout
+    assert "overhead against kdvfs without those keys per round" in proc.stdout
+    assert proc.stdout.count("third arm: median step time") == 2

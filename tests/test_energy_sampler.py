@@ -141,3 +141,23 @@ def test_the_engine_reports_its_threads_cpu_time(tmp_path):
         assert eng.summary()["thread_cpu_ms"] >= used_s * 1e3
     finally:
         eng.close()
+
+
+class SlowCounterCard(Card):
+    """A counter read that costs CPU time, as an H100's (about 4 ms) does."""
+
+    def energy_mj(self):
+        end = time.thread_time() + 0.02
+        while time.thread_time() < end:
+            pass
+        return super().energy_mj()
+
+
+def test_a_session_shorter_than_one_wake_still_reports_its_threads_cpu_time():
+    # power at step ends: the thread wakes only every counter period (10 s here), never in this session
+    s = EnergySampler(SlowCounterCard(), EnergySeries(), power_period_s=0.01, counter_period_s=10.0,
+                      power_on_steps=True)
+    s.start()
+    time.sleep(0.1)
+    s.stop()
+    assert s.counter_reads == 1 and s.cpu_time_s >= 0.02

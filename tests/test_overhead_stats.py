@@ -10,11 +10,20 @@ import pytest
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 from overhead_stats import (abba_arm, bootstrap_median_ci, format_long_run_estimate,  # noqa: E402
                             format_step_quantiles, long_run_estimate, quantiles_at, round_overheads_pct,
-                            same_arm_neighbours_pct, step_quantiles, summarise)
+                            rotated_arm, same_arm_neighbours_pct, step_quantiles, summarise)
 
 
 def test_abba_order_puts_each_arm_first_in_every_other_round():
     assert [abba_arm(b) for b in range(8)] == ["on", "off", "off", "on", "on", "off", "off", "on"]
+
+
+def test_three_arms_rotate_so_rounds_meet_on_one_arm_and_each_arm_takes_each_place():
+    names = ("on", "off", "alt")
+    order = [rotated_arm(b, names) for b in range(9)]
+    rounds = [order[i:i + 3] for i in range(0, 9, 3)]
+    assert all(sorted(r) == sorted(names) for r in rounds)
+    assert all(rounds[i][-1] == rounds[i + 1][0] for i in range(2))
+    assert all(sorted(r[place] for r in rounds) == sorted(names) for place in range(3))
 
 
 def test_rounds_need_one_block_of_each_arm():
