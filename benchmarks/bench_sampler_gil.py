@@ -24,7 +24,7 @@ import json
 import statistics
 import time
 
-from overhead_stats import bootstrap_median_ci, pct  # next to this script
+from overhead_stats import bootstrap_median_ci, pct, round_order  # next to this script
 
 from kdvfs_plugins.devices import open_device
 from kdvfs_plugins.meter import EnergySampler, EnergySeries
@@ -78,12 +78,6 @@ def run_block(device, arm: tuple, iterations: int, steps: int, counter_period_s:
     return {"s": elapsed_s, "reads": sampler.reads, "cpu_s": sampler.cpu_time_s}
 
 
-def arm_order(arms: list, rnd: int) -> list:
-    """The arms rotated by the round: each takes every position equally often."""
-    k = rnd % len(arms)
-    return arms[k:] + arms[:k]
-
-
 def summarise(rounds: list[dict], arms: list[tuple]) -> list[dict]:
     """Each sampler arm against the round's block without one."""
     rows = []
@@ -135,7 +129,7 @@ def main(argv=None) -> None:
         rounds = []
         for rnd in range(a.rounds):
             rounds.append({arm: run_block(device, arm, iterations, steps, a.counter_period_ms / 1e3)
-                           for arm in arm_order(arms, rnd)})
+                           for arm in round_order(rnd, arms)})
             print(f"round {rnd}: " + ", ".join(f"{arm_name(*arm) if arm[0] != OFF else OFF} {rounds[-1][arm]['s']:.3f} s"
                                                for arm in arms), flush=True)
     finally:

@@ -16,13 +16,19 @@ import statistics
 from typing import Optional, Sequence
 
 
+def round_order(rnd: int, names: Sequence) -> list:
+    """The order of round ``rnd``, one block per arm: the last round's order turned right by one.
+    A round starts with the arm the last one ended with (adjacent blocks of the same arm show the
+    noise), and every arm takes every place in turn (a drift within rounds falls on all arms
+    alike). For two arms this is ABBA order."""
+    k = -rnd % len(names)
+    return list(names[k:]) + list(names[:k])
+
+
 def rotated_arm(block: int, names: Sequence[str]) -> str:
-    """The arm of block ``block`` in rounds of one block per arm, each round's order the last one's
-    turned right by one: a round starts with the arm the last one ended with (adjacent blocks of
-    the same arm show the noise), and every arm takes every place in turn (a drift within rounds
-    falls on all arms alike). For two arms this is ABBA order."""
+    """The arm of block ``block`` when rounds follow :func:`round_order`."""
     rnd, place = divmod(block, len(names))
-    return names[(place - rnd) % len(names)]
+    return round_order(rnd, names)[place]
 
 
 def abba_arm(block: int) -> str:

@@ -13,7 +13,7 @@ import bench_sampler_gil as bench  # noqa: E402
 
 def test_each_arm_takes_every_position_over_as_many_rounds_as_arms():
     arms = [0.0, 100.0, 500.0]
-    orders = [bench.arm_order(arms, r) for r in range(3)]
+    orders = [bench.round_order(r, arms) for r in range(3)]
     assert orders[0] == arms and all(sorted(o) == arms for o in orders)
     for a in arms:
         assert sorted(o.index(a) for o in orders) == [0, 1, 2]
