@@ -176,6 +176,28 @@ def test_misspelt_key_suggests_the_right_one():
         kdvfs_deepspeed.config_from_deepspeed({"kernel_dvfs": {"granularty": "pass"}})
 
 
+@pytest.mark.parametrize("name", ["kernel_dvfs_", "kernelDVFS", "kernel-dvfs", "KERNEL_DVFS", "kernal_dvfs",
+                                  "kernel_dvsf", "kdvfs"])
+def test_misspelt_block_name_is_an_error_not_defaults(name):
+    # DeepSpeed ignores unknown top-level keys: a misspelt block would run kdvfs with its defaults
+    # (mode auto, device auto: clock writes where permitted).
+    ds = {"train_batch_size": 8, name: {"mode": "observe"}}
+    with pytest.raises(ConfigError, match=f"DeepSpeed config: {name}=.*unknown top-level key; did you mean 'kernel_dvfs'"):
+        kdvfs_deepspeed.config_from_deepspeed(ds)
+    engine = FakeDeepSpeedEngine()
+    engine._config._param_dict[name] = {"mode": "observe"}
+    with pytest.raises(ConfigError, match="did you mean 'kernel_dvfs'"):
+        kdvfs_deepspeed.attach(engine)
+    with pytest.raises(ConfigError, match="did you mean 'kernel_dvfs'"):
+        kdvfs_deepspeed.attach(FakeDeepSpeedEngine(), ds)
+    assert "forward" not in vars(engine)
+
+
+def test_deepspeeds_own_keys_are_not_taken_for_the_block():
+    ds = {"train_batch_size": 8, "kernel": 1, "dvfs": 1, "kernel_inject": True, "zero_optimization": {"stage": 2}}
+    assert kdvfs_deepspeed.config_from_deepspeed(ds) == KdvfsConfig()
+
+
 # ---------------------------------------------------------------------- regions
 @pytest.mark.parametrize("zero", [0, 2])
 @pytest.mark.parametrize("gas", [1, 2])

@@ -8,7 +8,9 @@ costs seconds, not a model load.
 from __future__ import annotations
 
 import base64
+import difflib
 import os
+import re
 from typing import Any, Mapping, Optional
 
 from kdvfs_plugins.config import KdvfsConfig
@@ -17,6 +19,40 @@ from kdvfs_plugins.errors import ConfigError
 #: The top-level key of the DeepSpeed config that holds the kdvfs settings.
 BLOCK_KEY = "kernel_dvfs"
 SOURCE = "DeepSpeed 'kernel_dvfs' block"
+#: How alike (difflib ratio, after dropping case and separators) a top-level key must be to
+#: ``kernel_dvfs`` to count as a misspelling of it. DeepSpeed's own keys score below 0.5.
+NEAR_MISS_RATIO = 0.8
+
+
+def _squashed(key: str) -> str:
+    return re.sub(r"[^a-z0-9]", "", key.lower())
+
+
+def near_miss_keys(ds_config: Mapping[str, Any]) -> list[str]:
+    """Top-level keys that look like a misspelt ``kernel_dvfs`` (``kernel_dvfs_``, ``kernelDVFS``,
+    ``kernel-dvfs``, ``kernel_dvsf``, ``kdvfs``...).
+
+    DeepSpeed accepts unknown top-level keys silently, so without this check a misspelt block
+    would be ignored and kdvfs would run with its defaults (mode auto: clocks change where
+    writes are permitted).
+    """
+    target = _squashed(BLOCK_KEY)
+    out = []
+    for key in ds_config:
+        if not isinstance(key, str) or key == BLOCK_KEY:
+            continue
+        squashed = _squashed(key)
+        if squashed in (target, "kdvfs") or difflib.SequenceMatcher(None, squashed, target).ratio() >= NEAR_MISS_RATIO:
+            out.append(key)
+    return out
+
+
+def _check_block_name(ds_config: Mapping[str, Any]) -> None:
+    """Raise the did-you-mean error a misspelt key inside the block gets, for the block's own name."""
+    for key in near_miss_keys(ds_config):
+        raise ConfigError(key, ds_config[key], f"unknown top-level key; did you mean '{BLOCK_KEY}'? (DeepSpeed "
+                          "ignores unknown top-level keys: kdvfs would not read this block)",
+                          "DeepSpeed config")
 
 
 def load_deepspeed_config(config: Any) -> Optional[dict]:
@@ -45,9 +81,12 @@ def load_deepspeed_config(config: Any) -> Optional[dict]:
 def config_from_deepspeed(ds_config: Optional[Mapping[str, Any]]) -> KdvfsConfig:
     """Validate the ``kernel_dvfs`` block of a DeepSpeed config dict (defaults if it has none).
 
-    Raises :class:`ConfigError` naming the key, the value and what is allowed.
+    Raises :class:`ConfigError` naming the key, the value and what is allowed, also for a
+    top-level key that looks like a misspelt ``kernel_dvfs`` (see :func:`near_miss_keys`).
     """
-    block = (ds_config or {}).get(BLOCK_KEY)
+    ds_config = ds_config or {}
+    _check_block_name(ds_config)
+    block = ds_config.get(BLOCK_KEY)
     if block is None:
         return KdvfsConfig.from_dict({}, source=SOURCE)
     if not isinstance(block, Mapping):
@@ -61,7 +100,7 @@ def as_kdvfs_config(config: Any) -> KdvfsConfig:
     DeepSpeed config (dict or path) that contains one."""
     if isinstance(config, KdvfsConfig):
         return config
-    if isinstance(config, Mapping) and BLOCK_KEY not in config:
+    if isinstance(config, Mapping) and BLOCK_KEY not in config and not near_miss_keys(config):
         return KdvfsConfig.from_dict(config, source=SOURCE)
     loaded = load_deepspeed_config(config)
     if loaded is None:
