@@ -7,6 +7,7 @@ predictions. On a GPU, ``--device observe`` measures without changing anything; 
 from __future__ import annotations
 
 import argparse
+import logging
 
 import torch
 
@@ -25,6 +26,9 @@ def main(argv=None) -> None:
     p.add_argument("--steps", type=int, default=20)
     p.add_argument("--run-dir", default="kdvfs_runs/quickstart")
     args = p.parse_args(argv)
+    # kdvfs logs through the "kdvfs" logger and leaves the configuration to the script: show its
+    # INFO lines (the device it picked, each rank's region table at the end).
+    logging.basicConfig(level=logging.INFO, format="%(name)s: %(message)s")
 
     trainer = pl.Trainer(
         max_steps=args.steps, accelerator="auto", devices=1, logger=False, enable_checkpointing=False,

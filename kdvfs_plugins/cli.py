@@ -43,6 +43,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    # The command owns its process: it, and not the library, decides where kdvfs's log lines go.
+    from .log import setup_cli_logging
+
+    setup_cli_logging()
     try:
         return int(importlib.import_module(args._module).run(args) or 0)
     except KdvfsError as exc:

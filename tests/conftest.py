@@ -21,11 +21,15 @@ class _ListHandler(logging.Handler):
 
 @pytest.fixture
 def kdvfs_log():
-    """Records of the ``kdvfs`` logger (it does not propagate, so caplog misses them)."""
+    """Records of the ``kdvfs`` logger, INFO and DEBUG included (the library sets no level of its
+    own, so without this only WARNING and above would reach a handler)."""
     handler = _ListHandler()
     log = logging.getLogger("kdvfs")
+    level = log.level
     log.addHandler(handler)
+    log.setLevel(logging.DEBUG)
     try:
         yield handler.records
     finally:
         log.removeHandler(handler)
+        log.setLevel(level)

@@ -55,7 +55,7 @@ def _close_all_at_exit() -> None:
         try:
             adapter.close()
         except Exception as exc:  # at exit, one failure must not keep the other GPUs' clocks locked
-            logger.warning("kdvfs: restoring clocks at exit failed on rank %s: %s", adapter.engine.rank, exc)
+            logger.warning("restoring clocks at exit failed on rank %s: %s", adapter.engine.rank, exc)
 
 
 atexit.register(_close_all_at_exit)

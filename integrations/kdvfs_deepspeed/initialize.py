@@ -37,7 +37,7 @@ def initialize(*args: Any, plugins: Iterable[object] = (), **kwargs: Any):
     if cfg is None:
         # The config was something we could not read ahead (DeepSpeed took it anyway): read
         # the block from the engine's parsed config instead, now that it exists.
-        logger.debug("kdvfs: reading the 'kernel_dvfs' block from the initialised engine")
+        logger.debug("reading the 'kernel_dvfs' block from the initialised engine")
     try:
         attach(engine, cfg, plugins=plugins)
     except BaseException:

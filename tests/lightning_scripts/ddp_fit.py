@@ -1,5 +1,6 @@
 """Two-process DDP on CPU (gloo) with KernelDVFS on the simulated device."""
 import json
+import logging
 import os
 import sys
 
@@ -51,6 +52,7 @@ class Net(pl.LightningModule):
 
 
 if __name__ == "__main__":
+    logging.basicConfig(level=logging.INFO, format="%(name)s: %(message)s")  # kdvfs configures no logging itself
     # arguments: run directory [, max steps, more KernelDVFS settings as JSON]; DDP_FIT_DEVICES=1
     # runs one process alone, for comparison
     steps = int(sys.argv[2]) if len(sys.argv) > 2 else 4
