@@ -12,9 +12,7 @@ import os
 import torch
 
 from kdvfs_lightning.demo import GPT_350M, RandomTokens, TinyGPT
-from kdvfs_plugins.module_regions import select_modules
-from kdvfs_plugins.regions import fold_module_path
-from kdvfs_plugins.sim.capture import region
+from kdvfs_plugins.sim.capture import ModuleTagger, region
 
 TINY = os.environ.get("KDVFS_TRACE_TINY") == "1"
 CFG = dict(vocab=256, d=64, layers=2, heads=4, seq=32) if TINY else dict(GPT_350M)
@@ -25,38 +23,15 @@ torch.manual_seed(0)
 model = TinyGPT(**CFG).to(DEVICE)
 optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=DEVICE == "cuda")
 data = RandomTokens(1000, CFG["seq"], CFG["vocab"])
-_phase = ["forward"]
-_open: dict = {}
-
-
-def _tag(path, module):
-    group = fold_module_path(path)
-
-    def enter(key):
-        _open[key] = region(f"{_phase[0]}/{group}")
-        _open[key].__enter__()
-
-    def leave(key):
-        rng = _open.pop(key, None)
-        if rng is not None:
-            rng.__exit__(None, None, None)
-
-    module.register_forward_pre_hook(lambda m, a: enter(("f", path)))
-    module.register_forward_hook(lambda m, a, o: leave(("f", path)))
-    module.register_full_backward_pre_hook(lambda m, g: enter(("b", path)))
-    module.register_full_backward_hook(lambda m, gi, go: leave(("b", path)))
-
-
-for _path, _module in select_modules(model):
-    _tag(_path, _module)
+tagger = ModuleTagger(model)
 
 
 def kdvfs_trace_step(i):
     idx, target = (t.unsqueeze(0).repeat(BATCH, 1).to(DEVICE) for t in data[i])
-    _phase[0] = "forward"
+    tagger.phase = "forward"
     with region("forward"), torch.autocast(DEVICE, dtype=torch.bfloat16, enabled=DEVICE == "cuda"):
         loss = model.training_step((idx, target), i)
-    _phase[0] = "backward"
+    tagger.phase = "backward"
     with region("backward"):
         optimizer.zero_grad(set_to_none=True)
         loss.backward()

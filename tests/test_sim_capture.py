@@ -74,3 +74,22 @@ def test_trace_cli_cpu(tmp_path, capsys):
     assert main(["trace", "--script", str(script), "--out", str(out), "--cpu", "--steps", "1"]) == 0
     assert out.exists() and "wrote" in capsys.readouterr().out
     assert main(["trace", "--script", str(tmp_path / "nope.py"), "--out", str(out)]) == 2
+
+
+def test_correct_rows_gives_untagged_kernels_the_next_phase_and_cuts_profiler_gaps():
+    from kdvfs_plugins.sim.capture import correct_rows
+
+    def row(start, dur, region, category="gemm"):
+        return {"step": 0, "phase": region.split("/")[0], "category": category, "kernel": "k",
+                "start_us": start, "dur_us": dur, "region": region}
+
+    rows = [row(0, 10, "forward/layers.*.mlp"), row(10, 5, "step", "softmax_loss"),
+            row(500, 10, "backward/head"), row(510, 5, "step", "attention"), row(515, 10, "backward/layers.*.qkv"),
+            row(530, 20, "step", "optimizer"), row(560, 3, "step", "copy_cast")]
+    out = correct_rows(rows, max_gap_us=20)
+    assert [r["region"] for r in out] == ["forward/layers.*.mlp", "backward", "backward/head", "backward",
+                                          "backward/layers.*.qkv", "optimizer", "optimizer"]
+    assert [r["phase"] for r in out][-2:] == ["optimizer", "optimizer"]
+    # the 485 µs gap after the loss is cut to 20 µs and everything after it moves up by 465 µs
+    assert out[2]["start_us"] == 35 and out[-1]["start_us"] == 560 - 465
+    assert correct_rows(rows, max_gap_us=None)[2]["start_us"] == 500

@@ -23,6 +23,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", required=True, help="CSV file to write")
     parser.add_argument("--steps", type=int, default=2, help="profiled steps (default 2)")
     parser.add_argument("--warmup-steps", type=int, default=1, help="unprofiled steps first (default 1)")
+    parser.add_argument("--max-gap-us", type=float, default=20.0,
+                        help="cut idle gaps between kernels longer than this (the profiler slows the host; "
+                             "default 20; a negative value keeps every gap)")
     parser.add_argument("--cpu", action="store_true", help="record CPU ops instead of GPU kernels")
 
 
@@ -39,7 +42,8 @@ def run(args: argparse.Namespace) -> int:
     if not callable(step_fn):
         raise ConfigError("--script", args.script, f"a file that defines {STEP_FUNCTION}(i)", source="kdvfs trace")
     rows = record(step_fn, steps=args.steps, warmup_steps=args.warmup_steps, out=args.out,
-                  device="cpu" if args.cpu else "cuda")
+                  device="cpu" if args.cpu else "cuda",
+                  max_gap_us=None if args.max_gap_us < 0 else args.max_gap_us)
     regions = sorted({r["region"] for r in rows})
     print(f"wrote {len(rows)} {'ops' if args.cpu else 'kernels'} of {args.steps} steps to {args.out} "
           f"({len(regions)} regions: {', '.join(regions[:8])}{' ...' if len(regions) > 8 else ''})")

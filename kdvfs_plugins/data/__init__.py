@@ -8,11 +8,36 @@ from pathlib import Path
 
 DEFAULT_CLOCKS_JSON = "h100-default-clocks.json"
 GPT1B_TRACE_CSV = "h100-gpt1b-step-kernels.csv"
+POWER_STEP_JSON = "h100-power-step.json"
+WAIT_POWER_JSON = "h100-wait-power.json"
+
+#: Kernel traces shipped as workloads: name -> (CSV file, what it is). ``kdvfs simulate --trace NAME``.
+WORKLOAD_TRACES = {
+    "gpt1b": (GPT1B_TRACE_CSV, "GPT, 1.0 B parameters, seq 2048, batch 8 (H100, measured)"),
+    "llama1b": ("h200-llama1b-step-kernels.csv",
+                "Llama-class, 1.1 B parameters, RMSNorm, SwiGLU, rotary, seq 2048, batch 4 (H200, kdvfs trace)"),
+    "gpt350m": ("h100-lightning-gpt350m-step-kernels.csv", "the Lightning GPT example, 350 M parameters (H100, kdvfs trace)"),
+    **{f"gpt1b-stage{i}-of4": (f"h200-gpt1b-stage{i}-of4-kernels.csv",
+                               f"stage {i} of 4 of the 1.0 B GPT, one microbatch of 2 x 2048 (H200, kdvfs trace)")
+       for i in range(4)},
+}
 
 
 def path(name: str) -> Path:
     """Filesystem path of a shipped data file."""
     return Path(str(resources.files(__name__).joinpath(name)))
+
+
+@lru_cache(maxsize=None)
+def power_step() -> dict:
+    """The parsed ``h100-power-step.json``: how NVML's power readings follow a step in power."""
+    return json.loads(path(POWER_STEP_JSON).read_text())
+
+
+@lru_cache(maxsize=None)
+def wait_power() -> dict:
+    """The parsed ``h100-wait-power.json``: what an H100 draws while it waits."""
+    return json.loads(path(WAIT_POWER_JSON).read_text())
 
 
 @lru_cache(maxsize=None)

@@ -99,6 +99,49 @@ def events_to_rows(kernels: Iterable[Span], ranges: Iterable[Span],
     return rows
 
 
+#: Idle gaps between kernels longer than this are cut to it by :func:`correct_rows` (µs).
+MAX_GAP_US = 20.0
+
+
+def correct_rows(rows: Sequence[dict], max_gap_us: Optional[float] = MAX_GAP_US) -> list[dict]:
+    """Two mechanical corrections of a recorded step, both seen on every GPU recording so far.
+
+    - Kernels outside every region (``step``): autograd launches backward kernels from its own
+      thread, outside the phase ranges of the training thread, and fused AdamW kernels lose their
+      annotation. Each takes the phase of the next tagged kernel of its step (the loss backward and
+      the attention backward lie before a module's backward region); kernels after the last tagged
+      one, and every ``optimizer``-category kernel, go to ``optimizer``.
+    - The profiler's per-module ranges slow the host and open idle gaps that the same step without
+      the profiler does not have; gaps longer than ``max_gap_us`` are cut to it (None keeps them).
+    """
+    out = [dict(r) for r in rows]
+    by_step: dict = {}
+    for r in out:
+        by_step.setdefault(r["step"], []).append(r)
+    for items in by_step.values():
+        items.sort(key=lambda r: float(r["start_us"]))
+        nxt = "optimizer"
+        for r in reversed(items):
+            if r["category"] == "optimizer":
+                r["region"] = "optimizer"
+            elif r["region"] == "step":
+                r["region"] = nxt
+            else:
+                nxt = Region.parse(r["region"]).phase
+            r["phase"] = Region.parse(r["region"]).phase
+        if max_gap_us is None:
+            continue
+        shift, end = 0.0, None
+        for r in items:
+            start = float(r["start_us"]) - shift
+            if end is not None and start - end > max_gap_us:
+                shift += start - end - max_gap_us
+                start = end + max_gap_us
+            r["start_us"] = round(start, 3)
+            end = max(end if end is not None else start, start + float(r["dur_us"]))
+    return out
+
+
 def write_csv(rows: Sequence[dict], out: Union[str, Path]) -> Path:
     out = Path(out)
     with out.open("w", newline="") as fh:
@@ -149,10 +192,12 @@ def profiler_spans(events, device: str = "cuda") -> tuple[list[Span], list[Span]
 
 
 def record(step_fn: Callable[[int], object], steps: int = 2, warmup_steps: int = 1,
-           out: Optional[Union[str, Path]] = None, device: str = "cuda") -> list[dict]:
+           out: Optional[Union[str, Path]] = None, device: str = "cuda",
+           max_gap_us: Optional[float] = MAX_GAP_US) -> list[dict]:
     """Profile ``steps`` calls of ``step_fn(i)`` (after ``warmup_steps`` unprofiled ones) into rows.
 
-    Regions inside the step are marked with :func:`region`. Writes the CSV to ``out`` if given.
+    Regions inside the step are marked with :func:`region`; the rows are corrected by
+    :func:`correct_rows`. Writes the CSV to ``out`` if given.
     """
     import torch
     from torch.profiler import ProfilerActivity, profile, record_function
@@ -172,7 +217,37 @@ def record(step_fn: Callable[[int], object], steps: int = 2, warmup_steps: int =
                 if device == "cuda":
                     torch.cuda.synchronize()  # inside the range: it then spans the step's kernels
     kernels, ranges = profiler_spans(prof.events(), device)
-    rows = events_to_rows(kernels, ranges)
+    rows = correct_rows(events_to_rows(kernels, ranges), max_gap_us)
     if out is not None:
         write_csv(rows, out)
     return rows
+
+
+class ModuleTagger:
+    """Tags each kernel-group module's kernels with the region KernelDVFS reports for it.
+
+    ``phase`` is the phase the step is in (``forward`` or ``backward``); set it before each pass.
+    Regions are ``<phase>/<folded module path>`` (layer indices folded), as the adapters name them.
+    """
+
+    def __init__(self, model, modules=None):
+        from ..module_regions import select_modules
+        from ..regions import fold_module_path
+
+        self.phase = "forward"
+        self._open: dict = {}
+        for path, module in (modules if modules is not None else select_modules(model)):
+            group = fold_module_path(path)
+            module.register_forward_pre_hook(lambda m, a, k=("f", path), g=group: self._enter(k, g))
+            module.register_forward_hook(lambda m, a, o, k=("f", path): self._leave(k))
+            module.register_full_backward_pre_hook(lambda m, g_, k=("b", path), g=group: self._enter(k, g))
+            module.register_full_backward_hook(lambda m, gi, go, k=("b", path): self._leave(k))
+
+    def _enter(self, key, group: str) -> None:
+        self._open[key] = region(f"{self.phase}/{group}")
+        self._open[key].__enter__()
+
+    def _leave(self, key) -> None:
+        rng = self._open.pop(key, None)
+        if rng is not None:
+            rng.__exit__(None, None, None)

@@ -45,6 +45,13 @@ ATTACHED_CATEGORIES = ("memset", "memcpy")
 GPT1B_NAMES = ("gpt1b", "gpt", "h100-gpt1b-step-kernels.csv")
 
 
+def is_workload_name(name) -> bool:
+    """Whether ``name`` names a shipped trace (``gpt1b``, ``llama1b``, ...) rather than a file."""
+    from ..data import WORKLOAD_TRACES
+
+    return name is None or str(name) in GPT1B_NAMES or str(name) in WORKLOAD_TRACES
+
+
 @dataclass(frozen=True)
 class TraceKernel:
     step: int
@@ -156,13 +163,17 @@ class Trace:
 
     @classmethod
     def load(cls, name_or_path: Union[None, str, Path], step_period_s: Optional[float] = None) -> "Trace":
-        """A trace by name (``gpt1b``; None means gpt1b) or CSV path."""
+        """A trace by name (``gpt1b``, ``llama1b``, ...; None means gpt1b) or CSV path."""
+        from ..data import WORKLOAD_TRACES, path
+
         if name_or_path is None or str(name_or_path) in GPT1B_NAMES:
             return cls.gpt1b()
+        if str(name_or_path) in WORKLOAD_TRACES:
+            return cls.from_csv(path(WORKLOAD_TRACES[str(name_or_path)][0]), step_period_s=step_period_s)
         p = Path(name_or_path)
         if not p.exists():
-            raise ConfigError("--trace", str(name_or_path), f"a CSV file or one of: {', '.join(GPT1B_NAMES[:1])}",
-                              source="kdvfs simulate")
+            raise ConfigError("--trace", str(name_or_path),
+                              f"a CSV file or one of: {', '.join(WORKLOAD_TRACES)}", source="kdvfs simulate")
         return cls.from_csv(p, step_period_s=step_period_s)
 
 
