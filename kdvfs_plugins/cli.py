@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import re
 import sys
 from typing import Sequence
 
@@ -20,6 +21,17 @@ COMMANDS = {
     "latency": ("kdvfs_plugins.commands.latency", "measure the clock switch latency of a device"),
     "report": ("kdvfs_plugins.commands.report", "write an HTML report of a run directory"),
 }
+
+
+#: A message that names a kdvfs command itself ("kdvfs report: ...", "kdvfs trace: ..."): the line
+#: names the command that ran, once.
+_OWN_PREFIX = re.compile(r"^kdvfs(?: [a-z-]+)?: ")
+
+
+def error_line(command: str, exc: BaseException) -> str:
+    """``kdvfs <command>: <message>``, with the program named once (an error raised with a
+    ``kdvfs ...`` source, by this command or by a part it borrows, loses that source)."""
+    return f"kdvfs {command}: {_OWN_PREFIX.sub('', str(exc), count=1)}"
 
 
 def _available() -> dict:
@@ -50,7 +62,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         return int(importlib.import_module(args._module).run(args) or 0)
     except KdvfsError as exc:
-        print(f"kdvfs {args.command}: {exc}", file=sys.stderr)
+        print(error_line(args.command, exc), file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         return 130

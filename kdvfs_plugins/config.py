@@ -144,6 +144,22 @@ class KdvfsConfig:
     def resolved_plan_path(self) -> Path:
         return Path(self.plan_path) if self.plan_path else Path(self.run_dir) / "plan.json"
 
+    def check_plan_file(self, source: str = "kdvfs config") -> None:
+        """Mode ``apply`` without fixed or per-region clocks reads a stored plan: a missing file is
+        a ConfigError now, where the config is made, not when training starts.
+
+        For adapters whose every rank reads the plan file itself (Lightning, DeepSpeed); not for
+        Megatron, where one rank of a tensor-parallel group reads it for the others.
+        """
+        if not self.enabled or self.mode != "apply" or self.fixed_clocks or self.region_clocks:
+            return
+        path = self.resolved_plan_path()
+        if not path.is_file():
+            where = "" if self.plan_path else " (the default: <run_dir>/plan.json)"
+            raise ConfigError("plan_path", self.plan_path, f"no plan file at {path}{where}; mode 'apply' reads a "
+                              "stored plan: give the plan_path a run with mode='auto' wrote, or use mode='auto' "
+                              "to explore and write one", source)
+
     def to_dict(self) -> dict:
         out = {}
         for f in fields(self):

@@ -104,7 +104,7 @@ def test_unparsable_values_stop_at_parse_time(argv, fragment, capsys):
 @pytest.mark.parametrize("argv, flag, allowed", [
     (["--kernel-dvfs-mode", "fast"], "--kernel-dvfs-mode", "observe | explore | apply | auto"),
     (["--kernel-dvfs-max-slowdown", "2"], "--kernel-dvfs-max-slowdown", "[0.0, 1.0]"),
-    (["--kernel-dvfs-sm-mhz", "1500"], "--kernel-dvfs-mem-mhz", "set together"),
+    (["--kernel-dvfs-sm-mhz", "1500"], "--kernel-dvfs-sm-mhz", "give both --kernel-dvfs-sm-mhz and --kernel-dvfs-mem-mhz"),
     (["--kernel-dvfs-region-clocks", '{"forward": {"sm_mhz": 1}}'], "--kernel-dvfs-region-clocks['forward']", ""),
 ])
 def test_bad_values_raise_config_error_naming_the_flag(argv, flag, allowed):

@@ -92,7 +92,9 @@ def config_from_deepspeed(ds_config: Optional[Mapping[str, Any]]) -> KdvfsConfig
     if not isinstance(block, Mapping):
         raise ConfigError(BLOCK_KEY, block, 'allowed: a JSON object, e.g. "kernel_dvfs": {"mode": "observe"}',
                           "DeepSpeed config")
-    return KdvfsConfig.from_dict(block, source=SOURCE)
+    cfg = KdvfsConfig.from_dict(block, source=SOURCE)
+    cfg.check_plan_file(SOURCE)  # before DeepSpeed builds the engine
+    return cfg
 
 
 def as_kdvfs_config(config: Any) -> KdvfsConfig:

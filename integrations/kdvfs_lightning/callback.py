@@ -36,6 +36,7 @@ class KernelDVFS(Callback):
     def __init__(self, plugins=(), **config: Any):
         super().__init__()
         self.config = KdvfsConfig.from_dict(config, source="KernelDVFS(...)")
+        self.config.check_plan_file(source="KernelDVFS(...)")  # a missing plan fails here, not at fit
         self.plugins = tuple(plugins)
         self.engine: Optional[Engine] = None
         self._modules: Optional[ModuleRegions] = None

@@ -202,6 +202,7 @@ def config_from_args(args: Any) -> Optional[KdvfsConfig]:
     from_file = _read_config_file(path) if path else {}
     raw: dict[str, Any] = {**from_file, **given}
     raw.setdefault("enabled", True)
+    _check_clock_pair(raw, given, path)
     try:
         return KdvfsConfig.from_dict(raw, source=FLAGS_SOURCE)
     except ConfigError as exc:
@@ -211,6 +212,18 @@ def config_from_args(args: Any) -> Optional[KdvfsConfig]:
         if root in flag_values:  # name the flag the user types, not the schema key
             raise ConfigError(flag_name(root) + exc.key[len(root):], exc.value, exc.allowed, FLAGS_SOURCE) from None
         raise
+
+
+def _check_clock_pair(raw: Mapping[str, Any], given: Mapping[str, Any], path: Optional[str]) -> None:
+    """Fixed clocks need both flags: say so in flag terms (the schema's own message speaks of keys)."""
+    set_keys = [k for k in ("sm_mhz", "mem_mhz") if raw.get(k) is not None]
+    if len(set_keys) != 1:
+        return
+    key = set_keys[0]
+    source = FLAGS_SOURCE if key in given else f"{CONFIG_FILE_FLAG} {path}"
+    raise ConfigError(flag_name(key) if key in given else key, raw[key],
+                      f"give both {flag_name('sm_mhz')} and {flag_name('mem_mhz')} (fixed clocks for the whole "
+                      "step), or neither", source)
 
 
 def _read_config_file(path: str) -> dict:

@@ -74,6 +74,9 @@ def collect(nvml=None) -> dict:
         nvml_backend.nvml_init(nvml)
     except (DeviceUnavailableError, KdvfsError) as exc:
         out["error"] = f"{exc}; kdvfs will use the simulated device (a virtual H100)"
+        # Without a driver there are no clocks to write, whatever this process's capabilities.
+        out["clock_writes"] = {"permitted": False, "why": "no NVIDIA driver, so no GPU clocks to set",
+                               "how_to": None, "capability": out["clock_writes"]}
         return out
     try:
         out["nvml_available"] = True
@@ -116,7 +119,8 @@ def format_text(info: dict) -> str:
                          else f"  current clocks: unknown ({g.get('current_clocks_error')})")
             lines.append(f"  power limit: {g['power_limit_w']:.0f} W")
     cw = info["clock_writes"]
-    lines.append(f"clock writes: {'permitted' if cw['permitted'] else 'not permitted'} ({cw['why']})")
+    state = "permitted" if cw["permitted"] else "not permitted" if info["nvml_available"] else "none possible"
+    lines.append(f"clock writes: {state} ({cw['why']})")
     if cw["how_to"]:
         lines.append(f"  {cw['how_to']}")
     auto = info["auto_device"]

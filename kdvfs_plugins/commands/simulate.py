@@ -248,7 +248,24 @@ def _run_explore(args: argparse.Namespace) -> int:
 MODES.append(("explore", _run_explore))
 
 
+def check_trace(value) -> None:
+    """``--trace``: the shipped trace's name or an existing CSV file; a missing file says so
+    before any mode starts (ConfigError)."""
+    from pathlib import Path
+
+    from ..sim.trace import is_workload_name
+
+    if is_workload_name(value):
+        return
+    path = Path(value)
+    if not path.is_file():
+        what = "is a directory" if path.is_dir() else "not found"
+        raise ConfigError("--trace", str(value), f"{what}: {path.resolve()}; give a kernel trace CSV "
+                          "(kdvfs trace records one) or gpt1b, the shipped GPT trace", source="kdvfs simulate")
+
+
 def run(args: argparse.Namespace) -> int:
+    check_trace(args.trace)
     for attr, handler in MODES:
         if getattr(args, attr, None):
             return handler(args)
