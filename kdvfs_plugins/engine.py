@@ -17,7 +17,7 @@ from .cadence import ProfileCadence
 from .clocks import ClockPair
 from .config import KdvfsConfig
 from .devices import BuiltinDevices
-from .errors import ConfigError, InvalidClockError, KdvfsError, PlanError
+from .errors import ConfigError, InvalidClockError, KdvfsError, PlanError, StateDirError
 from .events import ClockChange, RegionEvent, SessionInfo, StepRecord, WindowRecord
 from .distributed import Replicas, agree, all_gather
 from .guard import ClockGuard
@@ -158,8 +158,16 @@ class Engine:
         if self.plan is not None and self.plan_group is not None:
             self.plan.check_device(info.name, info.clocks, where="the group's plan")
         if self.device.kind == "nvml":
-            self.guard = ClockGuard(self.device, cfg.state_dir)
-            self.guard.acquire()
+            try:
+                self.guard = ClockGuard(self.device, cfg.state_dir)
+                self.guard.acquire()
+            except StateDirError as exc:
+                # Nothing was written; without a safe record no clock is written either.
+                from .devices.observe import observe_instead
+
+                logger.warning("%s Falling back to observe: training goes on, clocks are measured, not set.", exc)
+                self.guard = None
+                self.device = observe_instead(self.device)
         self.actuator = Actuator(
             self.device, self.guard, min_interval_s=cfg.min_switch_interval_ms / 1e3,
             on_applied=self._on_applied, on_device_changed=self._on_device_changed,
@@ -219,15 +227,10 @@ class Engine:
 
     # ------------------------------------------------------------------ exploration
     def _switch_latency_ms(self) -> float:
-        """The configured switch latency, else the simulated GPU's own, else the figure ``kdvfs
-        latency`` stored for this GPU and driver, else the published 6 ms."""
-        gpu = getattr(self.device, "gpu", None)
-        if self.config.switch_latency_ms is None and gpu is not None:
-            return gpu.switch_latency_s * 1e3
-        from .latency import switch_latency_for
+        """:func:`kdvfs_plugins.switching.resolve_switch_latency_ms` for this run's device."""
+        from .switching import resolve_switch_latency_ms
 
-        info = self.device.info()
-        return switch_latency_for(info.name, info.driver, self.config)
+        return resolve_switch_latency_ms(self.config, self.device).ms
 
     def _start_explorer(self) -> None:
         """Mode auto/explore without a plan: explore from the first window boundary after warm-up."""

@@ -61,5 +61,20 @@ class GpuBusyError(DeviceError):
         )
 
 
+class StateDirError(DeviceError):
+    """The state directory (or a file in it) cannot be used safely, so clocks are not written.
+
+    The run falls back to ``observe``; the message names the path, what is wrong with it, and
+    where to point ``KDVFS_STATE_DIR`` (``state_dir``) instead.
+    """
+
+    HINT = ("Clock writes need a state directory that only this user can write: set KDVFS_STATE_DIR "
+            "(or state_dir) to one, e.g. a directory of your own with mode 0700 (for root: /root/.local/state/kdvfs)")
+
+    def __init__(self, path: str, problem: str, hint: str | None = None):
+        self.path = path
+        super().__init__(f"kdvfs state directory {path}: {problem}. {hint or self.HINT}")
+
+
 class PlanError(KdvfsError, ValueError):
     """A plan file is malformed, made for another GPU or region set, or names an unsupported clock."""

@@ -7,6 +7,8 @@ import pytest
 @pytest.fixture(autouse=True)
 def _isolated_kdvfs(tmp_path, monkeypatch):
     monkeypatch.setenv("KDVFS_STATE_DIR", str(tmp_path / "kdvfs-state"))
+    # The GPUs' system-wide locks too: fake GPUs of concurrent test runs share UUIDs.
+    monkeypatch.setenv("KDVFS_LOCK_DIR", str(tmp_path / "kdvfs-locks"))
     monkeypatch.setenv("KDVFS_DISABLE_ENTRYPOINTS", "1")
 
 

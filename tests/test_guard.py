@@ -184,7 +184,9 @@ def test_signal_restores_clocks(shared_fake, sig):
     assert unlocked(fake) and not state_file().exists()
 
 
-def _killed_run(fake, path):
+def _killed_run(fake, path, monkeypatch):
+    # Without its watchdog: the case where the watchdog dies too (the whole job SIGKILLed).
+    monkeypatch.setenv("KDVFS_WATCHDOG", "0")
     proc = start_training(path, 1500, 1593)
     proc.send_signal(signal.SIGKILL)
     assert proc.wait(10) == -signal.SIGKILL
@@ -194,9 +196,9 @@ def _killed_run(fake, path):
     return proc.pid
 
 
-def test_sigkill_then_kdvfs_reset_restores(shared_fake):
+def test_sigkill_then_kdvfs_reset_restores(shared_fake, monkeypatch):
     fake, path = shared_fake
-    pid = _killed_run(fake, path)
+    pid = _killed_run(fake, path, monkeypatch)
     assert [s["pid"] for s in stale_states(default_state_dir())] == [pid]
     res = kdvfs(path, "reset", "--json")
     assert res.returncode == 0, res.stderr
@@ -207,9 +209,9 @@ def test_sigkill_then_kdvfs_reset_restores(shared_fake):
     assert again.returncode == 0 and "nothing to reset" in again.stdout
 
 
-def test_sigkill_then_next_start_restores(shared_fake, tmp_path, kdvfs_log):
+def test_sigkill_then_next_start_restores(shared_fake, tmp_path, kdvfs_log, monkeypatch):
     fake, path = shared_fake
-    pid = _killed_run(fake, path)
+    pid = _killed_run(fake, path, monkeypatch)
     eng = nvml_engine(fake, tmp_path, mode="observe")  # restores at acquire, before any step
     assert unlocked(fake) and not state_file().exists()
     assert any(f"process {pid} left clocks locked" in r.getMessage() for r in kdvfs_log)

@@ -125,7 +125,23 @@ def format_text(info: dict) -> str:
         lines.append(f"  {cw['how_to']}")
     auto = info["auto_device"]
     lines.append(f"device 'auto' picks: {auto['kind']} ({auto['why']})")
+    lines.append(restore_note())
     return "\n".join(lines)
+
+
+def restore_note() -> str:
+    """What a restore returns to: NVML cannot read back locked clocks, so an administrator's lock
+    set before a run is reset, not restored, unless the site names its clocks."""
+    from ..ownership import RESTORE_ENV, restore_clocks_from_env
+
+    try:
+        site = restore_clocks_from_env()
+    except ValueError as exc:
+        return f"restore: {exc}"
+    if site is not None:
+        return f"restore: kdvfs locks {site[0]}/{site[1]} MHz (SM/memory) when it restores ({RESTORE_ENV})"
+    return ("restore: kdvfs unlocks the clocks (driver default); NVML cannot read back locked clocks, so an "
+            f"administrator's lock set before a run is not restored: set {RESTORE_ENV}=SM/MEM to restore that instead")
 
 
 def run(args, nvml: Optional[object] = None) -> int:
