@@ -340,11 +340,49 @@ def _read_jsonl(path: Path) -> list:
 
 
 def rank_dirs(run_dir) -> list[Path]:
-    """``rank<N>`` directories with a summary.json: directly under ``run_dir`` (a training run's
-    ``run_dir``) or one level down (the demo's ``lightning/rank0``)."""
+    """``rank<N>`` directories with a summary.json: ``run_dir`` itself when it is one (a rank
+    directory given on its own), those directly under it (a training run's ``run_dir``), and, in
+    the demo's run directory, those one level down (its ``lightning/rank0``)."""
     run_dir = Path(run_dir)
-    found = list(run_dir.glob("rank*/summary.json")) + list(run_dir.glob("*/rank*/summary.json"))
+    if (run_dir / "summary.json").is_file():
+        return [run_dir]
+    found = list(run_dir.glob("rank*/summary.json"))
+    if _is_demo_dir(run_dir):
+        found += run_dir.glob("*/rank*/summary.json")
     return sorted({p.parent for p in found}, key=lambda p: (str(p.parent), _rank_number(p)))
+
+
+def _is_demo_dir(path: Path) -> bool:
+    return any((path / name).is_file() for name in DEMO_FILES)
+
+
+def _is_run_dir(path: Path) -> bool:
+    return (path / "summary.json").is_file() or _is_demo_dir(path) or any(path.glob("rank*/summary.json"))
+
+
+#: What ``kdvfs report`` accepts, said in every error about RUN_DIR.
+RUN_DIR_EXPECTED = ("give a run directory: a training run's run_dir (it holds rank<N>/summary.json), one "
+                    "rank<N> directory, or the demo's (kdvfs demo --run-dir DIR)")
+
+
+def check_run_dir(run_dir, source: str = "kdvfs report") -> Path:
+    """``run_dir`` if it holds something to report; otherwise a ConfigError that says what it
+    holds and what was expected (a parent of run directories names them)."""
+    from .errors import ConfigError
+
+    path = Path(run_dir)
+    if not path.is_dir():
+        raise ConfigError("RUN_DIR", str(run_dir), f"no such directory; {RUN_DIR_EXPECTED}", source)
+    if _is_run_dir(path):
+        return path
+    runs = sorted({p for p in path.iterdir() if p.is_dir() and _is_run_dir(p)}
+                  | {p.parent for p in path.glob("*/*/rank*/summary.json")})
+    if runs:
+        names = ", ".join(p.as_posix() for p in runs[:6]) + (", ..." if len(runs) > 6 else "")
+        raise ConfigError("RUN_DIR", str(run_dir), f"it holds run directories, not a run; report one of them: "
+                          f"kdvfs report {runs[0].as_posix()} (run directories here: {names})", source)
+    raise ConfigError("RUN_DIR", str(run_dir), f"nothing to report in it (no rank<N>/summary.json, no "
+                      f"{', '.join(DEMO_FILES)}); {RUN_DIR_EXPECTED}", source)
 
 
 def _rank_number(path: Path) -> int:
@@ -548,7 +586,8 @@ def section_savings(run: Mapping) -> str:
 
 def _rank_title(run: Mapping, rank: Mapping) -> str:
     rel = rank["path"].relative_to(run["run_dir"]) if rank["path"].is_relative_to(run["run_dir"]) else rank["path"]
-    return f"rank {rank['summary'].get('rank', '?')} ({rel.as_posix()})"
+    shown = rank["path"].name if rel == Path(".") else rel.as_posix()  # a rank directory given on its own
+    return f"rank {rank['summary'].get('rank', '?')} ({shown})"
 
 
 def _fmt(x, spec: str) -> str:
@@ -604,7 +643,10 @@ def build_report(run_dir) -> str:
 
 
 def write_report(run_dir, out=None) -> Path:
-    """Write the report of ``run_dir`` to ``out`` (default ``run_dir/report.html``); returns the path."""
+    """Write the report of ``run_dir`` to ``out`` (default ``run_dir/report.html``); returns the path.
+
+    Raises ConfigError (:func:`check_run_dir`) when ``run_dir`` holds nothing to report."""
+    check_run_dir(run_dir)
     path = Path(out) if out is not None else Path(run_dir) / "report.html"
     page = build_report(run_dir)
     path.parent.mkdir(parents=True, exist_ok=True)

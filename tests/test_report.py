@@ -149,7 +149,38 @@ def test_empty_dir_writes_a_page_of_notes(tmp_path):
 
 def test_missing_run_dir_is_an_error(tmp_path, capsys):
     assert main(["report", str(tmp_path / "nope")]) == 2
-    assert "RUN_DIR" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert f"kdvfs report: RUN_DIR='{tmp_path / 'nope'}' is not allowed; no such directory; give a run directory" in err
+
+
+def test_empty_dir_is_an_error_and_no_page_is_written(tmp_path, capsys):
+    assert main(["report", str(tmp_path)]) == 2
+    out, err = capsys.readouterr()
+    assert "nothing to report in it (no rank<N>/summary.json" in err and "kdvfs demo --run-dir DIR" in err
+    assert "wrote" not in out and not (tmp_path / "report.html").exists()
+
+
+def test_parent_of_run_dirs_is_an_error_naming_them(tmp_path, capsys):
+    runs = tmp_path / "kdvfs_runs"
+    _rank(runs / "quickstart" / "rank0")
+    _rank(runs / "demo" / "lightning" / "rank0")
+    (runs / "demo" / "compare.json").write_text(json.dumps(_compare()))
+    assert main(["report", str(runs)]) == 2
+    err = capsys.readouterr().err
+    assert "it holds run directories, not a run; report one of them: kdvfs report" in err
+    assert (runs / "demo").as_posix() in err and (runs / "quickstart").as_posix() in err
+    assert not (runs / "report.html").exists()
+
+
+def test_a_rank_directory_is_a_run_of_one_rank(tmp_path, capsys):
+    _rank(tmp_path / "quickstart" / "rank0", explored=True)
+    rank_dir = tmp_path / "quickstart" / "rank0"
+    assert rank_dirs(rank_dir) == [rank_dir]
+    assert main(["report", str(rank_dir)]) == 0
+    assert f"kdvfs report: wrote {rank_dir / 'report.html'}" in capsys.readouterr().out
+    page = (rank_dir / "report.html").read_text()
+    assert "no rank&lt;N&gt;/summary.json" not in page and "rank 0" in page
+    assert figures(page) == 2  # its measurement windows and its exploration's savings
 
 
 @pytest.mark.slow
