@@ -56,6 +56,7 @@ import numpy as np
 from .clocks import ClockPair, ClockTable
 from .hookspecs import hookimpl
 from .planner import PlanningProblem, SwitchModel, plan as plan_step
+from .switching import DEFAULT_SWITCH_LATENCY_MS
 from .policy import DEFAULT_CLOCKS
 from .regions import STEP, Region
 
@@ -109,7 +110,7 @@ class ExploreSettings:
     explore_max_slowdown: float = 0.02
     explore_max_steps: int = 1500
     window_steps: int = 10
-    switch_latency_ms: float = 6.0
+    switch_latency_ms: float = DEFAULT_SWITCH_LATENCY_MS
     min_switch_interval_ms: float = 1.0
     #: steps per block; None: about BLOCK_S of GPU time, a multiple of window_steps
     block_steps: Optional[int] = None
@@ -930,11 +931,12 @@ class Explorer:
         least 1 ms: each relies on the previous step's timing, and changes packed closer feed each
         other's prediction errors.
         """
-        lat = self.s.switch_latency_ms / 1e3
-        floor = self.s.min_switch_interval_ms / 1e3
-        if self.s.issue_ahead and lat > 0:
-            return SwitchModel(latency_s=lat, hide_latency=True, min_interval_s=max(floor, 1e-3))
-        return SwitchModel(latency_s=lat, lands_late=lat > 0, min_interval_s=floor)
+        from .switching import ISSUE_AHEAD_MIN_INTERVAL_MS, switch_model
+
+        floor_ms = self.s.min_switch_interval_ms
+        if self.s.issue_ahead and self.s.switch_latency_ms > 0:
+            floor_ms = max(floor_ms, ISSUE_AHEAD_MIN_INTERVAL_MS)
+        return switch_model(self.s.switch_latency_ms, issue_ahead=self.s.issue_ahead, min_interval_ms=floor_ms)
 
     def _default_step_energy(self) -> float:
         vals = [b.energy_j / b.energy_steps for b in self._used_blocks()

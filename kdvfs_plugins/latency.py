@@ -29,8 +29,7 @@ from typing import Optional, Sequence
 from .clocks import ClockPair
 from .errors import NoPermissionError, NotSupportedError
 
-#: Used when nothing is measured or configured: published for an H200 (cited by the reference paper).
-DEFAULT_SWITCH_LATENCY_MS = 6.0
+from .switching import DEFAULT_SWITCH_LATENCY_MS, resolve_switch_latency_ms  # noqa: F401  (one home)
 #: Probe length at the top clock. Short enough for fine resolution, long enough to time reliably.
 PROBE_S = 20e-6
 #: A probe "runs at clock X" when its duration is within this fraction of X's duration: wide
@@ -209,12 +208,5 @@ def load(device_name: str, driver: str, state_dir=None) -> Optional[LatencyResul
 
 
 def switch_latency_for(device_name: str, driver: str, config=None, state_dir=None) -> float:
-    """The switch latency (ms) the planner uses for a device: the config's ``switch_latency_ms`` if
-    set, else the stored measurement, else :data:`DEFAULT_SWITCH_LATENCY_MS`."""
-    configured = getattr(config, "switch_latency_ms", None) if config is not None else None
-    if configured is not None:
-        return float(configured)
-    if state_dir is None and config is not None:
-        state_dir = getattr(config, "state_dir", None)
-    stored = load(device_name, driver, state_dir)
-    return stored.switch_latency_ms if stored is not None else DEFAULT_SWITCH_LATENCY_MS
+    """The switch latency (ms) to plan with for a GPU: :func:`kdvfs_plugins.switching.resolve_switch_latency_ms`."""
+    return resolve_switch_latency_ms(config, state_dir=state_dir, device_name=device_name, driver=driver).ms

@@ -96,6 +96,7 @@ from typing import Mapping, NamedTuple, Optional, Sequence
 import numpy as np
 
 from .clocks import ClockPair
+from .switching import SwitchModel  # noqa: F401  (re-exported: planner users import it here)
 from .errors import ConfigError, PlanError
 from .regions import STEP, coarsen, lookup
 
@@ -110,60 +111,6 @@ _TIME_RTOL = 1e-12
 # --------------------------------------------------------------------------------------------
 # Public data
 # --------------------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class SwitchModel:
-    """What one clock change costs. See the module docstring for the three modes."""
-
-    latency_s: float = 0.006
-    energy_j_per_switch: Optional[float] = None
-    min_interval_s: float = 0.0
-    hide_latency: bool = False
-    lands_late: bool = False
-    # A GPU held up by a clock change idles near its idle power at a high clock (72 W measured at
-    # the idle clock on an H100); 100 W prices the stall without pretending to precision.
-    stall_power_w: float = 100.0
-
-    def __post_init__(self) -> None:
-        for key in ("latency_s", "min_interval_s", "stall_power_w"):
-            v = getattr(self, key)
-            if not (isinstance(v, (int, float)) and math.isfinite(v) and v >= 0):
-                raise ConfigError(key, v, "use a finite number >= 0", source="SwitchModel")
-        e = self.energy_j_per_switch
-        if e is not None and not (isinstance(e, (int, float)) and math.isfinite(e) and e >= 0):
-            raise ConfigError("energy_j_per_switch", e, "use a finite number of joules >= 0, or None",
-                              source="SwitchModel")
-        if self.hide_latency and self.lands_late:
-            raise ConfigError("lands_late", True, "a hidden switch lands on time: set only one of "
-                              "hide_latency and lands_late", source="SwitchModel")
-
-    @property
-    def mode(self) -> str:
-        """``stall``, ``late`` or ``hidden``."""
-        if self.hide_latency:
-            return "hidden"
-        return "late" if self.lands_late else "stall"
-
-    @property
-    def time_s_per_switch(self) -> float:
-        """Time a switch adds to the step (only a stall adds time directly)."""
-        return self.latency_s if self.mode == "stall" else 0.0
-
-    @property
-    def effective_min_interval_s(self) -> float:
-        """The floor between switches the planner enforces. A late-landing change cannot be
-        followed by another before it has landed, so there the floor is at least ``latency_s``."""
-        if self.mode == "late":
-            return max(self.min_interval_s, self.latency_s)
-        return self.min_interval_s
-
-    @property
-    def energy_j(self) -> float:
-        """Energy charged per switch, on top of what the regions use."""
-        if self.energy_j_per_switch is not None:
-            return float(self.energy_j_per_switch)
-        return 0.0 if self.mode == "late" else self.latency_s * self.stall_power_w
 
 
 def _readonly(a: np.ndarray) -> np.ndarray:

@@ -67,6 +67,11 @@ class SimulatedDevice(Device):
         #: Every clock request with the virtual time it was made at (None = reset).
         self.requests: list[tuple[float, Optional[ClockPair]]] = []
 
+    @property
+    def switch_latency_ms(self) -> float:
+        """The virtual GPU's own switch latency: the device knows it (a real GPU's is measured)."""
+        return self.gpu.switch_latency_s * 1e3
+
     def info(self) -> DeviceInfo:
         return DeviceInfo(
             kind=self.kind, index=self.index, name=self.gpu.name, uuid=f"SIM-{self.index}",

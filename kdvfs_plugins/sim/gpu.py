@@ -44,12 +44,11 @@ import numpy as np
 
 from ..clocks import ClockPair, ClockTable
 from ..data import h100_clock_lists
+from ..switching import DEFAULT_SWITCH_LATENCY_MS
 from .model import H100Model, ModelParams, Work, default_model, load_params
 
 __all__ = ["Work", "VirtualGPU", "DEFAULT_SWITCH_LATENCY_MS", "ENERGY_REFRESH_S"]
 
-#: Published clock-switch latency on an H200 (Velicka et al., cited by the reference paper).
-DEFAULT_SWITCH_LATENCY_MS = 6.0
 #: NVML energy counter / power reading refresh period, measured on the H100.
 ENERGY_REFRESH_S = 0.1
 

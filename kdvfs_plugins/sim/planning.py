@@ -97,7 +97,8 @@ import numpy as np
 from ..clocks import ClockPair
 from ..errors import ConfigError
 from ..planner import GRANULARITIES, OBJECTIVES, PlannedStep, PlanningProblem, SwitchModel, evaluate, plan
-from .gpu import DEFAULT_SWITCH_LATENCY_MS, VirtualGPU
+from ..switching import DEFAULT_SWITCH_LATENCY_MS, check_latency_ms, switch_model
+from .gpu import VirtualGPU
 from .model import H100Model, Work, default_model
 from .trace import ClocksFor, ReplayResult, Trace, replay
 
@@ -131,10 +132,9 @@ def clock_states(model: H100Model, mem_mhz: Optional[Sequence[int]] = None,
 
 
 def _latency_ms(switch_latency_ms: Optional[float]) -> float:
-    ms = DEFAULT_SWITCH_LATENCY_MS if switch_latency_ms is None else float(switch_latency_ms)
-    if not (math.isfinite(ms) and ms >= 0):
-        raise ConfigError("switch_latency_ms", switch_latency_ms, "a latency in ms >= 0", source="kdvfs planning")
-    return ms
+    if switch_latency_ms is None:
+        return DEFAULT_SWITCH_LATENCY_MS
+    return check_latency_ms(switch_latency_ms, source="kdvfs planning")
 
 
 # --------------------------------------------------------------------------------------------
@@ -321,21 +321,8 @@ def problem_from_trace(trace: Trace, model: Optional[H100Model] = None, *, step:
 
 def switch_model_for(switch_latency_ms: Optional[float] = None, issue_ahead: bool = True,
                      min_interval_ms: float = DEFAULT_MIN_INTERVAL_MS) -> SwitchModel:
-    """The planner's switch model for the virtual GPU's executor (see "Switching" in the module doc).
-
-    No stall and no extra energy per switch (the virtual GPU has neither); changes at least
-    ``min_interval_ms`` apart (the actuator's floor); the lag hidden by issuing ahead, or landing
-    late (then changes are also at least the latency apart).
-    """
-    lat_s = _latency_ms(switch_latency_ms) / 1e3
-    if not (math.isfinite(min_interval_ms) and min_interval_ms >= 0):
-        raise ConfigError("min_interval_ms", min_interval_ms, "a floor in ms >= 0", source="kdvfs planning")
-    floor_s = min_interval_ms / 1e3
-    if lat_s == 0:
-        return SwitchModel(latency_s=0.0, energy_j_per_switch=0.0, min_interval_s=floor_s)
-    if issue_ahead:
-        return SwitchModel(latency_s=lat_s, energy_j_per_switch=0.0, hide_latency=True, min_interval_s=floor_s)
-    return SwitchModel(latency_s=lat_s, energy_j_per_switch=0.0, lands_late=True, min_interval_s=floor_s)
+    """The planner's switch model for the virtual GPU's executor: :func:`kdvfs_plugins.switching.switch_model`."""
+    return switch_model(_latency_ms(switch_latency_ms), issue_ahead=issue_ahead, min_interval_ms=min_interval_ms)
 
 
 # --------------------------------------------------------------------------------------------
