@@ -52,27 +52,47 @@ def lightning_part(run_dir: Path, steps: int) -> dict:
     return demo.run_demo(str(run_dir / "lightning"), steps=steps).engine.summary()
 
 
-def planning_part(run_dir: Path, args) -> dict:
-    """Compare, sweeps and plots on the shipped GPT trace (one cached planning context)."""
+def progress_units(args) -> int:
+    """The demo's work in units of its progress bar: each objective of the compare, the plan
+    timeline, each sweep point, the exploration and the Lightning run."""
+    from ..planner import OBJECTIVES
+
+    return (len(OBJECTIVES) + 1 + (0 if args.no_sweeps else len(DEMO_SLOWDOWNS) + len(DEMO_LATENCIES_MS))
+            + (0 if args.no_explore else 1) + (0 if args.no_lightning else 1))
+
+
+def planning_part(run_dir: Path, args, bar=None) -> dict:
+    """Compare, sweeps and plots on the shipped GPT trace (one cached planning context).
+    ``bar``: the demo's progress bar (:mod:`kdvfs_plugins.progress`), advanced as parts finish."""
     from ..latency import switch_latency_for
+    from ..planner import OBJECTIVES
+    from ..progress import Bar
     from ..report import plot_latency_sweep, plot_sweep
     from ..sim.gpu import VirtualGPU
     from ..sim.planning import PlanningContext, compare, latency_sweep, sweep
     from ..sim.trace import Trace
+    from .simulate import in_parts
 
+    bar = bar if bar is not None else Bar(None, "", "", None, enabled=False)
     latency = args.switch_latency_ms if args.switch_latency_ms is not None else \
         switch_latency_for(VirtualGPU.name, "simulated")
     ctx = PlanningContext(Trace.gpt1b())
-    out = {"compare": compare(ctx, switch_latency_ms=latency, steps=args.exec_steps, seed=args.seed)}
+    out = {"compare": in_parts(compare, ctx, key="objectives", values=OBJECTIVES, merge="rows", desc="compare",
+                               unit="objective", bar=bar, switch_latency_ms=latency, steps=args.exec_steps,
+                               seed=args.seed)}
     (run_dir / "compare.json").write_text(json.dumps(out["compare"], indent=1))
+    bar.set_status("plan timeline")
     timeline = plan_timeline(ctx, switch_latency_ms=latency, max_slowdown=out["compare"]["max_slowdown"])
+    bar.update(1)
     (run_dir / "plan_timeline.json").write_text(json.dumps(timeline, indent=1))
     out["plan_timeline"] = str(run_dir / "plan_timeline.json")
     if not args.no_sweeps:
-        out["sweep"] = sweep(ctx, slowdowns=DEMO_SLOWDOWNS, switch_latency_ms=latency)
+        out["sweep"] = in_parts(sweep, ctx, key="slowdowns", values=DEMO_SLOWDOWNS, merge="points", desc="sweep",
+                                unit="budget", bar=bar, switch_latency_ms=latency)
         out["sweep"]["plot"] = str(plot_sweep(out["sweep"], run_dir / "sweep.png"))
         (run_dir / "sweep.json").write_text(json.dumps(out["sweep"], indent=1))
-        out["latency_sweep"] = latency_sweep(ctx, latencies_ms=DEMO_LATENCIES_MS)
+        out["latency_sweep"] = in_parts(latency_sweep, ctx, key="latencies_ms", values=DEMO_LATENCIES_MS,
+                                        merge="points", desc="latency sweep", unit="latency", bar=bar)
         out["latency_sweep"]["plot"] = str(plot_latency_sweep(out["latency_sweep"], run_dir / "latency_sweep.png"))
         (run_dir / "latency_sweep.json").write_text(json.dumps(out["latency_sweep"], indent=1))
     return out
@@ -159,13 +179,24 @@ def exploration_part(run_dir: Path, args, max_slowdown: float, switch_latency_ms
 def run(args) -> int:
     from ..report import format_compare, format_latency_sweep, format_sweep
 
+    from ..progress import progress
+
     run_dir = Path(args.run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
-    result = {"model_prediction": True, **planning_part(run_dir, args)}
-    if not args.no_explore:
-        result["exploration"] = exploration_part(run_dir, args, result["compare"]["max_slowdown"],
-                                                 result["compare"]["switch_latency_ms"])
-    result["lightning"] = {"skipped": "--no-lightning"} if args.no_lightning else lightning_part(run_dir, args.steps)
+    # One bar for the whole demo, on a terminal only (stdout keeps the tables alone).
+    with progress(progress_units(args), "kdvfs demo", unit="part") as bar:
+        result = {"model_prediction": True, **planning_part(run_dir, args, bar)}
+        if not args.no_explore:
+            bar.set_status("exploring online (one seed)")
+            result["exploration"] = exploration_part(run_dir, args, result["compare"]["max_slowdown"],
+                                                     result["compare"]["switch_latency_ms"])
+            bar.update(1)
+        if args.no_lightning:
+            result["lightning"] = {"skipped": "--no-lightning"}
+        else:
+            bar.set_status(f"Lightning, {args.steps} steps on the CPU")
+            result["lightning"] = lightning_part(run_dir, args.steps)
+            bar.update(1)
     (run_dir / "demo.json").write_text(json.dumps(result, indent=1))
     if args.json:
         print(json.dumps(result, indent=1))

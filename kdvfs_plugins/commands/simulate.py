@@ -189,16 +189,41 @@ def _context(args: argparse.Namespace):
     return PlanningContext(Trace.load(args.trace))
 
 
+def in_parts(fn: Callable[..., dict], ctx, *, key: str, values, merge: str, desc: str, unit: str, bar=None,
+             **kw) -> dict:
+    """``fn(ctx, key=values, **kw)`` run one value at a time, with a progress bar on a terminal,
+    and merged into the one result (``merge``: the list the parts add up). For studies whose
+    values are independent of each other (compare's objectives, the sweeps' budgets and
+    latencies): the result is the same as one call's. ``bar``: a caller's bar to advance (one
+    unit per value) instead of a bar of its own."""
+    from contextlib import nullcontext
+
+    from ..progress import progress
+
+    parts = []
+    with (nullcontext(bar) if bar is not None else progress(len(values), desc, unit=unit)) as shown:
+        for value in values:
+            shown.set_status(f"{desc}: {key} {value}" if bar is not None else f"{key} {value}")
+            parts.append(fn(ctx, **{key: [value]}, **kw))
+            shown.update(1)
+    out = dict(parts[0])
+    out[merge] = [item for part in parts for item in part[merge]]
+    return out
+
+
 def run_compare(args: argparse.Namespace) -> int:
+    from ..planner import OBJECTIVES
     from ..report import format_compare
     from ..sim.planning import compare
 
     if not (0 <= args.max_slowdown <= 1):
         raise ConfigError("--max-slowdown", args.max_slowdown, "a fraction between 0 and 1, e.g. 0.05",
                           source="kdvfs simulate")
-    data = compare(_context(args), switch_latency_ms=_latency(args), issue_ahead=not args.no_issue_ahead,
-                   max_slowdown=args.max_slowdown, noise=not args.no_noise, seed=args.seed, steps=args.steps,
-                   warmup_steps=args.warmup_steps, min_interval_ms=args.min_interval_ms)
+    data = in_parts(compare, _context(args), key="objectives", values=OBJECTIVES, merge="rows",
+                    desc="compare", unit="objective",
+                    switch_latency_ms=_latency(args), issue_ahead=not args.no_issue_ahead,
+                    max_slowdown=args.max_slowdown, noise=not args.no_noise, seed=args.seed, steps=args.steps,
+                    warmup_steps=args.warmup_steps, min_interval_ms=args.min_interval_ms)
     print(json.dumps(data, indent=1) if args.json else format_compare(data))
     return 0
 
@@ -211,10 +236,12 @@ def _plot_path(args: argparse.Namespace, name: str):
 
 def run_sweep(args: argparse.Namespace) -> int:
     from ..report import format_sweep, plot_sweep
-    from ..sim.planning import sweep
+    from ..sim.planning import SWEEP_SLOWDOWNS, sweep
 
-    data = sweep(_context(args), switch_latency_ms=_latency(args), issue_ahead=not args.no_issue_ahead,
-                 min_interval_ms=args.min_interval_ms)
+    data = in_parts(sweep, _context(args), key="slowdowns", values=SWEEP_SLOWDOWNS, merge="points",
+                    desc="sweep", unit="budget",
+                    switch_latency_ms=_latency(args), issue_ahead=not args.no_issue_ahead,
+                    min_interval_ms=args.min_interval_ms)
     data["plot"] = str(plot_sweep(data, _plot_path(args, "sweep.png")))
     print(json.dumps(data, indent=1) if args.json else format_sweep(data) + f"\n  plot: {data['plot']}")
     return 0
@@ -222,9 +249,10 @@ def run_sweep(args: argparse.Namespace) -> int:
 
 def run_latency_sweep(args: argparse.Namespace) -> int:
     from ..report import format_latency_sweep, plot_latency_sweep
-    from ..sim.planning import latency_sweep
+    from ..sim.planning import LATENCY_SWEEP_MS, latency_sweep
 
-    data = latency_sweep(_context(args), min_interval_ms=args.min_interval_ms)
+    data = in_parts(latency_sweep, _context(args), key="latencies_ms", values=LATENCY_SWEEP_MS, merge="points",
+                    desc="latency sweep", unit="latency", min_interval_ms=args.min_interval_ms)
     data["plot"] = str(plot_latency_sweep(data, _plot_path(args, "latency_sweep.png")))
     print(json.dumps(data, indent=1) if args.json else format_latency_sweep(data) + f"\n  plot: {data['plot']}")
     return 0
