@@ -47,7 +47,10 @@ class Service:
             "users": {str(UID): ["*"]},
         }
         self.config.update(config)
+        self.socket_path = self.config["socket_path"]
         self.proc: subprocess.Popen | None = None
+        #: Run in the service's process before it starts (a lower file limit, say).
+        self.preexec = None
 
     def start(self) -> "Service":
         cfg = self.tmp / "kdvfsd.json"
@@ -55,6 +58,7 @@ class Service:
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "kdvfs_plugins.kdvfsd", "--config", str(cfg)],
             env=shim_env(self.fake_state), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+            preexec_fn=self.preexec,
         )
         # The service logs "listening on" once it accepts connections; a reader thread drains its log.
         self.log: list[str] = []
@@ -107,8 +111,9 @@ def service(tmp_path):
     """Factory: ``service(**config)`` starts one; all are stopped at the end of the test."""
     started: list[Service] = []
 
-    def make(gpus: int = 2, **config) -> Service:
+    def make(gpus: int = 2, preexec=None, **config) -> Service:
         s = Service(tmp_path / f"svc{len(started)}", gpus, **config)
+        s.preexec = preexec
         started.append(s)
         return s.start()
 

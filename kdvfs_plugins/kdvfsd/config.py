@@ -12,6 +12,13 @@
     requests_per_s = 1000
     burst = 2000
 
+    [limits]
+    connections_per_user = 16     # open connections per listed uid (unlisted uids: 2)
+    connections = 1000            # open connections in all (also bounded by the file limit)
+
+    [restore_clocks]              # GPU -> [SM, memory] MHz to restore to instead of unlocking
+    "*" = [1410, 1593]            # (a site that keeps its GPUs locked; NVML cannot read a lock back)
+
     [users]                       # user name or uid -> GPUs (index, UUID, or "*")
     alice = ["*"]
     "1001" = [0, 1]
@@ -37,7 +44,8 @@ GpuSelector = Union[int, str]  # an NVML index, a UUID (or its prefix), or "*"
 ALL_GPUS = "*"
 
 DEFAULT_CONFIG_PATH = "/etc/kdvfsd.toml"
-_KEYS = {"socket_path", "socket_mode", "socket_group", "audit_log", "state_dir", "rate_limit", "users", "groups"}
+_KEYS = {"socket_path", "socket_mode", "socket_group", "audit_log", "state_dir", "rate_limit", "limits",
+         "restore_clocks", "users", "groups"}
 
 
 class ServiceConfigError(ValueError):
@@ -56,6 +64,18 @@ class RateLimit:
 
 
 @dataclass(frozen=True)
+class Limits:
+    """How many connections the service keeps open: per listed uid, and in all."""
+
+    connections_per_user: int = 16
+    connections: int = 1000
+
+
+#: An unlisted uid only needs to learn that it is not listed.
+UNLISTED_CONNECTIONS_PER_USER = 2
+
+
+@dataclass(frozen=True)
 class ServiceConfig:
     socket_path: str = DEFAULT_SOCKET_PATH
     socket_mode: int = 0o660
@@ -63,6 +83,9 @@ class ServiceConfig:
     audit_log: str | None = "/var/log/kdvfsd/audit.log"
     state_dir: str | None = "/run/kdvfsd"
     rate_limit: RateLimit = RateLimit()
+    limits: Limits = Limits()
+    #: GPU selector -> (SM, memory) MHz a restore locks instead of unlocking
+    restore_clocks: Mapping[GpuSelector, tuple[int, int]] = field(default_factory=dict)
     #: uid -> GPU selectors
     users: Mapping[int, tuple[GpuSelector, ...]] = field(default_factory=dict)
     #: gid -> GPU selectors
@@ -70,21 +93,25 @@ class ServiceConfig:
     source: str = "<defaults>"
 
 
+def _is_number(name) -> bool:
+    return str(name).isascii() and str(name).isdigit()
+
+
 def _uid(name: str, source: str) -> int:
-    if str(name).isdigit():
+    if _is_number(name):
         return int(name)
     try:
         return pwd.getpwnam(name).pw_uid
-    except KeyError:
+    except (KeyError, ValueError):  # ValueError: a name no account can have (a NUL in it)
         raise ServiceConfigError(source, f"users.{name}", "no such user on this machine; use a user name or a uid") from None
 
 
 def _gid(name: str, source: str) -> int:
-    if str(name).isdigit():
+    if _is_number(name):
         return int(name)
     try:
         return grp.getgrnam(name).gr_gid
-    except KeyError:
+    except (KeyError, ValueError):  # ValueError: a name no account can have (a NUL in it)
         raise ServiceConfigError(source, f"groups.{name}", "no such group on this machine; use a group name or a gid") from None
 
 
@@ -119,9 +146,28 @@ def config_from_dict(d: Mapping, source: str = "<dict>") -> ServiceConfig:
     rl = d.get("rate_limit", {})
     if not isinstance(rl, Mapping) or set(rl) - {"requests_per_s", "burst"}:
         raise ServiceConfigError(source, "rate_limit", "a table with requests_per_s and burst")
-    rate = RateLimit(float(rl.get("requests_per_s", RateLimit.requests_per_s)), int(rl.get("burst", RateLimit.burst)))
-    if rate.requests_per_s <= 0 or rate.burst < 1:
-        raise ServiceConfigError(source, "rate_limit", "requests_per_s > 0 and burst >= 1")
+    rate = RateLimit(float(_num(rl, "requests_per_s", RateLimit.requests_per_s, source, "rate_limit", 1e-3, 1e9)),
+                     int(_num(rl, "burst", RateLimit.burst, source, "rate_limit", 1, 1e9, integer=True)))
+    lim = d.get("limits", {})
+    if not isinstance(lim, Mapping) or set(lim) - {"connections_per_user", "connections"}:
+        raise ServiceConfigError(source, "limits", "a table with connections_per_user and connections")
+    limits = Limits(int(_num(lim, "connections_per_user", Limits.connections_per_user, source, "limits", 1, 1e6, integer=True)),
+                    int(_num(lim, "connections", Limits.connections, source, "limits", 1, 1e6, integer=True)))
+    restore_in = d.get("restore_clocks", {})
+    if not isinstance(restore_in, Mapping):
+        raise ServiceConfigError(source, "restore_clocks", 'a table of GPU -> [SM MHz, memory MHz], e.g. "*" = [1410, 1593]')
+    restore = {}
+    for k, v in restore_in.items():
+        key = f"restore_clocks.{k}"
+        sel = _selectors(int(k) if _is_number(k) else k, key, source)[0]
+        if (not isinstance(v, list) or len(v) != 2
+                or not all(type(x) is int and 0 < x < 100_000 for x in v)):
+            raise ServiceConfigError(source, key, f"{v!r} is not [SM MHz, memory MHz] in whole MHz, e.g. [1410, 1593]")
+        restore[sel] = (v[0], v[1])
+    for key in ("socket_path", "audit_log", "state_dir", "socket_group"):
+        v = d.get(key)
+        if v is not None and (not isinstance(v, (str, int)) or isinstance(v, bool) or str(v) == ""):
+            raise ServiceConfigError(source, key, f"{v!r} is not a {'group' if key == 'socket_group' else 'path'}")
     users_in, groups_in = d.get("users", {}), d.get("groups", {})
     if not isinstance(users_in, Mapping) or not isinstance(groups_in, Mapping):
         raise ServiceConfigError(source, "users/groups", "tables of name -> list of GPUs")
@@ -134,8 +180,18 @@ def config_from_dict(d: Mapping, source: str = "<dict>") -> ServiceConfig:
         socket_path=str(d.get("socket_path", DEFAULT_SOCKET_PATH)), socket_mode=mode,
         socket_group=None if group is None else str(group),
         audit_log=d.get("audit_log", ServiceConfig.audit_log), state_dir=d.get("state_dir", ServiceConfig.state_dir),
-        rate_limit=rate, users=users, groups=groups, source=source,
+        rate_limit=rate, limits=limits, restore_clocks=restore, users=users, groups=groups, source=source,
     )
+
+
+def _num(table: Mapping, name: str, default, source: str, where: str, lo: float, hi: float, *, integer: bool = False):
+    v = table.get(name, default)
+    ok = (not isinstance(v, bool) and isinstance(v, (int, float)) and lo <= v <= hi
+          and (not integer or float(v).is_integer()))
+    if not ok:
+        kind = "a whole number" if integer else "a number"
+        raise ServiceConfigError(source, f"{where}.{name}", f"{v!r} is not {kind} from {lo:g} to {hi:g}")
+    return v
 
 
 def load_config(path: str | Path) -> ServiceConfig:

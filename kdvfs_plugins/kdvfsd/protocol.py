@@ -21,8 +21,12 @@ PROTOCOL_VERSION = 1
 DEFAULT_SOCKET_PATH = "/run/kdvfsd.sock"
 #: Environment variable that points kdvfs (and :class:`KdvfsdClient`) at the service.
 SOCKET_ENV = "KDVFSD_SOCKET"
-#: A longer line is not a kdvfsd request: the daemon drops the connection instead of buffering it.
+#: A longer line is not a kdvfsd request: the daemon drops the connection instead of buffering it,
+#: whether the line arrives in pieces or whole.
 MAX_LINE_BYTES = 1024
+#: Brackets a request may hold: requests are flat objects, and a parser that recurses per level
+#: must never see a deep one (1000 ``[`` fit in a line and exhaust Python's recursion limit).
+MAX_BRACKETS = 4
 
 OPS = ("hello", "set", "reset", "release")
 
@@ -36,6 +40,7 @@ E_INVALID_CLOCK = "invalid_clock"
 E_NOT_SUPPORTED = "not_supported"
 E_NO_PERMISSION = "no_permission"
 E_DEVICE = "device_error"
+E_TOO_MANY = "too_many_connections"
 
 #: The commonest answer, sent and recognised as fixed bytes (no JSON work on the hot path).
 OK_LINE = b'{"ok":true}\n'
@@ -60,6 +65,24 @@ def gpu_request(op: str, gpu_uuid: str) -> bytes:
 
 def error(code: str, message: str, **extra) -> bytes:
     return encode({"ok": False, "error": code, "message": message, **extra})
+
+
+def parse_request(line: bytes) -> dict:
+    """A request line as a JSON object with a string ``op``; ValueError for anything else.
+
+    Bounded: the length and the nesting are checked before any parsing.
+    """
+    if len(line) > MAX_LINE_BYTES:
+        raise ValueError(f"request longer than {MAX_LINE_BYTES} bytes")
+    if line.count(b"[") + line.count(b"{") > MAX_BRACKETS:
+        raise ValueError("a request is a flat JSON object")
+    try:
+        obj = json.loads(line)
+    except RecursionError:  # unreachable past the bracket count; kept so no input can end the service
+        raise ValueError("a request is a flat JSON object") from None
+    if not isinstance(obj, dict) or not isinstance(obj.get("op"), str):
+        raise ValueError('a request is one JSON object with an "op"')
+    return obj
 
 
 def decode(line: bytes) -> dict:

@@ -9,6 +9,16 @@ calls, so serving them in turn is both the fastest and the easiest to audit. The
   session even if a forked child still holds a copy of the connection),
 - a wake-up pipe for signals (SIGTERM/SIGINT stop, SIGHUP reopens the audit log).
 
+No input may end it: a request line is bounded (length and nesting) before it is parsed, and
+an exception while serving one client ends that client's session only. Connections are limited
+per uid and in all; when accept() fails (out of descriptors) the listener pauses with a growing
+back-off instead of spinning; refusals are audited at a bounded rate per uid.
+
+A set is checked against the GPU's supported clock lists, then applied whole or not at all: if
+the SM lock fails after the memory lock, the memory lock is put back. A session that claims a
+GPU also takes its system-wide lock (:mod:`kdvfs_plugins.ownership`), so kdvfsd and runs that
+write through NVML themselves never drive one GPU at once.
+
 A session owns a GPU from its first write to it until the session ends; then the service resets
 the locked SM and memory clocks at once. NVML cannot report whether clocks are locked, so the
 state a session starts from is taken to be "unlocked" (the driver's default), which is what the
@@ -19,10 +29,12 @@ Python stdlib only, plus ``pynvml`` (injectable: ``KdvfsdServer(config, nvml=...
 from __future__ import annotations
 
 import argparse
+import errno
 import json
 import logging
 import os
 import pwd
+import resource
 import selectors
 import signal
 import socket
@@ -32,16 +44,28 @@ import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional
+from typing import Mapping, Optional
 
+from ..ownership import GpuLockedElsewhere, boot_id, check_private_dir, lock_gpu, read_json, write_json
 from . import protocol as P
-from .config import ALL_GPUS, DEFAULT_CONFIG_PATH, ServiceConfig, ServiceConfigError, load_config
+from .config import (
+    ALL_GPUS, DEFAULT_CONFIG_PATH, UNLISTED_CONNECTIONS_PER_USER, ServiceConfig, ServiceConfigError, load_config,
+)
 
 log = logging.getLogger("kdvfsd")
 
 _PEERCRED = struct.Struct("3i")  # struct ucred: pid, uid, gid
 #: An audit line waits at most this long in the buffer (requests never wait for the disk).
 AUDIT_FLUSH_S = 1.0
+#: Refusals (unlisted users, bad requests, busy GPUs, too many connections) are audited per uid
+#: at this sustained rate with this burst; the next line counts those left out (``suppressed``).
+REFUSAL_AUDIT_PER_S = 5.0
+REFUSAL_AUDIT_BURST = 20
+#: After accept() fails (out of descriptors) the listener pauses, doubling up to the maximum.
+ACCEPT_BACKOFF_MIN_S = 0.01
+ACCEPT_BACKOFF_MAX_S = 1.0
+#: Descriptors kept back from connections (listener, wake-up pair, audit log, locks, NVML).
+FD_RESERVE = 64
 
 
 @dataclass(frozen=True)
@@ -56,6 +80,10 @@ class Gpu:
     index: int
     uuid: str
     handle: object
+    #: memory clock -> the SM clocks supported with it (None: the lists could not be read)
+    sm_by_mem: Optional[Mapping[int, frozenset]] = None
+    #: (SM, memory) MHz a restore locks instead of unlocking (``restore_clocks``)
+    restore: Optional[tuple[int, int]] = None
 
 
 def _text(v) -> str:
@@ -186,14 +214,42 @@ class KdvfsdServer:
         self._rate = config.rate_limit.requests_per_s
         self._burst = float(config.rate_limit.burst)
         self._ok = P.OK_LINE
+        self.conns_by_uid: dict[int, int] = {}
+        self.max_connections = config.limits.connections
+        #: uid -> [tokens, stamp_s, suppressed] of the refusal audit budget
+        self._refusals: dict[int, list] = {}
+        self._accept_backoff_s = ACCEPT_BACKOFF_MIN_S
+        self._accept_paused_until: Optional[float] = None
+        #: uuid -> fd of the GPU's system-wide lock, held while a session owns the GPU
+        self._gpu_locks: dict[str, int] = {}
+        #: what = [last_log_s, left_out] for log lines that a client could repeat at will
+        self._log_budget: dict[str, list] = {}
 
     # ------------------------------------------------------------------ GPUs and access
     def _enumerate(self) -> list[Gpu]:
         n = self.nvml
-        out = []
+        found = []
         for i in range(int(n.nvmlDeviceGetCount())):
             h = n.nvmlDeviceGetHandleByIndex(i)
-            out.append(Gpu(i, _text(n.nvmlDeviceGetUUID(h)), h))
+            uuid = _text(n.nvmlDeviceGetUUID(h))
+            try:
+                sm_by_mem = {int(m): frozenset(int(c) for c in n.nvmlDeviceGetSupportedGraphicsClocks(h, m))
+                             for m in n.nvmlDeviceGetSupportedMemoryClocks(h)}
+            except n.NVMLError as exc:
+                log.warning("GPU %s: cannot read its supported clocks (%s); clock locks on it will be refused", uuid, exc)
+                sm_by_mem = None
+            found.append(Gpu(i, uuid, h, sm_by_mem))
+        self.gpus, self.by_uuid = found, {g.uuid: g for g in found}
+        out = []
+        for g in found:
+            restore = None
+            for sel, clocks in self.config.restore_clocks.items():
+                if g.uuid in self._resolve((sel,), f"restore_clocks.{sel}"):
+                    restore = clocks
+            if restore is not None and self._unsupported(g, *restore):
+                raise ServiceConfigError(self.config.source, "restore_clocks",
+                                         f"{restore[0]}/{restore[1]} MHz: {self._unsupported(g, *restore)}")
+            out.append(Gpu(g.index, g.uuid, g.handle, g.sm_by_mem, restore))
         return out
 
     def _resolve(self, selectors_: tuple, where: str) -> set[str]:
@@ -228,6 +284,7 @@ class KdvfsdServer:
 
     # ------------------------------------------------------------------ lifecycle
     def open(self) -> "KdvfsdServer":
+        self._raise_file_limit()
         self._restore_after_restart()
         self.listener = self._bind()
         self.sel.register(self.listener, selectors.EVENT_READ, (self._accept, None))
@@ -247,6 +304,23 @@ class KdvfsdServer:
                  self.config.socket_mode, len(self.gpus), self.config.source)
         _sd_notify(b"READY=1")
         return self
+
+    def _raise_file_limit(self) -> None:
+        """Take the hard file limit, and keep connections within it (two descriptors each: the
+        socket and the client's pidfd) so that accept() does not run out."""
+        try:
+            soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+            if hard == resource.RLIM_INFINITY or hard > soft:
+                target = hard if hard != resource.RLIM_INFINITY else max(soft, 65536)
+                resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+                soft = target
+        except (ValueError, OSError):
+            soft = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+        fit = max(1, (soft - FD_RESERVE) // 2)
+        if fit < self.config.limits.connections:
+            log.warning("limits.connections = %d does not fit the file limit (%d); serving at most %d connections",
+                        self.config.limits.connections, soft, fit)
+        self.max_connections = min(self.config.limits.connections, fit)
 
     def _bind(self) -> socket.socket:
         path = self.config.socket_path
@@ -280,9 +354,17 @@ class KdvfsdServer:
     def serve_forever(self) -> None:
         sel, audit = self.sel, self.audit
         while not self._stop:
-            for key, _ in sel.select(AUDIT_FLUSH_S):
+            timeout = AUDIT_FLUSH_S
+            if self._accept_paused_until is not None:
+                timeout = min(timeout, max(0.0, self._accept_paused_until - time.monotonic()))
+            for key, _ in sel.select(timeout):
                 handler, session = key.data
-                handler(session)
+                try:
+                    handler(session)
+                except Exception as exc:  # noqa: BLE001 - one client's trouble must not end every session
+                    self._internal_error(session, exc)
+            if self._accept_paused_until is not None and time.monotonic() >= self._accept_paused_until:
+                self._resume_accept()
             audit.maybe_flush()
             if self._reopen_audit:
                 self._reopen_audit = False
@@ -321,6 +403,28 @@ class KdvfsdServer:
         except Exception:
             pass
 
+    def _internal_error(self, s: Optional[Session], exc: Exception) -> None:
+        self._log_limited("internal", logging.ERROR, "internal error serving %s: %s: %s",
+                          f"pid {s.peer.pid}" if s is not None else "the service", type(exc).__name__, exc)
+        if s is not None:
+            try:
+                self._end(s, f"internal error ({type(exc).__name__})")
+            except Exception:  # noqa: BLE001
+                s.closed = True
+                self.sessions.discard(s)
+
+    def _log_limited(self, what: str, level: int, msg: str, *args) -> None:
+        """At most one log line a second per ``what``; the next one says how many were left out."""
+        now = time.monotonic()
+        b = self._log_budget.setdefault(what, [-1e9, 0])
+        if now - b[0] < 1.0:
+            b[1] += 1
+            return
+        if b[1]:
+            msg += f" (and {b[1]} more like it)"
+        b[0], b[1] = now, 0
+        log.log(level, msg, *args)
+
     def _on_stop_signal(self, signum, frame) -> None:
         self._stop = True
 
@@ -345,17 +449,29 @@ class KdvfsdServer:
         """GPUs that a previous daemon had handed out when it died: reset them now."""
         if not self.config.state_dir:
             return
-        d = Path(self.config.state_dir)
-        d.mkdir(parents=True, exist_ok=True, mode=0o700)
+        d = check_private_dir(self.config.state_dir)
         for f in sorted(d.glob("claim-*.json")):
-            try:
-                rec = json.loads(f.read_text())
-                gpu = self.by_uuid[rec["gpu"]]
-            except (OSError, ValueError, KeyError) as exc:
-                log.warning("ignoring claim record %s (%s)", f, exc)
+            rec = read_json(f) or {}
+            gpu = self.by_uuid.get(rec.get("gpu")) if isinstance(rec.get("gpu"), str) else None
+            if gpu is None:
+                log.warning("ignoring claim record %s (unreadable, or no such GPU here)", f)
                 f.unlink(missing_ok=True)
                 continue
-            result = self._reset_gpu(gpu)
+            if rec.get("boot_id") and rec["boot_id"] != boot_id():
+                log.info("forgetting claim record %s from before the last reboot (the reboot reset the clocks)", f)
+                f.unlink(missing_ok=True)
+                continue
+            try:
+                lock_fd = lock_gpu(gpu.uuid)
+            except (GpuLockedElsewhere, OSError) as exc:
+                # A run that writes through NVML itself owns the GPU now: its clocks are its own.
+                log.warning("GPU %s: not resetting after restart: %s", gpu.uuid, exc)
+                f.unlink(missing_ok=True)
+                continue
+            try:
+                result = self._reset_gpu(gpu)
+            finally:
+                os.close(lock_fd)
             log.warning("GPU %s was still claimed by pid %s when kdvfsd last stopped; reset: %s",
                         gpu.uuid, rec.get("pid"), result)
             self.audit.record(None, "restore_after_restart", result, gpu=gpu.uuid, owner_pid=rec.get("pid"),
@@ -369,18 +485,86 @@ class KdvfsdServer:
                 conn, _ = self.listener.accept()
             except (BlockingIOError, InterruptedError):
                 return
-            except OSError as exc:  # e.g. out of file descriptors: keep serving the others
-                log.error("accept failed: %s", exc)
+            except ConnectionAbortedError:
+                continue
+            except OSError as exc:  # out of descriptors: pause the listener instead of spinning on it
+                self._pause_accept(exc)
                 return
+            self._accept_backoff_s = ACCEPT_BACKOFF_MIN_S
             conn.setblocking(False)
             pid, uid, gid = _PEERCRED.unpack(conn.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, _PEERCRED.size))
             peer = Peer(pid, uid, gid)
-            s = Session(conn, peer, self.gpus_for(uid, gid), self.config.rate_limit.burst)
+            gpus = self.gpus_for(uid, gid)
+            per_user = self.config.limits.connections_per_user if gpus is not None else min(
+                UNLISTED_CONNECTIONS_PER_USER, self.config.limits.connections_per_user)
+            if len(self.sessions) >= self.max_connections or self.conns_by_uid.get(uid, 0) >= per_user:
+                self._refuse_connection(conn, peer, per_user)
+                continue
+            s = Session(conn, peer, gpus, self.config.rate_limit.burst)
             self.sessions.add(s)
+            self.conns_by_uid[uid] = self.conns_by_uid.get(uid, 0) + 1
             self.sel.register(conn, selectors.EVENT_READ, (self._on_readable, s))
             self._watch_process(s)
-            self.audit.record(peer, "connect", "ok" if s.gpus is not None else "not_allowed",
-                              user=s.user, gpus=sorted(s.gpus or ()))
+            if s.gpus is not None:
+                self.audit.record(peer, "connect", "ok", user=s.user, gpus=sorted(s.gpus))
+            else:
+                self._refused(peer, "connect", "not_allowed", user=s.user)
+
+    def _refuse_connection(self, conn: socket.socket, peer: Peer, per_user: int) -> None:
+        mine = self.conns_by_uid.get(peer.uid, 0)
+        if mine >= per_user:
+            why = (f"kdvfsd: user {_user_name(peer.uid)} (uid {peer.uid}) already has {mine} connections open, the "
+                   f"most one user may; one connection per training process is enough. Close the others "
+                   "(the administrator sets [limits] connections_per_user)")
+        else:
+            why = (f"kdvfsd: the service has {len(self.sessions)} connections open, the most it serves; "
+                   "try again later (the administrator sets [limits] connections)")
+        try:
+            conn.send(P.error(P.E_TOO_MANY, why))
+        except OSError:
+            pass
+        conn.close()
+        self._refused(peer, "connect", P.E_TOO_MANY, open=mine)
+
+    def _pause_accept(self, exc: OSError) -> None:
+        delay = self._accept_backoff_s
+        self._accept_backoff_s = min(ACCEPT_BACKOFF_MAX_S, delay * 2)
+        self._accept_paused_until = time.monotonic() + delay
+        try:
+            self.sel.unregister(self.listener)
+        except (KeyError, ValueError):
+            pass
+        level = logging.ERROR if exc.errno in (errno.EMFILE, errno.ENFILE) else logging.WARNING
+        self._log_limited("accept", level, "accept failed (%s); new connections wait %.0f ms (%d open)",
+                          exc, delay * 1e3, len(self.sessions))
+
+    def _resume_accept(self) -> None:
+        self._accept_paused_until = None
+        if self.listener is not None:
+            try:
+                self.sel.register(self.listener, selectors.EVENT_READ, (self._accept, None))
+            except KeyError:
+                pass  # still registered
+
+    def _refused(self, peer: Peer, op: str, result: str, **fields) -> None:
+        """Audit a refusal, at most REFUSAL_AUDIT_PER_S per uid (burst REFUSAL_AUDIT_BURST)."""
+        now = time.monotonic()
+        b = self._refusals.get(peer.uid)
+        if b is None:
+            if len(self._refusals) > 4096:  # uids that stopped asking: forget them
+                self._refusals.clear()
+            b = self._refusals[peer.uid] = [float(REFUSAL_AUDIT_BURST), now, 0]
+        else:
+            b[0] = min(float(REFUSAL_AUDIT_BURST), b[0] + (now - b[1]) * REFUSAL_AUDIT_PER_S)
+            b[1] = now
+        if b[0] < 1.0:
+            b[2] += 1
+            return
+        b[0] -= 1.0
+        if b[2]:
+            fields["suppressed"] = b[2]
+            b[2] = 0
+        self.audit.record(peer, op, result, **fields)
 
     def _watch_process(self, s: Session) -> None:
         """A pidfd on the client process: its death ends the session even if the socket lives on in
@@ -412,15 +596,23 @@ class KdvfsdServer:
         buf = s.buf + data if s.buf else data
         if b"\n" not in buf:
             if len(buf) > P.MAX_LINE_BYTES:
-                self._send(s, P.error(P.E_BAD_REQUEST, f"request longer than {P.MAX_LINE_BYTES} bytes"))
-                self._end(s, "oversized request")
+                self._oversized(s)
             else:
                 s.buf = buf
             return
         *lines, s.buf = buf.split(b"\n")
+        if len(s.buf) > P.MAX_LINE_BYTES or any(len(line) > P.MAX_LINE_BYTES for line in lines):
+            self._oversized(s)  # a whole line is capped as a partial one is
+            return
         out = [self._handle(s, line) for line in lines]
         if not s.closed:
             self._send(s, out[0] if len(out) == 1 else b"".join(out))
+
+    def _oversized(self, s: Session) -> None:
+        self._refused(s.peer, "request", P.E_BAD_REQUEST, why="oversized")
+        self._send(s, P.error(P.E_BAD_REQUEST, f"kdvfsd: request longer than {P.MAX_LINE_BYTES} bytes; "
+                                               "a request is one short JSON line (see protocol.py)"))
+        self._end(s, "oversized request")
 
     def _send(self, s: Session, data: bytes) -> None:
         try:
@@ -448,8 +640,16 @@ class KdvfsdServer:
         for uuid in list(s.owned):
             self._give_back(s, uuid, why)
         self.sessions.discard(s)
-        self.audit.record(s.peer, "disconnect", "ok", why=why)
-        self.audit.flush()
+        left = self.conns_by_uid.get(s.peer.uid, 0) - 1
+        if left > 0:
+            self.conns_by_uid[s.peer.uid] = left
+        else:
+            self.conns_by_uid.pop(s.peer.uid, None)
+        if s.gpus is not None:
+            self.audit.record(s.peer, "disconnect", "ok", why=why)
+            self.audit.flush()
+        else:
+            self._refused(s.peer, "disconnect", "not_allowed", why=why)
 
     # ------------------------------------------------------------------ requests
     def _handle(self, s: Session, line: bytes) -> bytes:
@@ -474,12 +674,14 @@ class KdvfsdServer:
         s.tokens = tokens - 1.0
         s.limited = False
         try:
-            req = json.loads(line)
-            op = req["op"]
-        except (ValueError, TypeError, KeyError):
-            return P.error(P.E_BAD_REQUEST, 'a request is one JSON object per line with an "op"; see protocol.py')
+            req = P.parse_request(line)
+        except ValueError as exc:
+            self._refused(s.peer, "request", P.E_BAD_REQUEST, why=str(exc)[:80])
+            return P.error(P.E_BAD_REQUEST, f"kdvfsd: {exc}; a request is one JSON object per line with an "
+                                            '"op" (see protocol.py)')
+        op = req["op"]
         if s.gpus is None:
-            self.audit.record(s.peer, op if op in P.OPS else "?", "not_allowed")
+            self._refused(s.peer, op if op in P.OPS else "?", "not_allowed")
             return P.error(
                 P.E_NOT_ALLOWED,
                 f"kdvfsd: user {s.user} (uid {s.peer.uid}) may not set GPU clocks: neither the user nor its "
@@ -504,11 +706,11 @@ class KdvfsdServer:
         uuid = req.get("gpu")
         gpu = self.by_uuid.get(uuid) if isinstance(uuid, str) else None
         if gpu is None:
-            self.audit.record(s.peer, op, P.E_UNKNOWN_GPU, gpu=str(uuid)[:80])
+            self._refused(s.peer, op, P.E_UNKNOWN_GPU, gpu=str(uuid)[:80])
             return None, P.error(P.E_UNKNOWN_GPU, f"kdvfsd: no GPU with UUID {str(uuid)[:80]!r} on this machine; "
                                                   "`kdvfs info` lists the GPUs and their UUIDs")
         if uuid not in s.gpus:
-            self.audit.record(s.peer, op, P.E_NOT_ALLOWED, gpu=uuid)
+            self._refused(s.peer, op, P.E_NOT_ALLOWED, gpu=uuid)
             mine = ", ".join(sorted(s.gpus)) or "none"
             return None, P.error(P.E_NOT_ALLOWED, f"kdvfsd: user {s.user} (uid {s.peer.uid}) may not drive GPU {uuid} "
                                                   f"(NVML index {gpu.index}); allowed: {mine}. Ask the administrator "
@@ -517,7 +719,7 @@ class KdvfsdServer:
         if owner is s:
             return gpu, None
         if owner is not None:
-            self.audit.record(s.peer, op, P.E_BUSY, gpu=uuid, owner_pid=owner.peer.pid)
+            self._refused(s.peer, op, P.E_BUSY, gpu=uuid, owner_pid=owner.peer.pid)
             return None, P.error(
                 P.E_BUSY,
                 f"kdvfsd: GPU {uuid} is owned by another session: process {owner.peer.pid} (user {owner.user}) since "
@@ -525,20 +727,39 @@ class KdvfsdServer:
                 "or run this one with device='observe'.",
                 gpu=uuid, owner_pid=owner.peer.pid, owner_uid=owner.peer.uid,
             )
-        return self._claim(s, gpu), None
+        refusal = self._claim(s, gpu, op)
+        return (None, refusal) if refusal is not None else (gpu, None)
 
-    def _claim(self, s: Session, gpu: Gpu) -> Gpu:
+    def _claim(self, s: Session, gpu: Gpu, op: str) -> Optional[bytes]:
+        """Make ``gpu`` the session's: its system-wide lock, then the claim record. A refusal, or None."""
+        try:
+            self._gpu_locks[gpu.uuid] = lock_gpu(gpu.uuid)
+        except GpuLockedElsewhere as exc:
+            self._refused(s.peer, op, P.E_BUSY, gpu=gpu.uuid, owner_pid=exc.owner_pid, direct=True)
+            return P.error(
+                P.E_BUSY,
+                f"kdvfsd: GPU {gpu.uuid} is driven directly through NVML by process {exc.owner_pid or '?'} (not "
+                "through kdvfsd). One writer per GPU: wait for that process to end, or run this one with "
+                "device='observe'.",
+                gpu=gpu.uuid, owner_pid=exc.owner_pid,
+            )
+        except OSError as exc:
+            self._log_limited("gpu-lock", logging.ERROR, "GPU %s: cannot take its system-wide lock: %s", gpu.uuid, exc)
+            return P.error(P.E_DEVICE, f"kdvfsd: cannot take GPU {gpu.uuid}'s system-wide lock ({exc}); ask the "
+                                       "administrator to check the service's log")
         found = self._read_clocks(gpu)
         self.owners[gpu.uuid] = s
         s.owned[gpu.uuid] = None
         path = self._claim_path(gpu.uuid)
         if path is not None:  # once per session and GPU, not per request
-            tmp = path.with_suffix(".tmp")
-            tmp.write_text(json.dumps({"gpu": gpu.uuid, "pid": s.peer.pid, "uid": s.peer.uid, "since": s.since}))
-            os.replace(tmp, path)
+            try:
+                write_json(path, {"gpu": gpu.uuid, "pid": s.peer.pid, "uid": s.peer.uid, "since": s.since,
+                                  "boot_id": boot_id()})
+            except OSError as exc:
+                self._log_limited("claim-record", logging.ERROR, "cannot write claim record %s: %s", path, exc)
         self.audit.record(s.peer, "claim", "ok", gpu=gpu.uuid, found="unlocked", found_clocks_mhz=found)
         self.audit.flush()
-        return gpu
+        return None
 
     def _read_clocks(self, gpu: Gpu) -> Optional[list]:
         n = self.nvml
@@ -548,27 +769,70 @@ class KdvfsdServer:
         except Exception:
             return None
 
+    def _unsupported(self, gpu: Gpu, sm: int, mem: int) -> Optional[str]:
+        """Why ``sm``/``mem`` MHz is not in the GPU's supported lists, or None. NVML documents no
+        such check for locked clocks, so the service makes it."""
+        if gpu.sm_by_mem is None:
+            return f"the supported clocks of GPU {gpu.uuid} could not be read, so no clock is locked on it"
+        if mem not in gpu.sm_by_mem:
+            return (f"rejected memory clock {mem} MHz: GPU {gpu.uuid} supports "
+                    f"{', '.join(map(str, sorted(gpu.sm_by_mem, reverse=True)))} MHz")
+        allowed = gpu.sm_by_mem[mem]
+        if sm not in allowed:
+            nearest = min(allowed, key=lambda c: (abs(c - sm), c)) if allowed else None
+            return (f"rejected SM clock {sm} MHz: not supported by GPU {gpu.uuid} with memory at {mem} MHz; "
+                    f"nearest {nearest} MHz (`kdvfs info` lists them)")
+        return None
+
     def _set(self, s: Session, req: dict) -> bytes:
         sm, mem = req.get("sm_mhz"), req.get("mem_mhz")
         if type(sm) is not int or type(mem) is not int or not (0 < sm < 100_000 and 0 < mem < 100_000):
-            return P.error(P.E_BAD_REQUEST, "set needs integer sm_mhz and mem_mhz in MHz")
+            self._refused(s.peer, "set", P.E_BAD_REQUEST)
+            return P.error(P.E_BAD_REQUEST, "kdvfsd: set needs integer sm_mhz and mem_mhz in MHz")
+        uuid = req.get("gpu")
+        known = self.by_uuid.get(uuid) if isinstance(uuid, str) else None
+        if known is not None and s.gpus is not None and uuid in s.gpus:
+            problem = self._unsupported(known, sm, mem)
+            if problem is not None:  # before any claim or write: nothing changes
+                code = P.E_INVALID_CLOCK if known.sm_by_mem is not None else P.E_NOT_SUPPORTED
+                self._refused(s.peer, "set", code, gpu=uuid, sm_mhz=sm, mem_mhz=mem)
+                return P.error(code, f"kdvfsd: {problem}")
         gpu, refusal = self._gpu(s, req, "set")
         if refusal is not None:
             return refusal
         n = self.nvml
+        before = s.owned[gpu.uuid]
+        mem_written = False
         try:
             # The memory lock is only rewritten when it changes: most switches move the SM clock only.
-            if s.owned[gpu.uuid] != mem:
+            if before != mem:
                 s.owned[gpu.uuid] = None
                 n.nvmlDeviceSetMemoryLockedClocks(gpu.handle, mem, mem)
                 s.owned[gpu.uuid] = mem
+                mem_written = True
             n.nvmlDeviceSetGpuLockedClocks(gpu.handle, sm, sm)
         except n.NVMLError as exc:
+            if mem_written:  # all or nothing: put the memory lock back as it was before this request
+                self._undo_memory_lock(s, gpu, before)
             code, msg = self._nvml_error(exc, f"locking {sm}/{mem} MHz on GPU {gpu.uuid}")
-            self.audit.record(s.peer, "set", code, gpu=gpu.uuid, sm_mhz=sm, mem_mhz=mem)
+            self._refused(s.peer, "set", code, gpu=gpu.uuid, sm_mhz=sm, mem_mhz=mem)
             return P.error(code, msg)
         self.audit.record(s.peer, "set", "ok", gpu=gpu.uuid, sm_mhz=sm, mem_mhz=mem)
         return self._ok
+
+    def _undo_memory_lock(self, s: Session, gpu: Gpu, before: Optional[int]) -> None:
+        n = self.nvml
+        try:
+            if before is not None:
+                n.nvmlDeviceSetMemoryLockedClocks(gpu.handle, before, before)
+            elif gpu.restore is not None:
+                n.nvmlDeviceSetMemoryLockedClocks(gpu.handle, gpu.restore[1], gpu.restore[1])
+            else:
+                n.nvmlDeviceResetMemoryLockedClocks(gpu.handle)
+            s.owned[gpu.uuid] = before
+        except n.NVMLError as exc:
+            s.owned[gpu.uuid] = None  # unknown: the next set rewrites it, the session's end resets it
+            self._log_limited("undo", logging.ERROR, "GPU %s: putting the memory lock back failed: %s", gpu.uuid, exc)
 
     def _reset(self, s: Session, req: dict, *, release: bool) -> bytes:
         op = "release" if release else "reset"
@@ -586,8 +850,16 @@ class KdvfsdServer:
         return self._ok
 
     def _reset_gpu(self, gpu: Gpu) -> str:
-        """Unlock SM and memory clocks; 'ok' or what went wrong."""
+        """Unlock SM and memory clocks (or lock the site's ``restore_clocks``); 'ok' or what went wrong."""
         n = self.nvml
+        if gpu.restore is not None:
+            sm, mem = gpu.restore
+            try:
+                n.nvmlDeviceSetMemoryLockedClocks(gpu.handle, mem, mem)
+                n.nvmlDeviceSetGpuLockedClocks(gpu.handle, sm, sm)
+            except n.NVMLError as exc:
+                return self._nvml_error(exc, f"restoring {sm}/{mem} MHz (restore_clocks)")[1]
+            return "ok"
         try:
             n.nvmlDeviceResetGpuLockedClocks(gpu.handle)
         except n.NVMLError as exc:
@@ -607,6 +879,9 @@ class KdvfsdServer:
         s.owned.pop(uuid, None)
         if self.owners.get(uuid) is s:
             del self.owners[uuid]
+            fd = self._gpu_locks.pop(uuid, None)
+            if fd is not None:
+                os.close(fd)
         path = self._claim_path(uuid)
         if path is not None and result == "ok":
             path.unlink(missing_ok=True)  # kept on failure: the next start of kdvfsd tries again
@@ -657,6 +932,9 @@ def main(argv: Optional[list] = None, nvml=None) -> int:
         return 2
     try:
         server = KdvfsdServer(config, nvml)
+    except ServiceConfigError as exc:  # restore_clocks that a GPU does not support
+        log.error("%s", exc)
+        return 2
     except Exception as exc:  # no driver, no pynvml: say so and fail the unit
         log.error("cannot read the GPUs through NVML (%s: %s); is the NVIDIA driver loaded?", type(exc).__name__, exc)
         return 1
@@ -670,7 +948,7 @@ def main(argv: Optional[list] = None, nvml=None) -> int:
     try:
         server.open()
     except (OSError, RuntimeError) as exc:
-        log.error("cannot listen on %s: %s", config.socket_path, exc)
+        log.error("cannot start (socket %s, state_dir %s): %s", config.socket_path, config.state_dir, exc)
         server.close()
         return 1
     try:
