@@ -154,6 +154,16 @@ def engine_status(engine) -> Optional[str]:
     return "observing" if engine.config.mode == "observe" else None
 
 
+def state_line(engine, step: Optional[int], every: Optional[int]) -> Optional[str]:
+    """``kdvfs: exploring 340/1500`` on the steps a framework prints its own log line (``step`` a
+    multiple of ``every``, its log interval), for the DeepSpeed and Megatron adapters; None on
+    other steps, without an interval, or before the engine has a state."""
+    if not every or step is None or step % every:
+        return None
+    state = engine_status(engine)
+    return None if state is None else f"kdvfs: {state}"
+
+
 def explore_status(explorer) -> str:
     """``kdvfs explore: block 12 (explore), step 340/1500, exploration slowdown +1.2% (budget 2.0%)``."""
     s = explorer.s

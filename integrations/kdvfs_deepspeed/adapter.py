@@ -26,6 +26,7 @@ from kdvfs_plugins.distributed import WORLD, Replicas
 from kdvfs_plugins.engine import Engine
 from kdvfs_plugins.log import logger
 from kdvfs_plugins.module_regions import ModuleRegions
+from kdvfs_plugins.progress import state_line
 from kdvfs_plugins.regions import BACKWARD, COMMUNICATION, FORWARD, OPTIMIZER
 from kdvfs_plugins.step_metrics import StepMetrics
 
@@ -297,6 +298,20 @@ class DeepSpeedAdapter:
         self._host_s += time.perf_counter() - t0
         self.records.extend(records)
         self._log(records)
+        self._log_state()
+
+    def _log_state(self) -> None:
+        """kdvfs's state ("kdvfs: exploring 340/1500") among DeepSpeed's own log lines: at its
+        steps_per_print cadence, through its log_dist on rank 0."""
+        every = getattr(self.ds, "steps_per_print", None)
+        line = state_line(self.engine, self.ds.global_steps, every() if callable(every) else None)
+        if line is None:
+            return
+        utils = sys.modules.get("deepspeed.utils")  # loaded with the engine; looking it up imports nothing
+        if utils is not None and hasattr(utils, "log_dist"):
+            utils.log_dist(line, ranks=[0])
+        elif self.engine.rank == 0:
+            logger.info(line)
 
     def _log(self, records) -> None:
         self._metrics.count(records)

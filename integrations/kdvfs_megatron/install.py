@@ -36,6 +36,7 @@ from kdvfs_plugins.engine import Engine
 from kdvfs_plugins.errors import KdvfsError
 from kdvfs_plugins.log import logger
 from kdvfs_plugins.module_regions import ModuleRegions
+from kdvfs_plugins.progress import state_line
 from kdvfs_plugins.regions import OPTIMIZER
 
 from .args import config_from_args
@@ -66,6 +67,8 @@ class MegatronKdvfs:
         self._modules: list[ModuleRegions] = []
         self._hooked_models: set[int] = set()
         self._closed = False
+        #: Megatron's --log-interval (set by install from its args); None: no state lines.
+        self.log_interval: Optional[int] = None
 
     @property
     def active(self) -> bool:
@@ -143,6 +146,7 @@ class MegatronKdvfs:
             self.engine.region_exit(region)
         if name == STEP_END_TIMER and self.auto_steps:
             self.records.extend(self.engine.step_end())
+            self._log_state()
         self._host_s += time.perf_counter() - t0
 
     # ------------------------------------------------------------------ explicit boundaries
@@ -154,7 +158,15 @@ class MegatronKdvfs:
         self.auto_steps = False
         records = self.engine.step_end()
         self.records.extend(records)
+        self._log_state()
         return records
+
+    def _log_state(self) -> None:
+        """kdvfs's state ("kdvfs: exploring 340/1500") as a line beside Megatron's own, every
+        ``--log-interval`` iterations, printed by rank 0 as Megatron prints its lines."""
+        line = state_line(self.engine, self.engine.step + 1, self.log_interval)
+        if line is not None and self.engine.rank == 0:
+            print(line, flush=True)
 
     @contextlib.contextmanager
     def region(self, name: str) -> Iterator[None]:
@@ -247,6 +259,7 @@ def install(args: Any = None, *, config: Union[KdvfsConfig, Mapping[str, Any], N
     args = args if args is not None else _megatron_args()
     r, lr, ws = detect_ranks(args, rank=rank, local_rank=local_rank, world_size=world_size)
     handle = MegatronKdvfs(cfg, rank=r, local_rank=lr, world_size=ws, plugins=plugins, device=device)
+    handle.log_interval = getattr(args, "log_interval", None)
     if not (_global_timers_ready() or model is not None or model_config is not None):
         raise MegatronSetupError(
             "nothing to install into: Megatron's global timers do not exist yet and no model or "
