@@ -213,6 +213,9 @@ class Actuator:
     # ------------------------------------------------------------------ worker thread
     def _inline(self, job: _Job) -> None:
         """A marker reached when recorded: on a GPU timeline the change can still be dated ahead."""
+        if getattr(job.marker, "dated_later", False) and job.marker.gpu_time_s() is None:
+            self._placed_by_device(job)
+            return
         gpu_t = job.marker.gpu_time_s()
         if job.clocks is not _UNSET and gpu_t is not None and self.lead_s > 0 and job.slot is not None:
             pred = self.predictor.predict(job.slot)
@@ -227,6 +230,22 @@ class Actuator:
         if job.slot is not None:
             self.predictor.reached(job.slot, time.perf_counter() if gpu_t is None else gpu_t)
         self._handle(job, inline=True)
+
+    def _placed_by_device(self, job: _Job) -> None:
+        """A device that dates its markers when the step has run (a trace replay) places the change
+        at the marker's boundary itself, issue-ahead included; stamps wait until the date is known."""
+        if job.clocks is _UNSET:
+            if job.on_reached is not None:
+                job.marker.when_dated(job.on_reached)
+            return
+        clocks: Optional[ClockPair] = job.clocks  # type: ignore[assignment]
+        previous = self._applied
+        written = self._apply(clocks, job.marker)
+        self._applied = clocks
+        self.changes_applied += 1
+        if self.on_applied is not None:
+            now = time.perf_counter()
+            self.on_applied(ClockChange(job.region, job.step, clocks, previous, now, now, written))
 
     def _run(self) -> None:
         pending: deque = deque()

@@ -23,7 +23,7 @@ from .distributed import Replicas, agree, all_gather
 from .guard import ClockGuard
 from .log import logger
 from .meter import Meter
-from .plan import Plan, plan_key, uniform_plan
+from .plan import Plan, UnmatchedRegionKeys, plan_key, uniform_plan
 from .plugins import make_plugin_manager
 from .policy import PlanPolicy, as_clocks
 from .regions import STEP
@@ -106,6 +106,7 @@ class Engine:
         self._last_step_changed = False
         #: Which steps are profiled outside exploration (set at start).
         self.cadence: Optional[ProfileCadence] = None
+        self._region_keys = UnmatchedRegionKeys(config.region_clocks) if config.region_clocks else None
 
     # ------------------------------------------------------------------ lifecycle
     @property
@@ -245,7 +246,7 @@ class Engine:
         shared = self.replicas if cfg.explore_across_ranks else None
         settings = ExploreSettings(
             clock_table=info.clocks, max_slowdown=cfg.max_slowdown, objective=cfg.effective_objective,
-            granularity=cfg.granularity, explore_max_slowdown=cfg.explore_max_slowdown,
+            explore_max_slowdown=cfg.explore_max_slowdown,
             explore_max_steps=cfg.explore_max_steps, window_steps=ws, switch_latency_ms=float(latency),
             min_switch_interval_ms=cfg.min_switch_interval_ms, start_step=first,
             # replicas must draw the same designs: one seed for all of them
@@ -492,6 +493,10 @@ class Engine:
 
     def _on_step(self, record: StepRecord) -> None:
         self.cadence.measured(record.step, record.gpu_time_ms, profiled=bool(record.region_time_ms))
+        if record.region_time_ms and self._region_keys is not None:
+            note = self._region_keys.seen(record.region_time_ms)  # region_clocks keys no region matches
+            if note:
+                logger.warning("%s", note)
         self._hook.kdvfs_step_measured(record=record)
 
     def _on_window(self, window: WindowRecord) -> None:

@@ -7,8 +7,9 @@ reached their end marker (no synchronisation of the training thread).
 Energy: the counter refreshes every 100 ms and a read costs about 4 ms on an H100, so power
 readings are integrated, anchored to occasional counter reads on a background thread (see
 :class:`EnergySampler`), and step and window boundaries are placed on that series by the host
-time at which the GPU reached them. The simulated device's counter is cheap and lives on
-its virtual timeline, so it is read at the boundaries directly.
+time at which the GPU reached them. A simulated device lives on a virtual timeline: the same
+sampler reads it there (:class:`VirtualEnergySampler`), at the instants a polling thread would
+have, so a simulated run's energy is read exactly the way a real one's is.
 """
 from __future__ import annotations
 
@@ -121,16 +122,20 @@ class EnergySampler:
         except Exception:
             self._no_power = True  # windows simply carry no energy
             return False
+        self._integrate(t, w)
+        return True
+
+    def _integrate(self, t: float, w: float) -> None:
+        """Add a reading of ``w`` watts taken at ``t`` (trapezoids between readings, scaled by the anchor)."""
         with self._lock:
             if self._last_t is None or t <= self._last_t:
-                return True
+                return
             inc_mj = (w if self._last_w is None else 0.5 * (w + self._last_w)) * (t - self._last_t) * 1e3
             self._last_t, self._last_w = t, w
             self._total_int_mj += inc_mj
             self._base_mj += inc_mj * self._scale
             self.reads += 1
             self.series.add(t, self._base_mj)
-        return True
 
     def read_power_now(self) -> None:
         """A reading now, on the calling thread (the end of training, when no step end follows)."""
@@ -178,6 +183,57 @@ class EnergySampler:
             self.cpu_time_s = time.thread_time()
 
 
+class VirtualEnergySampler(EnergySampler):
+    """The :class:`EnergySampler` on a device's virtual timeline: no thread; the meter asks it to
+    catch up with the timeline after each step, and it reads power every ``power_period_s`` and
+    the counter every ``counter_period_s`` of virtual time, as the thread would have at those
+    instants (the device answers readings at past instants of its timeline)."""
+
+    def __init__(self, device, series: EnergySeries, power_period_s: float = 0.1, counter_period_s: float = 5.0):
+        super().__init__(device, series, power_period_s, counter_period_s)
+        self._start_mj: Optional[float] = None
+        self._next_power_s: Optional[float] = None
+        self._next_anchor_s = 0.0
+
+    def start(self) -> None:
+        t = self.device.timeline_s()
+        self._start_mj = float(self.device.energy_mj_at(t)) if self.counter_period_s > 0 else 0.0
+        self.counter_reads += 1
+        self._base_mj = self._start_mj
+        self._last_t = t
+        self._next_power_s = t + self.power_period_s
+        self._next_anchor_s = t + self.counter_period_s
+        self.series.add(t, self._base_mj)
+
+    def stop(self) -> None:
+        return None
+
+    def catch_up(self) -> None:
+        if self._next_power_s is None:
+            return
+        now = self.device.timeline_s()
+        while self._next_power_s <= now:
+            t = self._next_power_s
+            self._integrate(t, self.device.power_mw_at(t) / 1e3)
+            if self.counter_period_s > 0 and t >= self._next_anchor_s:
+                self._next_anchor_s = t + self.counter_period_s
+                counter = float(self.device.energy_mj_at(t))
+                self.counter_reads += 1
+                if self._total_int_mj > 0 and counter > self._start_mj:
+                    self._scale = (counter - self._start_mj) / self._total_int_mj
+            self._next_power_s = t + self.power_period_s
+
+    def read_power_now(self) -> None:
+        """Catch up, then one reading at the timeline's present (the end of training)."""
+        self.catch_up()
+        if self._last_t is not None:
+            now = self.device.timeline_s()
+            self._integrate(now, self.device.power_mw_at(now) / 1e3)
+
+    def on_step_end(self) -> None:
+        self.catch_up()
+
+
 MAX_KEPT_STEPS = 20_000
 #: Energy windows kept (the latest); the totals over every window are kept as running sums.
 MAX_KEPT_WINDOWS = 20_000
@@ -213,9 +269,13 @@ class Meter:
         self.on_step = on_step
         self.on_window = on_window
         self.series = EnergySeries()
-        background = device.kind != "simulated" if sample_energy_in_background is None else sample_energy_in_background
-        self.sampler = (EnergySampler(device, self.series, energy_period_s, counter_period_s, power_on_steps)
-                        if background and energy_period_s > 0 else None)
+        background = True if sample_energy_in_background is None else sample_energy_in_background
+        if not (background and energy_period_s > 0):
+            self.sampler = None
+        elif getattr(device, "virtual_timeline", False):
+            self.sampler = VirtualEnergySampler(device, self.series, energy_period_s, counter_period_s)
+        else:
+            self.sampler = EnergySampler(device, self.series, energy_period_s, counter_period_s, power_on_steps)
         self._open: Optional[_Step] = None
         self._pending: deque[_Step] = deque()
         self._window: list[_Step] = []
@@ -266,7 +326,7 @@ class Meter:
         st.end = marker
         with self._lock:
             self._pending.append(st)
-        if self.sampler is not None and self.sampler.power_on_steps:
+        if self.sampler is not None and (self.sampler.power_on_steps or isinstance(self.sampler, VirtualEnergySampler)):
             self.sampler.on_step_end()  # before the poll: a window that ends now finds a reading after it
         return st
 
@@ -276,8 +336,6 @@ class Meter:
         t = marker.gpu_time_s()
         if t is None:
             t = host_time_s
-        elif self.sampler is None:
-            self.series.add(t, self.device.energy_mj())
         if which == "begin":
             st.t_begin_s = t
         else:
@@ -391,9 +449,10 @@ class Meter:
         """Resolve everything left (end of training: waiting is allowed now)."""
         self.poll(wait=True)
         if self.sampler is not None:
-            if self.sampler.power_on_steps:
+            if self.sampler.power_on_steps or isinstance(self.sampler, VirtualEnergySampler):
                 self.sampler.read_power_now()  # no step end follows the last: its window needs a reading after it
-            deadline = time.perf_counter() + 0.3
+            # a thread's readings may still come in; a virtual timeline has none to wait for
+            deadline = time.perf_counter() + (0.0 if isinstance(self.sampler, VirtualEnergySampler) else 0.3)
             while self._window and time.perf_counter() < deadline:
                 self._close_windows(final=False)
                 if self._window:

@@ -5,7 +5,7 @@ import json
 
 import pytest
 
-from kdvfs_plugins.sim.planning import PlanningContext, compare, plan_on_trace
+from kdvfs_plugins.studies.planning import PlanningContext, compare, plan_on_trace
 from kdvfs_plugins.sim.trace import Trace
 
 

@@ -69,7 +69,7 @@ def planning_part(run_dir: Path, args, bar=None) -> dict:
     from ..progress import Bar
     from ..report import plot_latency_sweep, plot_sweep
     from ..sim.gpu import VirtualGPU
-    from ..sim.planning import PlanningContext, compare, latency_sweep, sweep
+    from ..studies.planning import PlanningContext, compare, latency_sweep, sweep
     from ..sim.trace import Trace
     from .simulate import in_parts
 
@@ -131,7 +131,7 @@ def plan_timeline(ctx, *, switch_latency_ms: float, max_slowdown: float, granula
     planning context's caches answer most of it."""
     from ..planner import GRANULARITIES
     from ..sim.gpu import VirtualGPU
-    from ..sim.planning import plan_on_trace
+    from ..studies.planning import plan_on_trace
 
     prev = None
     for g in GRANULARITIES[:GRANULARITIES.index(granularity) + 1]:
@@ -152,14 +152,13 @@ def plan_timeline(ctx, *, switch_latency_ms: float, max_slowdown: float, granula
 
 
 def exploration_part(run_dir: Path, args, max_slowdown: float, switch_latency_ms: float) -> dict:
-    """Online exploration on the stretch simulation of the GPT trace (one seed); writes
+    """Online exploration through the live engine on the replayed GPT trace (one seed); writes
     ``exploration.json`` with the explorer's blocks (its progress, phase by phase) and result."""
-    from ..sim.explore_run import run_seed
     from ..sim.trace import Trace
+    from ..studies.explore import run_seed
 
     seed_result, explorer = run_seed(Trace.gpt1b(), args.seed, max_steps=DEMO_EXPLORE_MAX_STEPS,
-                                     max_slowdown=max_slowdown, switch_latency_ms=switch_latency_ms,
-                                     execute_steps=args.exec_steps)
+                                     max_slowdown=max_slowdown, switch_latency_ms=switch_latency_ms)
     res = explorer.result
     blocks = [{"index": b.index, "kind": b.kind, "first_step": b.first_step, "steps": b.steps,
                "time_ms": [float(t) for t in b.time_ms],

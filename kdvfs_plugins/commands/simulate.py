@@ -170,20 +170,21 @@ def run_single(args: argparse.Namespace) -> int:
 
 
 def _latency(args: argparse.Namespace) -> float:
-    """--switch-latency-ms, else the stored measurement for the simulated device, else the default."""
-    if args.switch_latency_ms is not None:
-        if args.switch_latency_ms < 0:
-            raise ConfigError("--switch-latency-ms", args.switch_latency_ms, "a latency in ms >= 0",
-                              source="kdvfs simulate")
-        return float(args.switch_latency_ms)
-    from ..latency import switch_latency_for
-    from ..sim.gpu import VirtualGPU
+    """--switch-latency-ms, else the stored measurement for the simulated device, else the default
+    (:func:`kdvfs_plugins.switching.resolve_switch_latency_ms`, as a training run resolves it)."""
+    from types import SimpleNamespace
 
-    return switch_latency_for(VirtualGPU.name, "simulated")
+    from ..sim.gpu import VirtualGPU
+    from ..switching import check_latency_ms, resolve_switch_latency_ms
+
+    if args.switch_latency_ms is not None:
+        check_latency_ms(args.switch_latency_ms, "--switch-latency-ms", source="kdvfs simulate")
+    return resolve_switch_latency_ms(SimpleNamespace(switch_latency_ms=args.switch_latency_ms, state_dir=None),
+                                     device_name=VirtualGPU.name, driver="simulated").ms
 
 
 def _context(args: argparse.Namespace):
-    from ..sim.planning import PlanningContext
+    from ..studies.planning import PlanningContext
     from ..sim.trace import Trace
 
     return PlanningContext(Trace.load(args.trace))
@@ -214,7 +215,7 @@ def in_parts(fn: Callable[..., dict], ctx, *, key: str, values, merge: str, desc
 def run_compare(args: argparse.Namespace) -> int:
     from ..planner import OBJECTIVES
     from ..report import format_compare
-    from ..sim.planning import compare
+    from ..studies.planning import compare
 
     if not (0 <= args.max_slowdown <= 1):
         raise ConfigError("--max-slowdown", args.max_slowdown, "a fraction between 0 and 1, e.g. 0.05",
@@ -236,7 +237,7 @@ def _plot_path(args: argparse.Namespace, name: str):
 
 def run_sweep(args: argparse.Namespace) -> int:
     from ..report import format_sweep, plot_sweep
-    from ..sim.planning import SWEEP_SLOWDOWNS, sweep
+    from ..studies.planning import SWEEP_SLOWDOWNS, sweep
 
     data = in_parts(sweep, _context(args), key="slowdowns", values=SWEEP_SLOWDOWNS, merge="points",
                     desc="sweep", unit="budget",
@@ -249,7 +250,7 @@ def run_sweep(args: argparse.Namespace) -> int:
 
 def run_latency_sweep(args: argparse.Namespace) -> int:
     from ..report import format_latency_sweep, plot_latency_sweep
-    from ..sim.planning import LATENCY_SWEEP_MS, latency_sweep
+    from ..studies.planning import LATENCY_SWEEP_MS, latency_sweep
 
     data = in_parts(latency_sweep, _context(args), key="latencies_ms", values=LATENCY_SWEEP_MS, merge="points",
                     desc="latency sweep", unit="latency", min_interval_ms=args.min_interval_ms)
@@ -268,7 +269,7 @@ MODES: list[tuple[str, Callable[[argparse.Namespace], int]]] = [
 
 
 def _run_explore(args: argparse.Namespace) -> int:
-    from ..sim.explore_run import run_command
+    from ..studies.explore import run_command
 
     return run_command(args)
 

@@ -137,6 +137,13 @@ class Device(abc.ABC):
     """
 
     kind: str = "abstract"
+    #: Capabilities that code asks for (never the kind string): a model, not a GPU (figures from it
+    #: are model predictions); readings answered on a virtual timeline (``timeline_s``,
+    #: ``power_mw_at``, ``energy_mj_at``) rather than by polling in host time.
+    simulated: bool = False
+    virtual_timeline: bool = False
+    #: Which reading ``power_mw`` gives: ``instant`` (NVML's 100 ms field) or ``usage`` (the ~1 s average).
+    power_source: str = "usage"
 
     @abc.abstractmethod
     def info(self) -> DeviceInfo: ...

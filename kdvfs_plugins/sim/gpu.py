@@ -46,11 +46,10 @@ from ..clocks import ClockPair, ClockTable
 from ..data import h100_clock_lists
 from ..switching import DEFAULT_SWITCH_LATENCY_MS
 from .model import H100Model, ModelParams, Work, default_model, load_params
+from .readings import REFRESH_S as ENERGY_REFRESH_S, Readings
 
 __all__ = ["Work", "VirtualGPU", "DEFAULT_SWITCH_LATENCY_MS", "ENERGY_REFRESH_S"]
 
-#: NVML energy counter / power reading refresh period, measured on the H100.
-ENERGY_REFRESH_S = 0.1
 
 
 class VirtualGPU:
@@ -88,12 +87,8 @@ class VirtualGPU:
         self._mix = np.full_like(self.model.grid_sm_mhz, self.model.idle_power_w())
         self._ceiling: Optional[float] = None  # the controller's clock for the current _mix
         self._idle_since: Optional[float] = -p.idle_hold_s  # idle since long before t=0
-        self._counter_mj = 0
-        #: (virtual time, counter mJ) at every refresh, for readers that need the exact instants.
-        self.counter_history: list[tuple[float, int]] = []
-        self._next_refresh_s = ENERGY_REFRESH_S
-        self._power_reading_w = self.model.idle_power_w()
-        self._energy_at_refresh_j = 0.0
+        #: The counter and the power readings as NVML gives them (see :mod:`.readings`).
+        self.readings = Readings(self.model.idle_power_w())
         self._instant_w = self.model.idle_power_w()
         self.last_sm_mhz = float(p.idle_sm_mhz)
         self.last_mem_mhz = int(p.mem_max_mhz)
@@ -223,28 +218,29 @@ class VirtualGPU:
         a = math.exp(-d / self.params.power_window_s)
         self._mix = a * self._mix + (1.0 - a) * curve
         self._ceiling = None
-        # Refreshes that fall inside this stretch see the energy at their own instant.
-        while self._next_refresh_s <= self.now_s + 1e-12:
-            t_r = self._next_refresh_s
-            e_r = e0 + (t_r - t0) * power_w
-            self._power_reading_w = (e_r - self._energy_at_refresh_j) / ENERGY_REFRESH_S
-            self._energy_at_refresh_j = e_r
-            self._counter_mj = int(e_r * 1e3)
-            self.counter_history.append((t_r, self._counter_mj))
-            self._next_refresh_s = t_r + ENERGY_REFRESH_S
+        self.readings.advance(t0, e0, self.now_s, self.energy_j)
 
     # --- readings ------------------------------------------------------------------------------
     def energy_counter_mj(self) -> int:
         """Energy since start in integer mJ, as of the last 100 ms refresh (like NVML's counter)."""
-        return self._counter_mj
+        return self.readings.counter_mj()
+
+    @property
+    def counter_history(self) -> list[tuple[float, int]]:
+        """(virtual time, counter mJ) at every refresh still held, for readers that need the instants."""
+        return self.readings.history()
 
     def counter_time_s(self) -> float:
         """Virtual time of the counter's last refresh."""
-        return self._next_refresh_s - ENERGY_REFRESH_S
+        return self.readings.last_refresh_s()
 
     def power_w(self) -> float:
-        """Power reading: average over the last completed 100 ms (idle power before the first)."""
-        return self._power_reading_w
+        """The instant power field: average over the last completed 100 ms (idle before the first)."""
+        return self.readings.instant_w()
+
+    def power_usage_w(self) -> float:
+        """NVML's power usage: the ~1 s running average the H100 reports."""
+        return self.readings.usage_w()
 
     def instant_power_w(self) -> float:
         """True power of the latest stretch of work (not observable on a real card)."""

@@ -98,9 +98,9 @@ from ..clocks import ClockPair
 from ..errors import ConfigError
 from ..planner import GRANULARITIES, OBJECTIVES, PlannedStep, PlanningProblem, SwitchModel, evaluate, plan
 from ..switching import DEFAULT_SWITCH_LATENCY_MS, check_latency_ms, switch_model
-from .gpu import VirtualGPU
-from .model import H100Model, Work, default_model
-from .trace import ClocksFor, ReplayResult, Trace, replay
+from ..sim.gpu import VirtualGPU
+from ..sim.model import H100Model, Work, default_model
+from ..sim.trace import ClocksFor, ReplayResult, Trace, replay
 
 __all__ = [
     "DEFAULT_TIME_RTOL", "StepObservation", "TraceProblem", "TracePlan", "Execution", "PlanningContext",

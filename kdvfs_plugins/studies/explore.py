@@ -1,0 +1,294 @@
+"""Online exploration through the live engine, against the oracle: ``kdvfs simulate --explore``.
+
+Each seed runs a training run's own path: an :class:`~kdvfs_plugins.engine.Engine` in mode
+``auto`` with its plugin manager, actuator, meter (energy from power readings anchored to the
+counter, as on a real card) and :class:`~kdvfs_plugins.explore.Explorer`, on a
+:class:`~kdvfs_plugins.devices.simulated.TraceDevice` that replays the trace. :class:`TraceDriver`
+plays the adapter: it reports the trace's phases, and each stretch's region in the steps where the
+engine wants module boundaries, as the Lightning callback reports a model's.
+
+The plan the explorer applies and the oracle's plan are then executed the same way (an engine
+with the plan, on a fresh device of the same seed) beside the default clocks; their figures are
+the device's true energy and time over the executed steps. Every figure is a model prediction.
+"""
+from __future__ import annotations
+
+import json
+import tempfile
+import time as _time
+from dataclasses import dataclass, field
+from typing import Mapping, Optional, Sequence
+
+import numpy as np
+
+from ..clocks import ClockPair
+from ..config import KdvfsConfig
+from ..devices.simulated import TraceDevice
+from ..engine import Engine
+from ..regions import STEP
+from ..sim.model import H100Model
+from ..sim.stretch import StretchGPU
+from ..sim.trace import Trace
+from ..switching import DEFAULT_SWITCH_LATENCY_MS
+
+#: Steps each plan is executed for, after warm-up steps that are not counted.
+EXECUTE_STEPS = 20
+EXECUTE_WARMUP_STEPS = 3
+
+
+class TraceDriver:
+    """Reports a trace's steps to an engine the way an adapter reports a training loop's."""
+
+    def __init__(self, engine: Engine, device: TraceDevice):
+        self.engine = engine
+        self.device = device
+
+    def step(self) -> None:
+        eng, dev = self.engine, self.device
+        regions = dev.layout.regions
+        dev.at_stretch(0)
+        eng.step_begin()
+        detail = eng.profiling_or_switching
+        phase: Optional[str] = None
+        group: Optional[str] = None
+        for i, region in enumerate(regions):
+            p = region.partition("/")[0]
+            dev.at_stretch(i)
+            if p != phase:
+                if phase is not None and phase != STEP:
+                    eng.region_exit(phase)  # closes the open group too
+                group = None
+                if p != STEP:
+                    eng.region_enter(p)
+                phase = p
+            if not detail or p == STEP:
+                continue
+            if "/" in region:
+                eng.region_switch(region)
+                group = region
+            elif group is not None:
+                eng.region_exit(group)
+                group = None
+        dev.at_stretch(len(regions))
+        eng.step_end()
+
+
+def _config(**kw) -> KdvfsConfig:
+    return KdvfsConfig.from_dict({"device": "simulated", "progress": False, "warmup_steps": 3, **kw},
+                                 source="kdvfs simulate")
+
+
+def _engine(cfg: KdvfsConfig, device: TraceDevice) -> Engine:
+    return Engine(cfg, framework="kdvfs simulate", device=device).start()
+
+
+@dataclass(frozen=True)
+class Execution:
+    """A plan executed beside the default clocks on one seed: true time and energy per step."""
+
+    time_s: float
+    energy_j: float
+    default_time_s: float
+    default_energy_j: float
+
+    @property
+    def time_change(self) -> float:
+        return self.time_s / self.default_time_s - 1.0
+
+    @property
+    def energy_change(self) -> float:
+        return self.energy_j / self.default_energy_j - 1.0
+
+
+def _run_fixed(trace: Trace, clocks_by_name: Mapping[str, Optional[ClockPair]], *, seed: int, noise: bool,
+               latency_ms: float, issue_ahead: bool, steps: int, model: Optional[H100Model]) -> tuple[float, float]:
+    gpu = StretchGPU(trace, seed=seed, noise=noise, switch_latency_ms=latency_ms, model=model, issue_ahead=issue_ahead)
+    dev = TraceDevice(gpu)
+    regions = {k: v.to_dict() for k, v in clocks_by_name.items() if v is not None}
+    with tempfile.TemporaryDirectory() as run_dir:
+        cfg = _config(mode="apply" if regions else "observe", run_dir=run_dir, region_clocks=regions,
+                      switch_latency_ms=latency_ms, issue_ahead=issue_ahead, energy_sample_period_ms=0)
+        eng = _engine(cfg, dev)
+        drive = TraceDriver(eng, dev)
+        for _ in range(EXECUTE_WARMUP_STEPS):
+            drive.step()
+        t0, e0 = gpu.now_s, gpu.energy_j
+        for _ in range(steps):
+            drive.step()
+        t1, e1 = gpu.now_s, gpu.energy_j
+        eng.close()
+    return (t1 - t0) / steps, (e1 - e0) / steps
+
+
+def execute(trace: Trace, clocks_by_name: Mapping[str, Optional[ClockPair]], *, seed: int = 0, noise: bool = True,
+            latency_ms: float = DEFAULT_SWITCH_LATENCY_MS, issue_ahead: bool = True, steps: int = EXECUTE_STEPS,
+            model: Optional[H100Model] = None) -> Execution:
+    """Run ``clocks_by_name`` (region -> clocks) through an engine on the trace, beside the default clocks."""
+    kw = dict(seed=seed, noise=noise, latency_ms=latency_ms, issue_ahead=issue_ahead, steps=steps, model=model)
+    t, e = _run_fixed(trace, clocks_by_name, **kw)
+    t_def, e_def = _run_fixed(trace, {}, **kw)
+    return Execution(t, e, t_def, e_def)
+
+
+@dataclass(frozen=True)
+class SeedResult:
+    seed: int
+    energy_change: float
+    time_change: float
+    steps: int
+    exploration_time_change: float
+    applied: bool
+    status: str = ""
+    predicted: Mapping[str, float] = field(default_factory=dict)
+    validated: Mapping[str, float] = field(default_factory=dict)
+    #: the applied plan: knob -> "SM/mem MHz"
+    clocks: Mapping[str, str] = field(default_factory=dict)
+
+    def to_dict(self) -> dict:
+        return {"seed": self.seed, "energy_change": self.energy_change, "time_change": self.time_change,
+                "steps": self.steps, "exploration_time_change": self.exploration_time_change,
+                "applied": self.applied, "status": self.status, "predicted": dict(self.predicted),
+                "validated": dict(self.validated), "clocks": dict(self.clocks)}
+
+
+def run_seed(trace: Trace, seed: int, *, max_steps: int = 1500, max_slowdown: float = 0.0,
+             explore_max_slowdown: float = 0.02, window_steps: int = 10, noise: bool = True,
+             switch_latency_ms: float = DEFAULT_SWITCH_LATENCY_MS, issue_ahead: bool = True,
+             model: Optional[H100Model] = None, execute_steps: int = EXECUTE_STEPS):
+    """One seed of ``mode="auto"`` through the live engine; the applied plan executed beside default.
+
+    Returns (:class:`SeedResult`, the engine's explorer, for its blocks)."""
+    gpu = StretchGPU(trace, seed=seed, noise=noise, switch_latency_ms=switch_latency_ms, model=model,
+                     issue_ahead=issue_ahead)
+    dev = TraceDevice(gpu)
+    with tempfile.TemporaryDirectory() as run_dir:
+        cfg = _config(mode="auto", run_dir=run_dir, max_slowdown=max_slowdown,
+                      explore_max_slowdown=explore_max_slowdown, explore_max_steps=max_steps,
+                      window_steps=window_steps, switch_latency_ms=switch_latency_ms, issue_ahead=issue_ahead,
+                      sim_seed=seed)
+        eng = _engine(cfg, dev)
+        drive = TraceDriver(eng, dev)
+        # a step's records reach the explorer one step late (the meter resolves a step after it ends)
+        limit = cfg.warmup_steps + window_steps + max_steps + 2 * window_steps
+        steps = 0
+        while eng.explore_result is None and steps < limit:
+            drive.step()
+            steps += 1
+        ex = eng.explorer
+        eng.close()
+    res = eng.explore_result if eng.explore_result is not None else (ex.result if ex is not None else None)
+    n = int(res.steps) if res is not None else max(0, steps - cfg.warmup_steps)
+    expl = float(res.exploration_time_change) if res is not None else (ex.exploration_time_change if ex else 0.0)
+    applied = res is not None and res.status == "applied" and any(v is not None for v in res.clocks_by_name.values())
+    de = dt = 0.0
+    if applied:
+        exe = execute(trace, res.clocks_by_name, seed=seed, noise=noise, latency_ms=switch_latency_ms,
+                      issue_ahead=issue_ahead, steps=execute_steps, model=model)
+        de, dt = exe.energy_change, exe.time_change
+    clocks = {k: str(v) for k, v in res.clocks_by_name.items() if v is not None} if applied else {}
+    return SeedResult(seed, float(de), float(dt), n, expl, bool(applied), res.status if res else "unfinished",
+                      dict(res.predicted) if res else {}, dict(res.validated) if res else {}, clocks), ex
+
+
+def oracle(trace: Trace, *, max_slowdown: float, switch_latency_ms: float, issue_ahead: bool = True):
+    """The planner given the true model (noise-free tables, fitted to the power controller), with
+    the actuation the explorer's plan gets: kernel granularity (finer than the explorer's knobs,
+    so never easier to reach), the live actuator's floor between changes, issued ahead or late.
+    The cost of a switch is :func:`kdvfs_plugins.switching.switch_model`'s, as the explorer's."""
+    from ..switching import ISSUE_AHEAD_MIN_INTERVAL_MS
+    from .planning import plan_on_trace
+
+    objective = "strict" if max_slowdown == 0 else "relaxed"
+    return plan_on_trace(trace, objective=objective, max_slowdown=max_slowdown, switch_latency_ms=switch_latency_ms,
+                         issue_ahead=issue_ahead, min_interval_ms=ISSUE_AHEAD_MIN_INTERVAL_MS)
+
+
+def _stats(values: Sequence[float]) -> Optional[dict]:
+    if not len(values):
+        return None
+    v = np.array(values, dtype=float)
+    return {"min": float(v.min()), "median": float(np.median(v)), "max": float(v.max())}
+
+
+def explore_report(trace_name: str = "gpt1b", seeds: Sequence[int] = range(5), *, max_steps: int = 1500,
+                   max_slowdown: float = 0.0, explore_max_slowdown: float = 0.02, noise: bool = True,
+                   switch_latency_ms: float = DEFAULT_SWITCH_LATENCY_MS, issue_ahead: bool = True,
+                   progress=None) -> dict:
+    """Explore on each seed through the live engine; compare the applied plans with the oracle's."""
+    trace = Trace.load(trace_name)
+    t0 = _time.perf_counter()
+    orc = oracle(trace, max_slowdown=max_slowdown, switch_latency_ms=switch_latency_ms, issue_ahead=issue_ahead)
+    orc_clocks = {k: v for k, v in orc.clocks_by_name.items() if v is not None}
+    rows, orc_e, orc_t = [], [], []
+    for seed in seeds:
+        rows.append(run_seed(trace, seed, max_steps=max_steps, max_slowdown=max_slowdown,
+                             explore_max_slowdown=explore_max_slowdown, noise=noise,
+                             switch_latency_ms=switch_latency_ms, issue_ahead=issue_ahead)[0])
+        if orc_clocks:
+            ex = execute(trace, orc_clocks, seed=seed, noise=noise, latency_ms=switch_latency_ms,
+                         issue_ahead=issue_ahead)
+            orc_e.append(ex.energy_change)
+            orc_t.append(ex.time_change)
+        else:
+            orc_e.append(0.0)
+            orc_t.append(0.0)
+        if progress is not None:
+            progress(1)
+    oe, ot = float(np.median(orc_e)), float(np.median(orc_t))
+    share = [(r.energy_change / oe) if oe < 0 else None for r in rows]
+    shares = [s for s in share if s is not None]
+    return {
+        "model_prediction": True,
+        "path": "live engine, explorer and meter on a trace-replaying simulated H100",
+        "trace": trace.source,
+        "max_slowdown": max_slowdown,
+        "explore_max_slowdown": explore_max_slowdown,
+        "explore_max_steps": max_steps,
+        "switch_latency_ms": switch_latency_ms,
+        "issue_ahead": issue_ahead,
+        "noise": noise,
+        "power_reading": "instant field (100 ms), integrated and anchored to the counter",
+        "oracle_energy_change": oe,
+        "oracle_time_change": ot,
+        "oracle_clocks": {k: str(v) for k, v in orc_clocks.items()},
+        "seeds": [{**r.to_dict(), "share_of_oracle_saving": s} for r, s in zip(rows, share)],
+        "summary": {
+            "energy_change": _stats([r.energy_change for r in rows]),
+            "time_change": _stats([r.time_change for r in rows]),
+            "steps": _stats([r.steps for r in rows]),
+            "exploration_time_change": _stats([r.exploration_time_change for r in rows]),
+            "share_of_oracle_saving": _stats(shares),
+        },
+        "cpu_s": _time.perf_counter() - t0,
+    }
+
+
+def format_report(out: dict) -> str:
+    lines = [f"model prediction (simulated H100): online exploration through the live engine vs the oracle plan",
+             f"  trace {out['trace']}, switch latency {out['switch_latency_ms']:g} ms",
+             f"  oracle: energy {out['oracle_energy_change']:+.2%}, time {out['oracle_time_change']:+.2%}"]
+    for r in out["seeds"]:
+        what = f"applied after {r['steps']} steps" if r["applied"] else f"no plan ({r['status']}) after {r['steps']} steps"
+        lines.append(f"  seed {r['seed']}: energy {r['energy_change']:+.2%}, time {r['time_change']:+.2%}, "
+                     f"{what}, exploration slowdown {r['exploration_time_change']:+.2%}")
+    return "\n".join(lines)
+
+
+def run_command(args) -> int:
+    """``kdvfs simulate --explore``."""
+    from ..errors import ConfigError
+
+    if args.seeds < 1:
+        raise ConfigError("--seeds", args.seeds, "at least 1", source="kdvfs simulate --explore")
+    if getattr(args, "lanes", 1) != 1:
+        raise ConfigError("--lanes", args.lanes, "1 (replicas exploring together run under a training framework; "
+                          "see docs/distributed.md)", source="kdvfs simulate --explore")
+    from ..commands.simulate import _latency
+    from ..progress import progress
+
+    with progress(args.seeds, "exploring seeds") as bar:
+        out = explore_report(args.trace, range(args.seeds), max_steps=args.explore_max_steps,
+                             max_slowdown=args.explore_plan_slowdown, explore_max_slowdown=args.explore_max_slowdown,
+                             noise=not args.no_noise, switch_latency_ms=_latency(args), progress=bar.update)
+    print(json.dumps(out, indent=1) if args.json else format_report(out))
+    return 0
