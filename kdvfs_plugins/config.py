@@ -198,7 +198,7 @@ def _number(lo, hi, integer=False, optional=False):
             num = int(value) if integer else float(value)
             if integer and float(value) != num:
                 raise ValueError
-        except (TypeError, ValueError):
+        except (TypeError, ValueError, OverflowError):  # OverflowError: inf, 1e400
             raise ConfigError(key, value, f"allowed: {kind} in [{lo}, {hi}]", source) from None
         if not lo <= num <= hi:
             raise ConfigError(key, value, f"allowed: {kind} in [{lo}, {hi}]", source)
@@ -223,11 +223,29 @@ def _region_clocks(key, value, source):
         raise ConfigError(key, value, "allowed: a mapping region -> {'sm_mhz': N, 'mem_mhz': M}", source)
     out = {}
     for region, clocks in value.items():
-        try:
-            out[str(region)] = ClockPair.from_obj(clocks)
-        except (ValueError, TypeError) as exc:
-            raise ConfigError(f"{key}[{region!r}]", clocks, str(exc), source) from None
+        where = f"{key}[{region!r}]"
+        if not isinstance(region, str) or not region.partition("/")[0]:
+            raise ConfigError(key, region, "region names are 'phase' or 'phase/group', e.g. 'forward'", source)
+        if isinstance(clocks, ClockPair):
+            sm, mem = clocks.sm_mhz, clocks.mem_mhz
+        elif isinstance(clocks, Mapping) and set(clocks) == {"sm_mhz", "mem_mhz"}:
+            sm, mem = clocks["sm_mhz"], clocks["mem_mhz"]
+        elif isinstance(clocks, (list, tuple)) and len(clocks) == 2:
+            sm, mem = clocks
+        else:
+            raise ConfigError(where, clocks, f"{clocks!r:.60} is not a clock pair; write {{'sm_mhz': N, 'mem_mhz': M}} "
+                                             "or [N, M]", source)
+        # Whole MHz only: 1500.9 used to become 1500 without a word.
+        out[region] = ClockPair(_clock_mhz(where, "sm_mhz", sm, source), _clock_mhz(where, "mem_mhz", mem, source))
     return out
+
+
+def _clock_mhz(where, name, value, source) -> int:
+    try:
+        return _number(1, 100000, integer=True)(where, value, source)
+    except ConfigError:
+        raise ConfigError(where, value, f"{name} {value!r:.40} is not a whole number of MHz (an integer from 1 "
+                                        "to 100000, such as 1410)", source) from None
 
 
 def _module_depth(key, value, source):

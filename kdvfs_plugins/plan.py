@@ -5,8 +5,10 @@ GPU, or with a clock that GPU does not support, is a :class:`~kdvfs_plugins.erro
 """
 from __future__ import annotations
 
+import difflib
 import hashlib
 import json
+import math
 import os
 import time
 from dataclasses import dataclass, field
@@ -95,33 +97,41 @@ class Plan:
 
     @classmethod
     def from_dict(cls, d: Mapping, where: str = "plan") -> "Plan":
-        try:
-            version = d.get("schema_version")
-            if version != SCHEMA_VERSION:
-                raise PlanError(f"{where}: schema_version {version!r} is not {SCHEMA_VERSION}; re-create the plan")
-            granularity = d.get("granularity", "kernel")
-            if granularity not in GRANULARITIES:
-                raise PlanError(f"{where}: granularity {granularity!r} is not one of {', '.join(GRANULARITIES)}")
-            regions = {}
-            for name, c in d["regions"].items():
-                Region.parse(name)
-                regions[name] = None if c is None else ClockPair.from_obj(c)
-            return cls(
-                device_name=d["device"]["name"],
-                clock_table=ClockTable.from_dict(d["device"]["clocks"]),
-                regions=regions,
-                granularity=granularity,
-                objective=d.get("objective", "strict"),
-                max_slowdown=float(d.get("max_slowdown", 0.0)),
-                key=dict(d.get("key", {})),
-                predicted=dict(d.get("predicted", {})),
-                source=d.get("source", "manual"),
-                created_s=float(d.get("created_s", 0.0)),
-            )
-        except PlanError:
-            raise
-        except (KeyError, TypeError, ValueError) as exc:
-            raise PlanError(f"{where} is malformed ({type(exc).__name__}: {exc}); see docs/plans.md for the format") from None
+        """Validate every field by type before use: a malformed plan is a PlanError naming the
+        field, never an AttributeError, an OverflowError or a silently truncated clock."""
+        if not isinstance(d, Mapping):
+            raise PlanError(f"{where} is malformed: its top level is {_kind(d)}, not a JSON object; "
+                            "see docs/plans.md for the format")
+        version = d.get("schema_version")
+        if type(version) is not int or version != SCHEMA_VERSION:
+            raise PlanError(f"{where}: schema_version {version!r} is not {SCHEMA_VERSION}; re-create the plan")
+        granularity = d.get("granularity", "kernel")
+        if not isinstance(granularity, str) or granularity not in GRANULARITIES:
+            raise PlanError(f"{where}: granularity {granularity!r} is not one of {', '.join(GRANULARITIES)}")
+        device = _field_obj(d, "device", where)
+        name = device.get("name")
+        if not isinstance(name, str):
+            raise _malformed(where, "device.name", "the GPU model's name as a string", name)
+        clocks = _field_obj(device, "clocks", where, "device.")
+        regions = {}
+        for region, c in _field_obj(d, "regions", where).items():
+            try:
+                Region.parse(region)
+            except (ValueError, AttributeError, TypeError):
+                raise _malformed(where, f"regions[{region!r}]", "a region name, 'phase' or 'phase/group'", region) from None
+            regions[region] = None if c is None else _clock_pair(c, f"regions[{region!r}]", where)
+        return cls(
+            device_name=name,
+            clock_table=_clock_table(clocks, where),
+            regions=regions,
+            granularity=granularity,
+            objective=_field_str(d, "objective", "strict", where),
+            max_slowdown=_field_number(d, "max_slowdown", 0.0, where, 0.0, 1.0),
+            key={str(k): v for k, v in _field_obj(d, "key", where, default={}).items()},
+            predicted={str(k): v for k, v in _field_obj(d, "predicted", where, default={}).items()},
+            source=_field_str(d, "source", "manual", where),
+            created_s=_field_number(d, "created_s", 0.0, where, 0.0, 1e12),
+        )
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> "Plan":
@@ -130,9 +140,122 @@ class Plan:
             raw = json.loads(path.read_text())
         except FileNotFoundError:
             raise PlanError(f"plan file {path} does not exist; run with mode='auto' first, or fix plan_path") from None
-        except ValueError as exc:
-            raise PlanError(f"plan file {path} is not valid JSON: {exc}") from None
+        except OSError as exc:
+            raise PlanError(f"plan file {path} cannot be read ({exc.strerror or exc}); fix plan_path") from None
+        except (ValueError, RecursionError) as exc:
+            raise PlanError(f"plan file {path} is not valid JSON: {type(exc).__name__}: {str(exc)[:200]}") from None
         return cls.from_dict(raw, where=f"plan file {path}")
+
+
+# ---------------------------------------------------------------------- field checks
+def _kind(value) -> str:
+    return {list: "a list", type(None): "null", str: "a string", bool: "a boolean", int: "a number",
+            float: "a number"}.get(type(value), type(value).__name__)
+
+
+def _malformed(where: str, field: str, want: str, value) -> PlanError:
+    shown = repr(value)
+    shown = shown if len(shown) <= 60 else shown[:57] + "..."
+    return PlanError(f"{where} is malformed: {field} must be {want}, not {shown}; see docs/plans.md for the format")
+
+
+_MISSING = object()
+
+
+def _field_obj(d: Mapping, name: str, where: str, prefix: str = "", default=_MISSING) -> Mapping:
+    value = d.get(name, default)
+    if value is _MISSING:
+        raise PlanError(f"{where} is malformed: {prefix}{name} is missing; see docs/plans.md for the format")
+    if not isinstance(value, Mapping):
+        raise _malformed(where, prefix + name, "a JSON object", value)
+    return value
+
+
+def _field_str(d: Mapping, name: str, default: str, where: str) -> str:
+    value = d.get(name, default)
+    if not isinstance(value, str):
+        raise _malformed(where, name, "a string", value)
+    return value
+
+
+def _field_number(d: Mapping, name: str, default: float, where: str, lo: float, hi: float) -> float:
+    value = d.get(name, default)
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or not lo <= value <= hi:
+        raise _malformed(where, name, f"a number from {lo:g} to {hi:g}", value)
+    return float(value)
+
+
+def _mhz(value, field: str, where: str) -> int:
+    """A clock in whole MHz: an integer, never a float or a string that would be truncated."""
+    if type(value) is not int:
+        raise _malformed(where, field, "a whole number of MHz (an integer such as 1410)", value)
+    if not 0 < value < 100_000:
+        raise _malformed(where, field, "a clock from 1 to 99999 MHz", value)
+    return value
+
+
+def _clock_pair(c, field: str, where: str) -> ClockPair:
+    if isinstance(c, Mapping) and set(c) == {"sm_mhz", "mem_mhz"}:
+        return ClockPair(_mhz(c["sm_mhz"], f"{field}.sm_mhz", where), _mhz(c["mem_mhz"], f"{field}.mem_mhz", where))
+    if isinstance(c, list) and len(c) == 2:
+        return ClockPair(_mhz(c[0], f"{field}[0]", where), _mhz(c[1], f"{field}[1]", where))
+    raise _malformed(where, field, '{"sm_mhz": N, "mem_mhz": M}, [N, M] or null', c)
+
+
+def _clock_table(d: Mapping, where: str) -> ClockTable:
+    mem = d.get("mem_mhz")
+    if not isinstance(mem, list) or not mem:
+        raise _malformed(where, "device.clocks.mem_mhz", "a list of memory clocks", mem)
+    mem_mhz = tuple(_mhz(m, f"device.clocks.mem_mhz[{i}]", where) for i, m in enumerate(mem))
+    by_mem = {}
+    for m, sm in _field_obj(d, "sm_mhz_by_mem", where, "device.clocks.").items():
+        field = f"device.clocks.sm_mhz_by_mem[{m!r}]"
+        if not (isinstance(m, str) and m.isascii() and m.isdigit()) or int(m) not in mem_mhz:
+            raise _malformed(where, field, f"keyed by one of the memory clocks {list(mem_mhz)}", m)
+        if not isinstance(sm, list) or not sm:
+            raise _malformed(where, field, "a list of SM clocks", sm)
+        by_mem[int(m)] = tuple(_mhz(c, f"{field}[{i}]", where) for i, c in enumerate(sm))
+    missing = [m for m in mem_mhz if m not in by_mem]
+    if missing:
+        raise PlanError(f"{where} is malformed: device.clocks.sm_mhz_by_mem has no SM clocks for memory at "
+                        f"{missing[0]} MHz; see docs/plans.md for the format")
+    return ClockTable(mem_mhz, by_mem, _clock_pair(d.get("default"), "device.clocks.default", where))
+
+
+class UnmatchedRegionKeys:
+    """Names the ``region_clocks`` keys that match no region of the run, once the regions are
+    known: after a few profiled steps (module hooks arrive with the first), with a did-you-mean.
+
+    A key matches a region of that name, or (a phase, without ``/``) any region of that phase.
+    """
+
+    def __init__(self, keys, profiled_steps: int = 3):
+        self.left = {k for k in keys if k != STEP}
+        self.seen_regions: set = set()
+        self.steps_left = profiled_steps
+        self.done = not self.left
+
+    def seen(self, regions) -> Optional[str]:
+        """Regions of one profiled step; returns the warning once, when it is due."""
+        if self.done:
+            return None
+        names = {str(r) for r in regions}
+        self.seen_regions |= names
+        phases = {n.partition("/")[0] for n in names}
+        self.left = {k for k in self.left if not (k in names or ("/" not in k and k in phases))}
+        self.steps_left -= 1
+        if self.left and self.steps_left > 0:
+            return None
+        self.done = True
+        if not self.left:
+            return None
+        known = sorted(self.seen_regions | {n.partition("/")[0] for n in self.seen_regions})
+        parts = []
+        for k in sorted(self.left):
+            close = difflib.get_close_matches(k, known, n=1)
+            parts.append(f"{k!r}" + (f" (did you mean {close[0]!r}?)" if close else ""))
+        return (f"region_clocks: {', '.join(parts)} match{'es' if len(parts) == 1 else ''} no region of this run, "
+                f"so {'it is' if len(parts) == 1 else 'they are'} never used; regions seen: {', '.join(known)}")
 
 
 #: Human names of the plan key's fields, for error messages.
