@@ -145,3 +145,24 @@ def test_cuda_markers_sleep_while_they_wait_and_events_are_reused():
     assert pool().event is markers[0].event and len(made) == 3
     spinning = CudaMarkerPool(SimpleNamespace(cuda=SimpleNamespace(Event=Event)), prewarm=1, blocking=False)
     assert made[-1].kwargs["blocking"] is False and spinning().event is made[-1]
+
+
+def test_power_is_read_from_the_instant_field_where_the_gpu_has_it(fake):
+    dev = open_dev(fake)
+    assert dev.power_source == "instant"
+    assert dev.power_mw() == 612_000                 # the field, not power usage (500 W in the fake)
+
+
+def test_power_falls_back_to_power_usage_without_the_instant_field(fake):
+    fake.has_power_instant = False
+    dev = open_dev(fake)
+    assert dev.power_source == "usage"
+    assert dev.power_mw() == 500_000
+
+
+def test_kdvfs_info_says_which_power_reading_it_uses(fake):
+    from kdvfs_plugins.commands.info import collect, format_text
+
+    info = collect(nvml=fake)
+    assert info["gpus"][0]["power_reading"] == "instant"
+    assert "power read from: the instant field" in format_text(info)

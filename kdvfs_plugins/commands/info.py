@@ -49,6 +49,7 @@ def _gpu(nvml, index: int) -> dict:
                 str(m): _sm_summary(info.clocks.sm_mhz_by_mem[m]) for m in info.clocks.mem_mhz
             },
             "power_limit_w": info.power_limit_w,
+            "power_reading": dev.power_source,
         }
         try:
             now = dev.current_clocks()
@@ -118,6 +119,9 @@ def format_text(info: dict) -> str:
             lines.append(f"  current clocks: {cur['sm_mhz']}/{cur['mem_mhz']} MHz (SM/memory)" if cur
                          else f"  current clocks: unknown ({g.get('current_clocks_error')})")
             lines.append(f"  power limit: {g['power_limit_w']:.0f} W")
+            if g.get("power_reading"):
+                lines.append("  power read from: " + ("the instant field (100 ms average)" if g["power_reading"] == "instant"
+                                                       else "power usage (a ~1 s running average on the H100)"))
     cw = info["clock_writes"]
     state = "permitted" if cw["permitted"] else "not permitted" if info["nvml_available"] else "none possible"
     lines.append(f"clock writes: {state} ({cw['why']})")

@@ -211,6 +211,17 @@ class FakeNvml:
     def nvmlDeviceGetPowerUsage(self, h):
         return 500_000
 
+    #: Set False to stand for a GPU or driver without the instant power field.
+    has_power_instant = True
+    NVML_FI_DEV_POWER_INSTANT = 186
+
+    def nvmlDeviceGetFieldValues(self, h, fields):
+        from types import SimpleNamespace
+
+        if not self.has_power_instant:
+            return [SimpleNamespace(nvmlReturn=3, valueType=1, value=SimpleNamespace(uiVal=0)) for _ in fields]
+        return [SimpleNamespace(nvmlReturn=0, valueType=1, value=SimpleNamespace(uiVal=612_000)) for _ in fields]
+
     def _write(self, h, key, value):
         self.calls.append((key, h, value))
         with self._state(write=True) as s:
