@@ -59,7 +59,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from kdvfs_plugins.engine import format_region_table
-from overhead_stats import (format_long_run_estimate, format_long_session,  # next to this script
+from overhead_stats import (cpu_caveat, format_long_run_estimate, format_long_session,  # next to this script
                             format_step_quantiles, format_summary, long_run_estimate, long_session_figures,
                             rotated_arm, step_quantiles, summarise)
 from rank_gpu import describe_gpu, gpu_identity  # benchmarks/rank_gpu.py, next to this script
@@ -405,7 +405,8 @@ def main() -> None:
         of = "" if per_step else " (median of the blocks' means)"
         print(f"median step time with kdvfs    {on_ms:10.3f} ms{of}")
         print(f"median step time without kdvfs {off_ms:10.3f} ms{of}")
-        print(f"overhead                       {result['overhead_pct']:+10.3f} %")
+        print(f"overhead                       {result['overhead_pct']:+10.3f} %"
+              + cpu_caveat(result["accelerator"] == "cpu"))
         print(format_summary(stats))
         if result["step_quantiles"]:
             print(format_step_quantiles(result["step_quantiles"]))

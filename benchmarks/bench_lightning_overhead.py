@@ -37,7 +37,7 @@ except ImportError:
 from kdvfs_lightning import KernelDVFS
 from kdvfs_lightning.demo import GPT_350M, RandomTokens, TinyGPT
 from kdvfs_plugins.engine import format_region_table
-from overhead_stats import (abba_arm, format_long_run_estimate, format_long_session,  # next to this script
+from overhead_stats import (abba_arm, cpu_caveat, format_long_run_estimate, format_long_session,  # next to this script
                             format_summary, long_run_estimate, long_session_figures, summarise)
 from rank_gpu import describe_gpu, gpu_identity  # benchmarks/rank_gpu.py, next to this script
 
@@ -253,7 +253,7 @@ def main(argv=None) -> None:
     if rank == 0:
         say(f"\nmedian step time without kdvfs: {med_without * 1e3:.2f} ms")
         say(f"median step time with kdvfs:    {med_with * 1e3:.2f} ms")
-        say(f"overhead: {overhead * 100:+.2f}%")
+        say(f"overhead: {overhead * 100:+.2f}%{cpu_caveat(not torch.cuda.is_available())}")
         stats = summarise([x * 1e3 for x in with_s], [x * 1e3 for x in without_s], blocks_ms, arms)
         say(format_summary(stats))
         estimate = (long_run_estimate(stats, mine["continuous"], profiled_timed)

@@ -267,6 +267,7 @@ def main(argv=None) -> int:
     import torch
 
     import kdvfs_megatron
+    from overhead_stats import cpu_caveat  # next to this script (here, not at the top: tests load this file alone)
 
     if not args.tiny and not torch.cuda.is_available():
         raise SystemExit("no CUDA device: run on a GPU machine, or pass --tiny for a CPU check")
@@ -282,7 +283,8 @@ def main(argv=None) -> int:
           f"(p10-p90 {s['p10_p90_ms_without'][0]:.3f}-{s['p10_p90_ms_without'][1]:.3f})")
     print(f"median step time with kdvfs:    {s['median_step_ms_with']:.3f} ms "
           f"(p10-p90 {s['p10_p90_ms_with'][0]:.3f}-{s['p10_p90_ms_with'][1]:.3f})")
-    print(f"overhead: {s['overhead_pct']:+.2f} %   (kdvfs CPU time at boundaries: {s['kdvfs_cpu_ms_per_step']:.3f} ms/step)")
+    print(f"overhead: {s['overhead_pct']:+.2f} %   (kdvfs CPU time at boundaries: {s['kdvfs_cpu_ms_per_step']:.3f} ms/step)"
+          + cpu_caveat(args.tiny))  # --tiny runs on the CPU (gloo, no CUDA)
     return 0
 
 

@@ -16,6 +16,16 @@ import statistics
 from typing import Optional, Sequence
 
 
+#: Said beside every overhead figure of a run on the CPU: the CPU's step and kdvfs's share of it
+#: are nothing like a GPU's, so the figure only shows that the benchmark runs.
+CPU_CAVEAT = "(CPU smoke run: this figure says nothing about kdvfs's overhead on a GPU)"
+
+
+def cpu_caveat(on_cpu: bool) -> str:
+    """``"  " + CPU_CAVEAT`` for a run on the CPU, else nothing: to append to an overhead line."""
+    return f"  {CPU_CAVEAT}" if on_cpu else ""
+
+
 def round_order(rnd: int, names: Sequence) -> list:
     """The order of round ``rnd``, one block per arm: the last round's order turned right by one.
     A round starts with the arm the last one ended with (adjacent blocks of the same arm show the

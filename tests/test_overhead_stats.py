@@ -99,3 +99,23 @@ def test_step_quantiles_tell_a_fixed_cost_from_one_that_grows_with_host_hiccups(
     assert abs(grown[0.1] - 0.2) < 0.1 and grown[0.9] > 3.0
     text = format_step_quantiles(fixed)
     assert text.startswith("step-time quantiles, with / without kdvfs: p10 ") and "; p90 " in text
+
+
+def test_a_cpu_run_labels_its_overhead_as_saying_nothing_about_a_gpu():
+    from overhead_stats import CPU_CAVEAT, cpu_caveat
+
+    assert cpu_caveat(False) == ""
+    assert cpu_caveat(True) == f"  {CPU_CAVEAT}" and "says nothing about kdvfs's overhead on a GPU" in CPU_CAVEAT
+
+
+@pytest.mark.slow
+def test_megatron_cpu_smoke_run_prints_the_label_beside_the_figure():
+    pytest.importorskip("megatron.core")
+    import subprocess
+
+    bench = Path(__file__).resolve().parents[1] / "benchmarks" / "bench_megatron_overhead.py"
+    out = subprocess.run([sys.executable, str(bench), "--tiny", "--steps", "8", "--kernel-dvfs", "--kernel-dvfs-mode",
+                          "observe", "--kernel-dvfs-device", "simulated"], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    line = next(x for x in out.stdout.splitlines() if x.startswith("overhead:"))
+    assert line.endswith("(CPU smoke run: this figure says nothing about kdvfs's overhead on a GPU)")
