@@ -84,9 +84,10 @@ def test_the_energy_regression_recovers_the_clock_responses():
     world = World(seed=1)
     ex = drive(world, settings(), 1300)
     assert ex.result is not None
-    tab = ex._time_table()
-    coef, fd = ex._fit_energy(tab)
-    T, E = ex._tables(tab, coef, fd)
+    samples = ex._samples()
+    tab = ex._model.time_table(samples)
+    T = ex._model.time_grid(tab)
+    E = ex._model.energy_grid(ex._model.fit_energy(samples, tab), T)
     # the differences between states are what the plan uses: compare them with the truth
     errs = []
     for j, k in enumerate(ex.knobs):
@@ -113,11 +114,10 @@ def test_explore_mode_writes_but_does_not_apply():
 
 @pytest.mark.parametrize("optimizer_saves_j, kept", [(0.1, False), (0.5, True)])
 def test_a_lock_that_pays_less_than_the_fit_resolves_goes_back_to_default(optimizer_saves_j, kept):
+    from kdvfs_plugins.explore_plan import MIN_PREDICTED_SAVING, drop_unproven_locks
     from kdvfs_plugins.planner import PlanningProblem, SwitchModel, plan
 
-    ex = Explorer(settings())
-    ex.knobs = ("forward", "optimizer")
-    ex._default_step_energy = lambda: 100.0  # the floor: 0.2% of it, 0.2 J
+    floor_j = MIN_PREDICTED_SAVING * 100.0  # 0.2% of a 100 J step
     lock = ClockPair(1200, 2619)
     # forward's lock saves 5 J, the optimizer's saves optimizer_saves_j; neither costs time
     problem = PlanningProblem(("forward", "optimizer"), np.array([[0.08, 0.08], [0.02, 0.02]]),
@@ -126,7 +126,7 @@ def test_a_lock_that_pays_less_than_the_fit_resolves_goes_back_to_default(optimi
               exact_limit=1000)
     best = plan(problem, **kw)
     assert best.clocks_by_name == {"forward": lock, "optimizer": lock}
-    chosen = ex._drop_unproven_locks(problem, best, kw)
+    chosen = drop_unproven_locks(problem, best, kw, ("forward", "optimizer"), floor_j)
     assert chosen.clocks_by_name["forward"] == lock
     assert (chosen.clocks_by_name["optimizer"] == lock) is kept
 
@@ -202,7 +202,7 @@ def test_a_baseline_slowed_by_its_own_instrumentation_gives_way_to_the_default_b
     step = 0
     while len(ex.blocks) < 6 and not ex.done:
         ex.begin_step(step)
-        b = ex._find_block(step, 0)
+        b = ex.schedule.find(step, 0)
         ex.observe_step(step, 110.0 if b.kind == "baseline" else 100.0, {"forward": 60.0, "optimizer": 40.0})
         step += 1
     assert [b.kind for b in ex.blocks][:2] == ["baseline", "default"]
