@@ -27,6 +27,10 @@ scalars = (st.none() | st.booleans() | st.integers(min_value=-2**70, max_value=2
            | st.floats(allow_nan=True, allow_infinity=True) | st.text(max_size=12))
 json_values = st.recursive(scalars, lambda c: st.lists(c, max_size=4) | st.dictionaries(st.text(max_size=8), c, max_size=4),
                            max_leaves=12)
+#: Values that broke parsers before (OverflowError, truncation, NUL bytes), drawn often.
+edges = st.sampled_from([float("inf"), float("-inf"), float("nan"), 1e308, 2**64, -1, 0, 1905.9, "1905", "", "\x00",
+                         "1e400", "inf", [], {}, None, True, [1500.9, 1593.7], {"sm_mhz": 1e400, "mem_mhz": 2619}])
+values = edges | json_values
 
 
 # ---------------------------------------------------------------------- kdvfsd protocol
@@ -80,7 +84,7 @@ PLAN_PATHS = [p for p in _paths(valid_plan()) if p]
 
 
 @FUZZ
-@given(changes=st.lists(st.tuples(st.sampled_from(PLAN_PATHS), json_values), min_size=1, max_size=3))
+@given(changes=st.lists(st.tuples(st.sampled_from(PLAN_PATHS), values), min_size=1, max_size=3))
 def test_fuzz_plan_fields_raise_only_plan_errors(changes):
     d = copy.deepcopy(valid_plan())
     for path, value in changes:
@@ -110,7 +114,7 @@ def test_fuzz_plan_files_raise_only_plan_errors(tmp_path_factory, raw):
 
 # ---------------------------------------------------------------------- configs
 @FUZZ
-@given(raw=st.dictionaries(st.sampled_from(sorted(_CHECKS)) | st.text(max_size=6), json_values, max_size=4))
+@given(raw=st.dictionaries(st.sampled_from(sorted(_CHECKS)) | st.text(max_size=6), values, max_size=4))
 def test_fuzz_kdvfs_config_raises_only_config_errors(raw):
     try:
         KdvfsConfig.from_dict(raw)
@@ -118,12 +122,22 @@ def test_fuzz_kdvfs_config_raises_only_config_errors(raw):
         pass
 
 
-SERVICE_KEYS = ["socket_path", "socket_mode", "socket_group", "audit_log", "state_dir", "rate_limit", "limits",
-                "restore_clocks", "users", "groups"]
+gpu_lists = st.lists(st.integers(min_value=-2, max_value=3) | st.sampled_from(["*", "GPU-fake", ""]) | edges, max_size=3)
+service_configs = st.fixed_dictionaries({}, optional={
+    "socket_path": values, "socket_mode": st.sampled_from(["0660", "0666", "x", "0o777", 432, -1, 2**40]) | values,
+    "socket_group": values, "audit_log": values, "state_dir": values,
+    "rate_limit": st.fixed_dictionaries({}, optional={"requests_per_s": values, "burst": values}) | values,
+    "limits": st.fixed_dictionaries({}, optional={"connections_per_user": values, "connections": values}) | values,
+    "restore_clocks": st.dictionaries(st.sampled_from(["*", "0", "GPU-x", "\x00", "²"]), values, max_size=2) | values,
+    "users": st.dictionaries(st.sampled_from(["root", "0", "1001", "\x00", "²", "no-such-user-kdvfs"]),
+                             gpu_lists | values, max_size=2) | values,
+    "groups": st.dictionaries(st.sampled_from(["root", "0", "\x00"]), gpu_lists | values, max_size=2) | values,
+    "unknown": values,
+})
 
 
 @FUZZ
-@given(raw=st.dictionaries(st.sampled_from(SERVICE_KEYS) | st.text(max_size=6), json_values, max_size=4))
+@given(raw=service_configs)
 def test_fuzz_kdvfsd_config_raises_only_service_config_errors(raw):
     try:
         config_from_dict(raw, "fuzz")
