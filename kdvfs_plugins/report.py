@@ -17,6 +17,8 @@ import json
 from pathlib import Path
 from typing import Callable, Mapping, Optional, Sequence
 
+from .tables import Table
+
 GRANULARITY_ORDER = ("iteration", "pass", "kernel")
 MODEL_PREDICTION = "model prediction (simulated H100)"
 #: Region band colours of the step timeline, by phase (the first part of a region name).
@@ -282,42 +284,64 @@ def plot_latency_sweep(data: Mapping, path) -> Path:
 # --------------------------------------------------------------------------------------------
 
 
-def format_compare(data: Mapping) -> str:
-    """The compare table as text (fractions shown as %)."""
-    lines = [f"{_label(data)}: planned vs executed, switch latency {data['switch_latency_ms']:g} ms"
+def _pc(x: float) -> str:
+    return f"{100 * x:+.2f}%"
+
+
+def _objective(row: Mapping, data: Mapping) -> str:
+    if row["objective"] != "relaxed":
+        return row["objective"]
+    slowdown = row.get("max_slowdown", data.get("max_slowdown"))
+    return "relaxed" if slowdown is None else f"relaxed {100 * slowdown:g}%"
+
+
+def compare_table(data: Mapping) -> Table:
+    """The compare (planned vs executed, per granularity and objective) as a :class:`Table`."""
+    title = (f"{_label(data)}: planned vs executed, switch latency {data['switch_latency_ms']:g} ms"
              f" ({'issued ahead' if data.get('issue_ahead') else 'at the boundary'}),"
-             f" {'noise seed ' + str(data.get('seed')) if data.get('noise') else 'no noise'}",
-             f"  {'granularity':<10} {'objective':<8} {'plan time':>9} {'plan energy':>11} "
-             f"{'exec time':>9} {'exec energy':>11} {'switches/step':>13}"]
-    for r in data["rows"]:
-        lines.append(f"  {r['granularity']:<10} {r['objective']:<8} {100 * r['planned_time_change']:+8.2f}% "
-                     f"{100 * r['planned_energy_change']:+10.2f}% {100 * r['executed_time_change']:+8.2f}% "
-                     f"{100 * r['executed_energy_change']:+10.2f}% {r['switches_per_step']:13.1f}")
-    return "\n".join(lines)
+             f" {'noise seed ' + str(data.get('seed')) if data.get('noise') else 'no noise'}")
+    rows = [[r["granularity"], _objective(r, data), _pc(r["planned_time_change"]), _pc(r["planned_energy_change"]),
+             _pc(r["executed_time_change"]), _pc(r["executed_energy_change"]), f"{r['switches_per_step']:.1f}"]
+            for r in data["rows"]]
+    return Table(["granularity", "objective", "planned time", "planned energy", "executed time", "executed energy",
+                  "switches/step"], rows, title=title, align="llrrrrr")
 
 
-def format_sweep(data: Mapping) -> str:
-    lines = [f"{_label(data)}: energy saved vs slowdown budget (replayed noise-free)",
-             f"  {'budget':>6} " + " ".join(f"{g + ' time/energy':>24}" for g in GRANULARITY_ORDER)]
+def format_compare(data: Mapping, fmt: str = "text") -> str:
+    """The compare table as text or Markdown (fractions shown as %)."""
+    return compare_table(data).render(fmt)
+
+
+def sweep_table(data: Mapping) -> Table:
+    """Energy saved against the slowdown budget, per granularity, as a :class:`Table`."""
     budgets = sorted({p["max_slowdown"] for p in data["points"]})
+    rows = []
     for b in budgets:
-        cells = []
+        cells = [f"{100 * b:g}%"]
         for g in GRANULARITY_ORDER:
             p = next((p for p in data["points"] if p["granularity"] == g and p["max_slowdown"] == b), None)
-            cells.append(f"{100 * p['executed_time_change']:+10.2f}% {100 * p['executed_energy_change']:+10.2f}%"
-                         if p else f"{'-':>24}")
-        lines.append(f"  {100 * b:5.1f}% " + " ".join(f"{c:>24}" for c in cells))
-    return "\n".join(lines)
+            cells.append(f"{_pc(p['executed_time_change'])} / {_pc(p['executed_energy_change'])}" if p else "-")
+        rows.append(cells)
+    return Table(["budget"] + [f"{g} time / energy" for g in GRANULARITY_ORDER], rows, align="rrrr",
+                 title=f"{_label(data)}: energy saved vs slowdown budget (replayed noise-free)")
 
 
-def format_latency_sweep(data: Mapping) -> str:
-    lines = [f"{_label(data)}: {data.get('objective', 'strict')} saving vs switch latency (replayed noise-free)",
-             f"  {'latency':>8} {'actuation':<10} {'kernel time':>11} {'kernel energy':>13} {'pass energy':>11} {'switches':>8}"]
-    for p in data["points"]:
-        lines.append(f"  {p['switch_latency_ms']:6.1f}ms {p['actuation']:<10} {100 * p['kernel_time_change']:+10.2f}% "
-                     f"{100 * p['kernel_energy_change']:+12.2f}% {100 * p['pass_energy_change']:+10.2f}% "
-                     f"{p['kernel_switches_per_step']:8.0f}")
-    return "\n".join(lines)
+def format_sweep(data: Mapping, fmt: str = "text") -> str:
+    return sweep_table(data).render(fmt)
+
+
+def latency_sweep_table(data: Mapping) -> Table:
+    """The saving at each switch latency, per actuation, as a :class:`Table`."""
+    rows = [[f"{p['switch_latency_ms']:g} ms", p["actuation"], _pc(p["kernel_time_change"]),
+             _pc(p["kernel_energy_change"]), _pc(p["pass_energy_change"]), f"{p['kernel_switches_per_step']:.0f}"]
+            for p in data["points"]]
+    return Table(["latency", "actuation", "kernel time", "kernel energy", "pass energy", "switches"], rows,
+                 align="rlrrrr",
+                 title=f"{_label(data)}: {data.get('objective', 'strict')} saving vs switch latency (replayed noise-free)")
+
+
+def format_latency_sweep(data: Mapping, fmt: str = "text") -> str:
+    return latency_sweep_table(data).render(fmt)
 
 
 # --------------------------------------------------------------------------------------------

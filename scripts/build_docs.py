@@ -2,6 +2,7 @@
 
     python scripts/build_docs.py              # every check; exit 1 on any warning
     python scripts/build_docs.py --no-run     # skip running the Python examples (links, syntax, API page only)
+    python scripts/build_docs.py --update     # write the commands' output into their blocks (below)
 
 Checks, each a warning that fails the build:
 
@@ -11,12 +12,27 @@ Checks, each a warning that fails the build:
 - every ```python block runs, in a fresh interpreter in a temporary directory, unless its first
   line is ``# not run: <why>`` (a sketch; skipped); README blocks are only compiled, as they show
   snippets of a user's own script;
-- docs/api.md is what ``scripts/gen_api_docs.py`` generates from the code now.
+- docs/api.md is what ``scripts/gen_api_docs.py`` generates from the code now;
+- every block that names the command printing it is what that command prints now (below).
+
+Figures and generated tables: a block between two HTML comments (invisible on GitHub) is the
+output of the command the first one names::
+
+    <!-- output of: kdvfs simulate --compare --markdown -->
+    ...the command's output, exactly...
+    <!-- end of output -->
+
+The build runs each command once (however many blocks name it), in a temporary directory, and
+fails when a block differs from its output. ``kdvfs ...`` runs this checkout's ``kdvfs``,
+``python ...`` this interpreter; an argument naming a file of the repository is taken from the
+repository. ``python scripts/build_docs.py --update`` writes the commands' output into the blocks.
 """
 from __future__ import annotations
 
 import argparse
+import difflib
 import re
+import shlex
 import subprocess
 import sys
 import tempfile
@@ -30,6 +46,10 @@ PYTHON_BLOCK = re.compile(r"^```python\n(.*?)^```", re.S | re.M)
 LINK = re.compile(r"(?<!!)\[[^\]]*\]\(([^)\s]+)(?:\s+\"[^\"]*\")?\)")
 HEADING = re.compile(r"^#{1,6}\s+(.*?)\s*#*\s*$", re.M)
 EXAMPLE_TIMEOUT_S = 300
+#: A block of a command's output (see the module doc).
+OUTPUT_BLOCK = re.compile(r"^<!-- output of: (?P<cmd>.+?) -->\n(?P<body>.*?)^<!-- end of output -->[ \t]*$",
+                          re.S | re.M)
+COMMAND_TIMEOUT_S = 600
 
 
 def pages() -> list[Path]:
@@ -130,30 +150,103 @@ def check_python(path: Path, run: bool) -> list[str]:
     return warnings
 
 
+def command_argv(command: str) -> list[str]:
+    """The argv that runs a block's command: ``kdvfs`` and ``python`` from this interpreter, and
+    arguments that name a file of the repository as that file."""
+    argv = shlex.split(command)
+    if not argv:
+        raise ValueError("empty command")
+    head = {"kdvfs": [sys.executable, "-m", "kdvfs_plugins.cli"], "python": [sys.executable]}.get(argv[0], argv[:1])
+    return head + [str(ROOT / a) if not a.startswith("-") and (ROOT / a).is_file() else a for a in argv[1:]]
+
+
+class CommandOutputs:
+    """Each command's output, run once per build however many blocks name it."""
+
+    def __init__(self):
+        self._seen: dict[str, tuple[int, str, str]] = {}
+
+    def __call__(self, command: str) -> tuple[int, str, str]:
+        if command not in self._seen:
+            with tempfile.TemporaryDirectory() as tmp:  # plots and run directories go there, not into the checkout
+                try:
+                    out = subprocess.run(command_argv(command), cwd=tmp, capture_output=True, text=True,
+                                         timeout=COMMAND_TIMEOUT_S)
+                    self._seen[command] = (out.returncode, out.stdout, out.stderr)
+                except subprocess.TimeoutExpired:
+                    self._seen[command] = (-1, "", f"ran past {COMMAND_TIMEOUT_S} s")
+                except (OSError, ValueError) as exc:
+                    self._seen[command] = (-1, "", str(exc))
+        return self._seen[command]
+
+
+def output_blocks(path: Path) -> list[tuple[int, str, str, re.Match]]:
+    """(line number, command, block text, match) of every command-output block of a page."""
+    text = path.read_text(encoding="utf-8")
+    return [(text.count("\n", 0, m.start()) + 1, m.group("cmd").strip(), m.group("body"), m)
+            for m in OUTPUT_BLOCK.finditer(text)]
+
+
+def check_outputs(path: Path, outputs: CommandOutputs, update: bool = False) -> list[str]:
+    """Warnings for blocks that differ from their command's output (with ``update``: rewrite them)."""
+    warnings = []
+    text = path.read_text(encoding="utf-8")
+    new_text, last = [], 0
+    for lineno, command, body, m in output_blocks(path):
+        where = f"{_rel(path)}:{lineno}"
+        rc, stdout, stderr = outputs(command)
+        if rc != 0:
+            last_err = (stderr.strip().splitlines() or ["(no output)"])[-1]
+            warnings.append(f"{where}: `{command}` failed (exit status {rc}): {last_err}")
+            continue
+        want, have = stdout.strip("\n"), body.strip("\n")
+        if want == have:
+            continue
+        if update:
+            new_text += [text[last:m.start("body")], want + "\n"]
+            last = m.end("body")
+            continue
+        diff = [d for d in difflib.unified_diff(have.splitlines(), want.splitlines(), "docs", "output", n=0, lineterm="")
+                if not d.startswith(("---", "+++", "@@"))]
+        shown = "\n    ".join(diff[:12]) + ("\n    ..." if len(diff) > 12 else "")
+        warnings.append(f"{where}: differs from the output of `{command}` (python scripts/build_docs.py --update "
+                        f"writes it; - docs, + output):\n    {shown}")
+    if update and new_text:
+        path.write_text("".join(new_text) + text[last:], encoding="utf-8")
+    return warnings
+
+
 def check_api_page() -> list[str]:
     out = subprocess.run([sys.executable, str(ROOT / "scripts" / "gen_api_docs.py"), "--check"],
                          capture_output=True, text=True, cwd=ROOT)
     return [] if out.returncode == 0 else [f"docs/api.md: {out.stderr.strip().splitlines()[0]}"]
 
 
-def build(run: bool = True) -> list[str]:
+def build(run: bool = True, commands: bool = True, update: bool = False) -> list[str]:
     warnings = []
+    outputs = CommandOutputs()
     for path in pages():
         warnings += check_fences(path) + check_links(path) + check_python(path, run)
+        if commands or update:
+            warnings += check_outputs(path, outputs, update=update)
     return warnings + check_api_page()
 
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--no-run", action="store_true", help="compile the Python examples but do not run them")
+    ap.add_argument("--no-commands", action="store_true",
+                    help="do not run the commands of the command-output blocks (figures, generated tables)")
+    ap.add_argument("--update", action="store_true",
+                    help="write each command's output into its blocks instead of checking them")
     args = ap.parse_args(argv)
-    warnings = build(run=not args.no_run)
+    warnings = build(run=not args.no_run, commands=not args.no_commands, update=args.update)
     for w in warnings:
         print(f"warning: {w}", file=sys.stderr)
     if warnings:
         print(f"docs build failed: {len(warnings)} warning(s)", file=sys.stderr)
         return 1
-    print(f"docs build ok: {len(pages())} pages, links, anchors, examples and docs/api.md checked")
+    print(f"docs build ok: {len(pages())} pages, links, anchors, examples, command outputs and docs/api.md checked")
     return 0
 
 

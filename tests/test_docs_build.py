@@ -5,6 +5,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -59,3 +61,50 @@ def test_slugs_follow_github():
     assert bd.slug("Energy and time per region: default vs planned") == "energy-and-time-per-region-default-vs-planned"
     assert bd.slug("kdvfs_plugins.config") == "kdvfs_pluginsconfig"
     assert bd.slug("A `code` heading") == "a-code-heading"
+
+
+def test_a_block_that_names_its_command_is_checked_against_its_output(tmp_path, monkeypatch):
+    bd = _script("build_docs")
+    monkeypatch.setattr(bd, "ROOT", tmp_path)
+    counter = tmp_path / "runs.txt"
+    command = f"python -c \"open({str(counter)!r}, 'a').write('x'); print('| a | b |'); print('|---|---|'); print('| 1 | 2 |')\""
+    page = tmp_path / "page.md"
+    good = f"# P\n\n<!-- output of: {command} -->\n| a | b |\n|---|---|\n| 1 | 2 |\n<!-- end of output -->\n"
+    page.write_text(good + "\nagain:\n\n" + good.replace("| 1 | 2 |\n<!--", "| 1 | 3 |\n<!--").split("\n", 2)[2])
+    outputs = bd.CommandOutputs()
+    warnings = bd.check_outputs(page, outputs)
+    # the second block differs: one warning naming its line, the command and the differing figure
+    assert len(warnings) == 1 and "page.md:11: differs from the output of" in warnings[0]
+    assert "-| 1 | 3 |" in warnings[0] and "+| 1 | 2 |" in warnings[0]
+    assert counter.read_text() == "x"  # run once for both blocks
+    bd.check_outputs(page, outputs, update=True)
+    assert page.read_text().count("\n| 1 | 2 |\n") == 2 and "| 1 | 3 |" not in page.read_text()
+    assert not bd.check_outputs(page, outputs)
+    page.write_text("<!-- output of: python -c \"raise SystemExit(3)\" -->\nx\n<!-- end of output -->\n")
+    assert "failed (exit status 3)" in bd.check_outputs(page, bd.CommandOutputs())[0]
+
+
+def test_flag_table_of_megatron_md_comes_from_the_parser():
+    bd = _script("build_docs")
+    blocks = bd.output_blocks(ROOT / "docs" / "megatron.md")
+    assert [cmd for _, cmd, _, _ in blocks] == ["python scripts/megatron_flags.py"]
+    assert bd.check_outputs(ROOT / "docs" / "megatron.md", bd.CommandOutputs()) == []
+    # every flag --help lists is in the table
+    import argparse
+
+    from kdvfs_megatron import add_kernel_dvfs_args
+
+    table = blocks[0][2]
+    for action in add_kernel_dvfs_args(argparse.ArgumentParser())._actions:
+        for flag in action.option_strings:
+            if flag.startswith("--kernel-dvfs"):
+                assert f"`{flag}`" in table, flag
+
+
+@pytest.mark.slow
+def test_planner_compare_tables_are_what_the_command_prints():
+    """The compare figures of docs/planner.md: deterministic (seeded noise), and checked here."""
+    bd = _script("build_docs")
+    commands = [cmd for _, cmd, _, _ in bd.output_blocks(ROOT / "docs" / "planner.md")]
+    assert "kdvfs simulate --compare --markdown" in commands
+    assert bd.check_outputs(ROOT / "docs" / "planner.md", bd.CommandOutputs()) == []

@@ -41,7 +41,10 @@ _CHOICES = {
     "device": _config.DEVICES,
     "granularity": _config.GRANULARITIES,
     "objective": _config.OBJECTIVES,
+    "power_readings": _config.POWER_READINGS,
 }
+#: Value names of the fields typed ``Any`` ("auto" or a number or a bool), for --help and the docs.
+_LOOSE_METAVARS = {"module_depth": "{auto,INT}", "progress": "{auto,true,false}"}
 #: Help for the flags users reach for first; the others get a generated line.
 _HELP = {
     "mode": "observe: measure only; explore: measure clock responses; apply: use a stored plan; "
@@ -125,7 +128,7 @@ def _flag_spec(f: dataclasses.Field, tp: Any) -> dict:
     elif base is str:
         kw.update(type=str, metavar="{" + ",".join(choices) + "}" if choices else _unit_metavar(f.name, "STR"))
     else:
-        kw.update(type=_to_loose, metavar="VALUE")
+        kw.update(type=_to_loose, metavar=_LOOSE_METAVARS.get(f.name, "VALUE"))
     default = f.default if f.default is not dataclasses.MISSING else None
     if f.default_factory is not dataclasses.MISSING:  # type: ignore[misc]
         default = "per-user state directory" if f.name == "state_dir" else f.default_factory()  # type: ignore[misc]
@@ -136,7 +139,8 @@ def _flag_spec(f: dataclasses.Field, tp: Any) -> dict:
 
 
 def _unit_metavar(name: str, fallback: str) -> str:
-    for suffix, metavar in (("_mhz", "MHZ"), ("_ms", "MS"), ("_steps", "STEPS"), ("_path", "PATH"), ("_dir", "DIR")):
+    for suffix, metavar in (("_mhz", "MHZ"), ("_ms", "MS"), ("_steps", "STEPS"), ("_path", "PATH"), ("_dir", "DIR"),
+                            ("_socket", "PATH")):
         if name.endswith(suffix):
             return metavar
     return fallback
@@ -164,6 +168,35 @@ def add_kernel_dvfs_args(parser: argparse.ArgumentParser) -> argparse.ArgumentPa
         # A short alias goes first so that usage lines and messages show it.
         group.add_argument(*_ALIASES.get(f.name, ()), flag_name(f.name), **_flag_spec(f, tp))
     return parser
+
+
+def flags_table():
+    """The flags as the parser defines them, one row each: the flag (and its aliases), its value,
+    its default and the schema key. docs/megatron.md shows this table (``python
+    scripts/megatron_flags.py`` prints it; ``scripts/build_docs.py`` checks that it matches)."""
+    from kdvfs_plugins.tables import Table
+
+    group = next(g for g in add_kernel_dvfs_args(argparse.ArgumentParser()).\
+                 _action_groups if g.title == "kernel-dvfs")  # noqa: SLF001 - argparse keeps groups there
+    rows = []
+    for action in group._group_actions:  # noqa: SLF001
+        flags = sorted(action.option_strings, key=lambda f: (f != flag_name(action.dest[len(DEST_PREFIX):]), f))
+        shown = f"`{flags[0]}`" + (f" (also {', '.join(f'`{f}`' for f in flags[1:])})" if flags[1:] else "")
+        if action.dest == "kernel_dvfs":
+            value, key, default = "(switch)", "`enabled`", "off"
+        elif action.dest == dest_name("config"):
+            value, key, default = "FILE.json", "any subset of the keys (a JSON object, or a DeepSpeed config with a " \
+                                               "`kernel_dvfs` block); flags override the file", "none"
+        else:
+            name = action.dest[len(DEST_PREFIX):]
+            metavar = str(action.metavar or "")
+            value = ", ".join(metavar.strip("{}").split(",")) if metavar.startswith("{") else metavar
+            if action.nargs == "?":
+                value += " (bare flag: true)"
+            key = f"`{name}`"
+            default = str(action.help).rpartition("(default: ")[2].rstrip(")")
+        rows.append([shown, value, default, key])
+    return Table(["Flag", "Value", "Default", "Schema key"], rows, align="llll")
 
 
 def chain_providers(*providers: Optional[Callable]) -> Callable[[argparse.ArgumentParser], argparse.ArgumentParser]:

@@ -41,6 +41,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--switch-latency-ms", type=float, default=None,
                         help="clock switch latency of the virtual GPU (default 6 ms, published for H200)")
     parser.add_argument("--json", action="store_true", help="print one JSON object")
+    parser.add_argument("--markdown", action="store_true",
+                        help="--compare/--sweep/--latency-sweep: print the table as Markdown (as the docs show it)")
     # explore: online exploration on the virtual GPU (kdvfs_plugins/sim/explore_run.py)
     parser.add_argument("--explore", action="store_true", help="explore, plan, validate, apply; compare with the oracle")
     parser.add_argument("--seeds", type=int, default=5, help="--explore: noise seeds to run (default 5)")
@@ -225,8 +227,17 @@ def run_compare(args: argparse.Namespace) -> int:
                     switch_latency_ms=_latency(args), issue_ahead=not args.no_issue_ahead,
                     max_slowdown=args.max_slowdown, noise=not args.no_noise, seed=args.seed, steps=args.steps,
                     warmup_steps=args.warmup_steps, min_interval_ms=args.min_interval_ms)
-    print(json.dumps(data, indent=1) if args.json else format_compare(data))
+    print(json.dumps(data, indent=1) if args.json else format_compare(data, _table_format(args)))
     return 0
+
+
+def _table_format(args: argparse.Namespace) -> str:
+    return "markdown" if getattr(args, "markdown", False) else "text"
+
+
+def _plot_note(args: argparse.Namespace, data: dict) -> str:
+    # Markdown output is what a docs page shows: the plot's path there would be this machine's.
+    return "" if _table_format(args) == "markdown" else f"\n  plot: {data['plot']}"
 
 
 def _plot_path(args: argparse.Namespace, name: str):
@@ -244,7 +255,7 @@ def run_sweep(args: argparse.Namespace) -> int:
                     switch_latency_ms=_latency(args), issue_ahead=not args.no_issue_ahead,
                     min_interval_ms=args.min_interval_ms)
     data["plot"] = str(plot_sweep(data, _plot_path(args, "sweep.png")))
-    print(json.dumps(data, indent=1) if args.json else format_sweep(data) + f"\n  plot: {data['plot']}")
+    print(json.dumps(data, indent=1) if args.json else format_sweep(data, _table_format(args)) + _plot_note(args, data))
     return 0
 
 
@@ -255,7 +266,8 @@ def run_latency_sweep(args: argparse.Namespace) -> int:
     data = in_parts(latency_sweep, _context(args), key="latencies_ms", values=LATENCY_SWEEP_MS, merge="points",
                     desc="latency sweep", unit="latency", min_interval_ms=args.min_interval_ms)
     data["plot"] = str(plot_latency_sweep(data, _plot_path(args, "latency_sweep.png")))
-    print(json.dumps(data, indent=1) if args.json else format_latency_sweep(data) + f"\n  plot: {data['plot']}")
+    print(json.dumps(data, indent=1) if args.json else
+          format_latency_sweep(data, _table_format(args)) + _plot_note(args, data))
     return 0
 
 
