@@ -176,6 +176,7 @@ def _choice(options):
         if value not in options:
             raise ConfigError(key, value, f"allowed: {' | '.join(options)}", source)
         return value
+    check.json_schema = {"enum": list(options)}  # read by kdvfs_plugins/schema.py
     return check
 
 
@@ -203,6 +204,9 @@ def _number(lo, hi, integer=False, optional=False):
         if not lo <= num <= hi:
             raise ConfigError(key, value, f"allowed: {kind} in [{lo}, {hi}]", source)
         return num
+    # what the check accepts, as JSON Schema (kdvfs_plugins/schema.py builds the block's schema from it)
+    number = {"type": "integer" if integer else "number", "minimum": lo, "maximum": hi}
+    check.json_schema = {"anyOf": [number, {"type": "null"}]} if optional else number
     return check
 
 
