@@ -50,6 +50,8 @@ _FATAL_BY_DEFAULT = tuple(getattr(signal, name) for name in (
     "SIGPIPE", "SIGIO", "SIGPWR", "SIGSTKFLT", "SIGABRT",
 ) if hasattr(signal, name))
 WATCHDOG_ENV = "KDVFS_WATCHDOG"
+#: After a busy refusal, writes are refused here for this long before the service is asked again.
+BUSY_RETRY_S = 10.0
 _guards: "weakref.WeakSet[ClockGuard]" = weakref.WeakSet()
 
 
@@ -119,6 +121,10 @@ class ClockGuard:
         self._inherited = False
         self._previous_handlers: dict = {}
         self.restore_to = None
+        #: A busy refusal (another kdvfsd session owns the GPU) and until when it is answered
+        #: from here: each attempt would otherwise write and fsync a record for nothing.
+        self._busy: Optional[GpuBusyError] = None
+        self._busy_until_s = 0.0
 
     # ------------------------------------------------------------------ ownership
     def acquire(self) -> None:
@@ -223,19 +229,23 @@ class ClockGuard:
         with self._lock:
             if self._closed:
                 return False
+            if self._busy is not None and time.monotonic() < self._busy_until_s:
+                raise self._busy.with_traceback(None)
             first = not self._dirty
             if first:
                 self._record()
                 self._dirty = True
             try:
                 change()
-            except (NoPermissionError, GpuBusyError):
+            except (NoPermissionError, GpuBusyError) as exc:
                 # Refused before anything changed: permission covers both locks, and a GPU that is
                 # busy belongs to another writer (a kdvfsd session). Nothing of ours to restore.
                 if first and not self._inherited:
                     self.state_path.unlink(missing_ok=True)
                     self._dirty = False
                     self._tell(b"U")
+                if isinstance(exc, GpuBusyError):
+                    self._busy, self._busy_until_s = exc, time.monotonic() + BUSY_RETRY_S
                 raise
             if self._closed:
                 # A signal handler on this thread released the guard while the change ran.
@@ -329,7 +339,7 @@ class ClockGuard:
                     pass  # another writer's GPU (kdvfsd refused this session): nothing of ours to undo
                 # After a fall back to observe the reset above wrote nothing: keep a record that
                 # this run did not create.
-                if not self._inherited or self.device.kind == "nvml":
+                if not self._inherited or self.device.can_write_clocks:
                     self.state_path.unlink(missing_ok=True)
                 self._dirty = False
                 self._tell(b"U")

@@ -81,11 +81,27 @@ def check_private_dir(path: str | os.PathLike, *, create: bool = True) -> Path:
     if st.st_uid != euid:
         raise UnsafePathError(errno.EPERM, f"it belongs to uid {st.st_uid}, not to this user (uid {euid}): "
                                            "that user could plant files this run would write")
+    if st.st_mode & 0o022 == 0o020 and _private_group(st.st_gid, euid):
+        return p  # group-writable, but the group is this user's own (a umask of 002 on such systems)
     if st.st_mode & 0o022:
         raise UnsafePathError(errno.EPERM, f"it is writable by {'others' if st.st_mode & 0o002 else 'its group'} "
                                            f"(mode {stat.S_IMODE(st.st_mode):04o}): they could plant files this "
                                            "run would write")
     return p
+
+
+def _private_group(gid: int, uid: int) -> bool:
+    """Whether ``gid`` is ``uid``'s own group (user private groups): its name is the user's and
+    no one else is listed in it."""
+    import grp
+    import pwd
+
+    try:
+        user = pwd.getpwuid(uid).pw_name
+        group = grp.getgrgid(gid)
+    except KeyError:
+        return False
+    return group.gr_name == user and set(group.gr_mem) <= {user}
 
 
 def _own_regular_file(fd: int, path) -> None:
@@ -171,6 +187,12 @@ def _ensure_lock_dir(d: Path) -> None:
             d.mkdir(parents=True, exist_ok=True, mode=0o1777)
         finally:
             os.umask(old)
+    st = os.lstat(d)
+    if not stat.S_ISDIR(st.st_mode):
+        raise UnsafePathError(errno.ENOTDIR, f"{d} is not a directory (a link, or a file)")
+    if st.st_mode & 0o002 and not st.st_mode & stat.S_ISVTX:
+        # Without the sticky bit anyone could delete a held lock file and make a second one.
+        raise UnsafePathError(errno.EPERM, f"{d} is writable by all but not sticky (chmod +t it)")
 
 
 def lock_gpu(uuid: str, lock_dir: Optional[str] = None) -> int:

@@ -178,6 +178,29 @@ def test_a_state_dir_another_user_can_write_is_refused_clearly(tmp_path, kdvfs_l
     assert any(str(d) in r.getMessage() and "observe" in r.getMessage() for r in kdvfs_log)
 
 
+def test_a_group_writable_state_dir_of_the_users_own_group_is_accepted():
+    # User private groups (umask 002): the group is the user alone. Tests run as root, group root.
+    d = Path(default_state_dir())
+    d.mkdir(parents=True)
+    d.chmod(0o770)
+    guard = ClockGuard(NvmlDevice(nvml=FakeNvml(), marker_factory=HostMarker), d, handle_signals=False)
+    guard.acquire()
+    guard.release()
+
+
+def test_a_lock_dir_anyone_can_write_must_be_sticky(tmp_path, monkeypatch):
+    lock_dir = tmp_path / "locks"
+    lock_dir.mkdir()
+    lock_dir.chmod(0o777)  # anyone could delete a held lock file and take the GPU twice
+    monkeypatch.setenv("KDVFS_LOCK_DIR", str(lock_dir))
+    guard = ClockGuard(NvmlDevice(nvml=FakeNvml(), marker_factory=HostMarker), default_state_dir(), handle_signals=False)
+    with pytest.raises(StateDirError, match="not sticky.*KDVFS_LOCK_DIR"):
+        guard.acquire()
+    lock_dir.chmod(0o1777)
+    guard.acquire()
+    guard.release()
+
+
 @pytest.mark.parametrize("how", ["a file", "cannot be created"])
 def test_an_unusable_state_dir_falls_back_to_observe_not_oserror(tmp_path, monkeypatch, kdvfs_log, how):
     fake = FakeNvml()

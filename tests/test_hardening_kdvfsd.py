@@ -315,19 +315,37 @@ def test_a_run_refused_as_busy_closes_without_error_or_state_file(service, tmp_p
     try:
         dev = ServiceNvmlDevice(0, nvml=FakeNvml(state_path=svc.fake_state), socket_path=svc.socket_path,
                                 marker_factory=HostMarker)
-        cfg = KdvfsConfig.from_dict({"mode": "apply", "device": "nvml", "sm_mhz": 1500, "mem_mhz": 2619,
-                                     "run_dir": str(tmp_path / "run")})
+        cfg = KdvfsConfig.from_dict({"mode": "apply", "device": "nvml", "run_dir": str(tmp_path / "run"),
+                                     "region_clocks": {"forward": [1500, 2619], "backward": [1395, 2619]}})
         eng = Engine(cfg, device=dev).start()
-        for step in range(3):
+        for step in range(5):
             eng.step_begin(step)
             eng.region_enter("forward")
             eng.region_exit("forward")
+            eng.region_enter("backward")
+            eng.region_exit("backward")
             eng.step_end()
         eng.close()  # raised ServiceGpuBusyError before
         assert not state_paths(default_state_dir(), GPU0)[1].exists()
         assert svc.gpu(0)["sm_locked"] == [1410, 1410]  # the owner's clocks
+        # After the first refusal the run stops asking for a while (no record written per change).
+        wait_for(lambda: any(r["op"] == "set" and r["pid"] == os.getpid() for r in svc.audit()), 3.0)
+        asked = [r for r in svc.audit() if r["pid"] == os.getpid() and r["op"] == "set"]
+        assert [r["result"] for r in asked] == ["busy"]
     finally:
         kill(owner)
+
+
+def test_an_audit_log_that_cannot_be_written_does_not_stop_the_service(service):
+    svc = service(audit_log="/dev/full")  # every write fails with ENOSPC
+    with svc.client() as c:
+        c.set_clocks(GPU0, 1410, 2619)
+        c.set_clocks(GPU0, 1395, 1593)
+    assert wait_for(lambda: unlocked(svc), 2.0) is not None  # the session's end still restored
+    assert svc.proc.poll() is None
+    with svc.client() as c:
+        c.hello()
+    assert "lines are being lost" in svc.stop()
 
 
 # ---------------------------------------------------------------------------------- kdvfsd and direct runs

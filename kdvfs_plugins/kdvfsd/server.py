@@ -122,18 +122,34 @@ class AuditLog:
         self._last_flush_s = time.monotonic()
         self._sec = -1
         self._sec_text = ""
-        self.reopen()
+        self._failed_s = -1e9
+        self.reopen(first=True)
 
-    def reopen(self) -> None:
-        """Open (again, after log rotation on SIGHUP)."""
+    def reopen(self, first: bool = False) -> None:
+        """Open (again, after log rotation on SIGHUP). Only the first open may fail loudly: later,
+        a log that cannot be written must not stop the service that restores the clocks."""
         if self._f is not None:
-            self._f.close()
+            try:
+                self._f.close()
+            except OSError as exc:
+                self._failed(exc)
             self._f = None
         if self.path:
-            p = Path(self.path)
-            p.parent.mkdir(parents=True, exist_ok=True, mode=0o750)
-            fd = os.open(p, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o640)
-            self._f = os.fdopen(fd, "a", buffering=1 << 16)
+            try:
+                p = Path(self.path)
+                p.parent.mkdir(parents=True, exist_ok=True, mode=0o750)
+                fd = os.open(p, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW, 0o640)
+                self._f = os.fdopen(fd, "a", buffering=1 << 16)
+            except OSError as exc:
+                if first:
+                    raise
+                self._failed(exc)
+
+    def _failed(self, exc: OSError) -> None:
+        now = time.monotonic()
+        if now - self._failed_s >= 60.0:  # a full disk fails every write: say so once a minute
+            self._failed_s = now
+            log.error("audit log %s: %s; lines are being lost", self.path, exc)
 
     def _stamp(self) -> str:
         t = time.time()
@@ -147,12 +163,18 @@ class AuditLog:
             return
         head = {"time": self._stamp(), "uid": peer.uid if peer else None, "pid": peer.pid if peer else None,
                 "op": op, "result": result}
-        self._f.write(json.dumps({**head, **fields}, separators=(",", ":")) + "\n")
+        try:
+            self._f.write(json.dumps({**head, **fields}, separators=(",", ":")) + "\n")
+        except OSError as exc:
+            self._failed(exc)
         self._dirty = True
 
     def flush(self) -> None:
         if self._f is not None and self._dirty:
-            self._f.flush()
+            try:
+                self._f.flush()
+            except OSError as exc:
+                self._failed(exc)
             self._dirty = False
         self._last_flush_s = time.monotonic()
 
@@ -163,7 +185,10 @@ class AuditLog:
     def close(self) -> None:
         self.flush()
         if self._f is not None:
-            self._f.close()
+            try:
+                self._f.close()
+            except OSError as exc:
+                self._failed(exc)
             self._f = None
 
 
