@@ -6,12 +6,13 @@ prediction. One function per figure: ``*_figure(data)`` returns a matplotlib fig
 ``plot_*`` helpers save one to a PNG file.
 
 The report (:func:`write_report`) reads what a run recorded and writes one self-contained HTML page:
-every figure is embedded as a base64 PNG, so the page can be mailed or archived on its own.
+every figure is embedded as a base64 PNG, so the page can be mailed or archived on its own. The
+section functions return data (blocks); the page's markup and style are in one Jinja2 template,
+``templates/report.html.j2``.
 """
 from __future__ import annotations
 
 import base64
-import html
 import io
 import json
 from pathlib import Path
@@ -428,66 +429,40 @@ def load_run(run_dir) -> dict:
 
 
 # --------------------------------------------------------------------------------------------
-# The HTML page
+# The HTML page: sections are lists of blocks (data); templates/report.html.j2 holds the markup
 # --------------------------------------------------------------------------------------------
 
-CSS = """
-body { font-family: system-ui, -apple-system, "Segoe UI", sans-serif; margin: 0 auto; max-width: 1100px;
-       padding: 16px 28px 48px; color: #222; line-height: 1.45; }
-h1 { font-size: 1.6em; margin-bottom: 0.2em; }
-h2 { font-size: 1.2em; border-bottom: 1px solid #ddd; padding-bottom: 4px; margin-top: 2em; }
-h3 { font-size: 1.0em; margin-bottom: 0.3em; }
-.model { display: inline-block; background: #fff3cd; border: 1px solid #e0c56e; border-radius: 4px;
-         padding: 1px 8px; font-size: 0.85em; }
-.note { color: #666; font-style: italic; }
-figure { margin: 0.6em 0; }
-figure img { max-width: 100%; height: auto; border: 1px solid #eee; }
-figcaption { font-size: 0.85em; color: #555; }
-table { border-collapse: collapse; font-size: 0.85em; margin: 0.5em 0; }
-th, td { border-bottom: 1px solid #e4e4e4; padding: 3px 10px; text-align: right; }
-th:first-child, td:first-child, td.text { text-align: left; }
-td.text { max-width: 760px; }
-th { background: #f5f5f5; }
-nav { font-size: 0.9em; }
-nav .note { margin-top: 0.4em; }
-nav a { margin-right: 12px; }
-"""
+TEMPLATE = "report.html.j2"
 
 
-def figure_html(fig, caption: str = "") -> str:
-    """A figure as an ``<img>`` with the PNG embedded (a data URI: no external file)."""
+def figure_block(fig, caption: str = "") -> dict:
+    """A figure as a block of the page: the PNG embedded as base64 (a data URI: no external file)."""
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=100)
     _pyplot().close(fig)
-    b64 = base64.b64encode(buf.getvalue()).decode("ascii")
-    cap = f"<figcaption>{html.escape(caption)}</figcaption>" if caption else ""
-    return f'<figure><img alt="{html.escape(caption or "figure")}" src="data:image/png;base64,{b64}">{cap}</figure>'
+    return {"kind": "figure", "png_b64": base64.b64encode(buf.getvalue()).decode("ascii"), "caption": caption}
 
 
-def _note(text: str) -> str:
-    return f'<p class="note">{html.escape(text)}</p>'
+def _note(text: str) -> dict:
+    return {"kind": "note", "text": text}
 
 
-def _badge(data: Mapping) -> str:
-    return f'<span class="model">{html.escape(_label(data))}</span>'
+def _badge(data: Mapping) -> dict:
+    return {"kind": "badge", "label": _label(data)}
+
+
+def _heading(text: str) -> dict:
+    return {"kind": "heading", "text": text}
 
 
 def _pct(x: Optional[float]) -> str:
     return "-" if x is None else f"{100 * x:+.2f}%"
 
 
-def _table(header: Sequence[str], rows: Sequence[Sequence], text_columns: Sequence[int] = ()) -> str:
+def _table(header: Sequence[str], rows: Sequence[Sequence], text_columns: Sequence[int] = ()) -> dict:
     """Numbers right-aligned; the first column and ``text_columns`` left-aligned."""
-    def cell(i, c):
-        return f'<td class="text">{html.escape(str(c))}</td>' if i in text_columns else f"<td>{html.escape(str(c))}</td>"
-
-    head = "".join(f"<th>{html.escape(str(h))}</th>" for h in header)
-    body = "".join("<tr>" + "".join(cell(i, c) for i, c in enumerate(r)) + "</tr>" for r in rows)
-    return f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
-
-
-def _section(anchor: str, title: str, body: str) -> str:
-    return f'<section id="{anchor}"><h2>{html.escape(title)}</h2>\n{body}\n</section>'
+    return {"kind": "table", "header": [str(h) for h in header], "rows": [[str(c) for c in r] for r in rows],
+            "text_columns": list(text_columns)}
 
 
 class Omitted(str):
@@ -495,7 +470,7 @@ class Omitted(str):
     page lists in one short note instead of drawing an empty section."""
 
 
-def section_regions(run: Mapping) -> str:
+def section_regions(run: Mapping):
     plan = run.get("plan_timeline")
     if not plan or not plan.get("regions"):
         return Omitted("no plan_timeline.json; kdvfs demo writes one")
@@ -506,62 +481,63 @@ def section_regions(run: Mapping) -> str:
         totals = (f" Step: {plan['default_step_ms']:.1f} ms and {plan['default_step_energy_j']:.1f} J at default clocks,"
                   f" {plan['planned_step_ms']:.1f} ms and {plan['planned_step_energy_j']:.1f} J planned"
                   f" (time {_pct(dt)}, energy {_pct(de)}).")
-    body = _badge(plan) + figure_html(region_bars_figure(plan),
-                                      f"One step of {plan.get('trace', 'the trace')}, replayed noise-free; "
-                                      f"plan at {plan.get('switch_latency_ms', 0):g} ms switch latency.{totals}")
+    blocks = [_badge(plan), figure_block(region_bars_figure(plan),
+                                         f"One step of {plan.get('trace', 'the trace')}, replayed noise-free; "
+                                         f"plan at {plan.get('switch_latency_ms', 0):g} ms switch latency.{totals}")]
     by_clock: dict = {}
     for region, clocks in sorted(plan.get("clocks", {}).items()):
         by_clock.setdefault(clocks, []).append(region)
     if by_clock:
         # Grouped by clock pair: plans give most regions of a pass the same clocks.
-        body += "<h3>Planned clocks</h3>" + _table(["SM/memory MHz", "regions"],
-                                                   [[c, ", ".join(rs)] for c, rs in by_clock.items()], text_columns=(1,))
-    return body
+        blocks += [_heading("Planned clocks"),
+                   _table(["SM/memory MHz", "regions"], [[c, ", ".join(rs)] for c, rs in by_clock.items()],
+                          text_columns=(1,))]
+    return blocks
 
 
-def section_timeline(run: Mapping) -> str:
+def section_timeline(run: Mapping):
     plan = run.get("plan_timeline")
     if not plan or not plan.get("timeline"):
         return Omitted("no plan_timeline.json; kdvfs demo writes one")
-    return _badge(plan) + figure_html(
-        timeline_figure(plan), "Each region stretch at the clock the GPU ran it at: the lock, or the power "
-        "controller's clock where that is lower. Bands: the phases of the planned step.")
+    return [_badge(plan), figure_block(timeline_figure(plan), "Each region stretch at the clock the GPU ran it at: "
+                                       "the lock, or the power controller's clock where that is lower. Bands: the "
+                                       "phases of the planned step.")]
 
 
-def section_sweep(run: Mapping) -> str:
+def section_sweep(run: Mapping):
     data = run.get("sweep")
     if not data or not data.get("points"):
         return Omitted("no sweep.json; kdvfs demo writes one unless --no-sweeps")
-    return _badge(data) + figure_html(sweep_figure(data), "Each point: the plan for one slowdown budget, "
-                                      "replayed noise-free on the virtual GPU.")
+    return [_badge(data), figure_block(sweep_figure(data), "Each point: the plan for one slowdown budget, "
+                                       "replayed noise-free on the virtual GPU.")]
 
 
-def section_latency(run: Mapping) -> str:
+def section_latency(run: Mapping):
     data = run.get("latency_sweep")
     if not data or not data.get("points"):
         return Omitted("no latency_sweep.json; kdvfs demo writes one unless --no-sweeps")
-    return _badge(data) + figure_html(latency_sweep_figure(data), "What the clock switch latency leaves reachable.")
+    return [_badge(data), figure_block(latency_sweep_figure(data), "What the clock switch latency leaves reachable.")]
 
 
-def section_exploration(run: Mapping) -> str:
-    parts = []
+def section_exploration(run: Mapping):
+    blocks = []
     data = run.get("exploration")
     if data and data.get("blocks"):
         res = data.get("result") or {}
-        parts.append(_badge(data) + figure_html(exploration_figure(data), "Top: every step's GPU time, coloured by "
-                     "the explorer's phase. Bottom: energy per step of each block, from the windowed energy counter."))
-        parts.append(f"<p>Outcome: <b>{html.escape(str(res.get('status', '?')))}</b>: "
-                     f"{html.escape(str(res.get('message', '')))}</p>")
+        blocks += [_badge(data), figure_block(exploration_figure(data), "Top: every step's GPU time, coloured by the "
+                                              "explorer's phase. Bottom: energy per step of each block, from the "
+                                              "windowed energy counter."),
+                   {"kind": "outcome", "status": str(res.get("status", "?")), "message": str(res.get("message", ""))}]
     for rank in run.get("ranks", []):
         s, wins = rank["summary"], rank["windows"]
         if not wins:
             continue
         ex = s.get("exploration")
         what = f"explored: {ex.get('status')}" if ex else "did not explore"
-        parts.append(f"<h3>{html.escape(_rank_title(run, rank))} ({html.escape(what)})</h3>" + _badge(s)
-                     + figure_html(windows_figure(wins, s), "Per measurement window; the run directory does not "
-                                   "record the explorer's phase of each window."))
-    return "".join(parts) or Omitted("the run did not explore and recorded no measurement windows")
+        blocks += [_heading(f"{_rank_title(run, rank)} ({what})"), _badge(s),
+                   figure_block(windows_figure(wins, s), "Per measurement window; the run directory does not "
+                                "record the explorer's phase of each window.")]
+    return blocks or Omitted("the run did not explore and recorded no measurement windows")
 
 
 def savings_rows(run: Mapping) -> list[dict]:
@@ -587,7 +563,7 @@ def savings_rows(run: Mapping) -> list[dict]:
     return rows
 
 
-def section_savings(run: Mapping) -> str:
+def section_savings(run: Mapping):
     rows = savings_rows(run)
     if not rows:
         return Omitted("no compare.json and no exploration result")
@@ -600,12 +576,13 @@ def section_savings(run: Mapping) -> str:
                      "-" if "energy_change_se" not in r else f"{200 * r['energy_change_se']:.2f}%",
                      _pct(r["time_change"]), _pct(r.get("time_change_min")), _pct(r.get("time_change_max")),
                      "-" if "time_change_se" not in r else f"{200 * r['time_change_se']:.2f}%"] for r in rows])
+    blocks = [{"kind": "badge", "label": label}, figure_block(savings_figure(rows, label)), table]
     cmp = run.get("compare")
-    extra = ""
     if cmp:
-        extra = _note(f"Executed rows: one run of {cmp.get('steps', '?')} steps on the virtual GPU with noise seed "
-                      f"{cmp.get('seed', '?')} at {cmp.get('switch_latency_ms', 0):g} ms switch latency; no spread.")
-    return f'<span class="model">{label}</span>' + figure_html(savings_figure(rows, label)) + table + extra
+        blocks.append(_note(f"Executed rows: one run of {cmp.get('steps', '?')} steps on the virtual GPU with noise "
+                            f"seed {cmp.get('seed', '?')} at {cmp.get('switch_latency_ms', 0):g} ms switch latency; "
+                            "no spread."))
+    return blocks
 
 
 def _rank_title(run: Mapping, rank: Mapping) -> str:
@@ -618,8 +595,8 @@ def _fmt(x, spec: str) -> str:
     return "-" if x is None else format(x, spec)
 
 
-def section_ranks(run: Mapping) -> str:
-    parts = []
+def section_ranks(run: Mapping):
+    blocks = []
     for rank in run.get("ranks", []):
         s = rank["summary"]
         facts = _table(["device", "steps", "GPU ms/step", "energy J/step", "power W", "clock changes"],
@@ -630,12 +607,13 @@ def section_ranks(run: Mapping) -> str:
         table = _table(["region", "GPU ms/step", "share"],
                        [[r["region"], f"{r['gpu_ms_per_step']:.3f}", f"{100 * r['share']:.1f}%"] for r in regions]) \
             if regions else _note("No profiled steps: no region table.")
-        parts.append(f"<h3>{html.escape(_rank_title(run, rank))}</h3>" + _badge(s) + facts + table)
-    return "".join(parts) or Omitted("no rank<N>/summary.json in this run directory")
+        blocks += [_heading(_rank_title(run, rank)), _badge(s), facts, table]
+    return blocks or Omitted("no rank<N>/summary.json in this run directory")
 
 
-#: (anchor, title, section function), in page order.
-SECTIONS: tuple[tuple[str, str, Callable[[Mapping], str]], ...] = (
+#: (anchor, title, section function), in page order. A section function returns its blocks
+#: (dicts whose "kind" the template renders) or an :class:`Omitted` reason.
+SECTIONS: tuple[tuple[str, str, Callable[[Mapping], object]], ...] = (
     ("regions", "Energy and time per region: default vs planned clocks", section_regions),
     ("timeline", "Clock timeline of one step", section_timeline),
     ("sweep", "Energy saved vs slowdown, per granularity", section_sweep),
@@ -646,24 +624,27 @@ SECTIONS: tuple[tuple[str, str, Callable[[Mapping], str]], ...] = (
 )
 
 
+def _template():
+    import jinja2
+
+    env = jinja2.Environment(loader=jinja2.FileSystemLoader(Path(__file__).resolve().parent / "templates"),
+                             autoescape=True, undefined=jinja2.StrictUndefined, keep_trailing_newline=True)
+    return env.get_template(TEMPLATE)
+
+
 def build_report(run_dir) -> str:
     """The HTML page for ``run_dir`` (one string, no external assets)."""
     run = load_run(run_dir)
     shown, omitted = [], []
     for anchor, title, fn in SECTIONS:
         body = fn(run)
-        (omitted if isinstance(body, Omitted) else shown).append((anchor, title, body))
-    nav = "".join(f'<a href="#{a}">{html.escape(t.split(":")[0])}</a>' for a, t, _ in shown)
-    if omitted:
-        # Said once, under the contents, rather than as empty sections further down.
-        nav += _note("Not in this run: " + "; ".join(f"{t.split(':')[0].lower()} ({b})" for _, t, b in omitted) + ".")
-    body = "\n".join(_section(a, t, b) for a, t, b in shown)
-    title = f"kdvfs report: {Path(run_dir).resolve().name}"
-    return (f'<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8"><title>{html.escape(title)}</title>'
-            f"<style>{CSS}</style></head><body>\n<h1>{html.escape(title)}</h1>\n"
-            f"<p>Run directory <code>{html.escape(str(run_dir))}</code>. Figures from the simulated GPU are marked "
-            f'<span class="model">{MODEL_PREDICTION}</span>: predictions of a calibrated model, not '
-            f"measurements.</p>\n<nav>{nav}</nav>\n{body}\n</body></html>\n")
+        entry = {"anchor": anchor, "title": title, "short": title.split(":")[0]}
+        if isinstance(body, Omitted):
+            omitted.append({**entry, "reason": str(body)})
+        else:
+            shown.append({**entry, "blocks": body})
+    return _template().render(title=f"kdvfs report: {Path(run_dir).resolve().name}", run_dir=str(run_dir),
+                              model_prediction=MODEL_PREDICTION, shown=shown, omitted=omitted)
 
 
 def write_report(run_dir, out=None) -> Path:

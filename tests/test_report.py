@@ -202,3 +202,15 @@ def test_demo_then_report_then_screenshot(tmp_path):
                           "--out", str(png)], capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 50_000
+
+
+def test_the_page_template_ships_as_package_data():
+    import fnmatch
+    import tomllib
+
+    from kdvfs_plugins import report
+
+    patterns = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]["package-data"]["kdvfs_plugins"]
+    template = Path(report.__file__).parent / "templates" / report.TEMPLATE
+    assert template.is_file()
+    assert any(fnmatch.fnmatch(f"templates/{template.name}", p) for p in patterns)
