@@ -382,10 +382,10 @@ class Actuator:
                 self.device.set_clocks(clocks, marker)
 
         try:
-            if self.guard is not None and self.device.kind == "nvml":
+            if self.guard is not None and self.device.can_write_clocks:
                 return self.guard.write(change)
             change()
-            return self.device.kind != "observe"
+            return self.device.can_write_clocks
         except NoPermissionError as exc:
             self._fall_back_to_observe(exc)
             change()

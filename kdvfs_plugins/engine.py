@@ -158,7 +158,7 @@ class Engine:
         self._plan_by_module = plan_by_module(self.plan)
         if self.plan is not None and self.plan_group is not None:
             self.plan.check_device(info.name, info.clocks, where="the group's plan")
-        if self.device.kind == "nvml":
+        if self.device.can_write_clocks and not self.device.simulated:
             try:
                 self.guard = ClockGuard(self.device, cfg.state_dir)
                 self.guard.acquire()
@@ -256,7 +256,7 @@ class Engine:
         )
         exchange = (lambda items, group=shared.group: all_gather(group, items)) if shared else None
         self.explorer = Explorer(settings, on_done=self._explore_done, apply=cfg.mode == "auto", exchange=exchange)
-        self.explorer.measuring = self.device.kind != "observe"
+        self.explorer.measuring = self.device.can_write_clocks
         # plugins that watch every region keep module boundaries on for the whole exploration
         self.explorer.phase_level_after_baseline = not self._region_hooks
         # Both the explorer and the plan policy are ``trylast`` (a third-party policy answers first);
@@ -312,7 +312,7 @@ class Engine:
             self.set_plan(plan)
         if self._progress is not None:
             self._progress.close()
-        logger.info("%s\nplan file: %s", format_summary(result, simulated=self.device.kind == "simulated"), path)
+        logger.info("%s\nplan file: %s", format_summary(result, simulated=self.device.simulated), path)
 
     def set_plan(self, plan: Plan) -> None:
         """Put a plan in force (from the planner or the explorer)."""
@@ -482,7 +482,7 @@ class Engine:
 
     def _on_device_changed(self, device) -> None:
         self.device = device
-        if self.explorer is not None and device.kind == "observe":
+        if self.explorer is not None and not device.can_write_clocks:
             self.explorer.measuring = False  # it keeps exchanging, so the other ranks do not wait
         if self.guard is not None:
             self.guard.device = device
@@ -532,7 +532,7 @@ class Engine:
             "profile_interval_steps": self.cadence.interval if self.cadence else None,
             "clock_errors": list(self.actuator.errors) if self.actuator else [],
             "regions": [{"region": r, "gpu_ms_per_step": ms, "share": sh} for r, ms, sh in self.region_table()],
-            "model_prediction": bool(self.device is not None and self.device.kind == "simulated"),
+            "model_prediction": bool(self.device is not None and self.device.simulated),
             "exploration": None if self.explore_result is None else {
                 "status": self.explore_result.status, "steps": self.explore_result.steps,
                 "exploration_time_change": self.explore_result.exploration_time_change,

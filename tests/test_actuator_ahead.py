@@ -25,6 +25,8 @@ class TimelineRecorder:
     """A device on a virtual timeline: records the GPU time each change is dated at."""
 
     kind = "simulated"
+    can_write_clocks = True
+    simulated = True
 
     def __init__(self):
         self.dated: list[tuple[float, object]] = []
@@ -90,6 +92,8 @@ def test_predictor_needs_the_same_marker_sequence():
 
 class HostRecorder:
     kind = "simulated"
+    can_write_clocks = True
+    simulated = True
 
     def __init__(self):
         self.written: list[tuple[float, object]] = []

@@ -166,7 +166,7 @@ class NvmlDevice(Device):
             self._info = DeviceInfo(
                 kind=self.kind, index=self.index, name=name, uuid=uuid, driver=driver,
                 clocks=ClockTable(mem_sorted, sm_by_mem, default), power_limit_w=power_limit_w,
-                can_write_clocks=self.kind == "nvml" and writes_permitted(),
+                can_write_clocks=writes_permitted(),
             )
         return self._info
 

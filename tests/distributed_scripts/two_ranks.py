@@ -23,16 +23,16 @@ try:
         plan_path = os.path.join(out_dir, "plan.json" if rank == 0 else f"missing-{rank}.json")
         cfg = KdvfsConfig.from_dict({"mode": "apply", "plan_path": plan_path, "run_dir": out_dir,
                                      "state_dir": os.path.join(out_dir, f"state{rank}")})
-        eng = Engine(cfg, rank=rank, device=NvmlDevice(0, nvml=FakeNvml()), plan_group=WORLD).start()
+        eng = Engine(cfg, rank=rank, device=NvmlDevice(rank, nvml=FakeNvml(gpus=2)), plan_group=WORLD).start()
         result["plan"] = {k: v.to_dict() for k, v in eng.plan.regions.items()}
         eng.close()
     elif scenario == "refused":
         # Rank 1 may not set clocks: it falls back to observe; rank 0 goes on writing. No collective
         # waits on a clock write, so neither rank stalls.
-        fake = FakeNvml(privileged=(rank == 0))
+        fake = FakeNvml(gpus=2, privileged=(rank == 0))  # one GPU per rank, as one writer per GPU requires
         cfg = KdvfsConfig.from_dict({"mode": "apply", "region_clocks": {"backward": [1500, 2619]},
                                      "run_dir": out_dir, "state_dir": os.path.join(out_dir, f"state{rank}")})
-        eng = Engine(cfg, rank=rank, device=NvmlDevice(0, nvml=fake)).start()
+        eng = Engine(cfg, rank=rank, device=NvmlDevice(rank, nvml=fake)).start()
         for step in range(5):
             eng.step_begin(step)
             eng.region_enter("backward")
