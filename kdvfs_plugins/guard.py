@@ -70,8 +70,10 @@ def site_restore_clocks():
 
     try:
         pair = restore_clocks_from_env()
-    except ValueError as exc:
-        raise ConfigError(RESTORE_ENV, os.environ.get(RESTORE_ENV), str(exc), source="environment") from None
+    except ValueError:
+        raise ConfigError(RESTORE_ENV, os.environ.get(RESTORE_ENV),
+                          'allowed: SM/MEM in whole MHz from 1 to 99999, e.g. "1410/1593"; unset it to restore '
+                          "the driver's default clocks", source="environment") from None
     return None if pair is None else ClockPair(*pair)
 
 
@@ -79,7 +81,7 @@ def _why(exc: OSError) -> str:
     if isinstance(exc, UnsafePathError):
         return str(exc.strerror)
     where = f" ({exc.filename})" if exc.filename else ""
-    return f"cannot be used: {exc.strerror or exc}{where}"
+    return f"cannot be created or opened: {exc.strerror or exc}{where}"
 
 
 def _watchdog_wanted(device) -> bool:

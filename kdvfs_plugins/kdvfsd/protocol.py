@@ -75,13 +75,13 @@ def parse_request(line: bytes) -> dict:
     if len(line) > MAX_LINE_BYTES:
         raise ValueError(f"request longer than {MAX_LINE_BYTES} bytes")
     if line.count(b"[") + line.count(b"{") > MAX_BRACKETS:
-        raise ValueError("a request is a flat JSON object")
+        raise ValueError(f"more than {MAX_BRACKETS} brackets (nested too deep)")
     try:
         obj = json.loads(line)
     except RecursionError:  # unreachable past the bracket count; kept so no input can end the service
-        raise ValueError("a request is a flat JSON object") from None
+        raise ValueError("nested too deep") from None
     if not isinstance(obj, dict) or not isinstance(obj.get("op"), str):
-        raise ValueError('a request is one JSON object with an "op"')
+        raise ValueError('not a JSON object with a string "op"')
     return obj
 
 
