@@ -12,7 +12,7 @@ from hypothesis import strategies as st
 from kdvfs_plugins import KdvfsConfig, KdvfsError
 from kdvfs_plugins.config import _CHECKS
 from kdvfs_plugins.kdvfsd import protocol as P
-from kdvfs_plugins.kdvfsd.config import ServiceConfigError, config_from_dict
+from kdvfs_plugins.kdvfsd.config import ServiceConfigError, config_from_dict, load_config
 from kdvfs_plugins.plan import Plan
 
 from fakes.fake_nvml import FakeNvml
@@ -141,6 +141,18 @@ service_configs = st.fixed_dictionaries({}, optional={
 def test_fuzz_kdvfsd_config_raises_only_service_config_errors(raw):
     try:
         config_from_dict(raw, "fuzz")
+    except ServiceConfigError:
+        pass
+
+
+@FUZZ
+@given(text=st.text(max_size=200) | st.integers(1, 5000).map(lambda n: "a = " + "[" * n) | json_values.map(json.dumps),
+       suffix=st.sampled_from([".json", ".toml"]))
+def test_fuzz_kdvfsd_config_files_raise_only_service_config_errors(tmp_path_factory, text, suffix):
+    path = tmp_path_factory.mktemp("cfg") / f"kdvfsd{suffix}"
+    path.write_text(text)
+    try:
+        load_config(path)
     except ServiceConfigError:
         pass
 

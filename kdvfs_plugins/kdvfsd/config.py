@@ -129,6 +129,8 @@ def _selectors(value, key: str, source: str) -> tuple[GpuSelector, ...]:
 
 
 def config_from_dict(d: Mapping, source: str = "<dict>") -> ServiceConfig:
+    if not isinstance(d, Mapping):
+        raise ServiceConfigError(source, "file", "the top level must be a table of keys (see examples/kdvfsd.toml)")
     unknown = set(d) - _KEYS
     if unknown:
         raise ServiceConfigError(source, ", ".join(sorted(unknown)), f"unknown key; allowed: {', '.join(sorted(_KEYS))}")
@@ -209,6 +211,6 @@ def load_config(path: str | Path) -> ServiceConfig:
             except ImportError:  # Python 3.10
                 raise ServiceConfigError(str(path), "file", "TOML needs Python 3.11; write the config as .json") from None
             data = tomllib.loads(text)
-    except ValueError as exc:
-        raise ServiceConfigError(str(path), "syntax", str(exc)) from None
+    except (ValueError, RecursionError) as exc:  # RecursionError: nested too deep for either parser
+        raise ServiceConfigError(str(path), "syntax", f"{type(exc).__name__}: {str(exc)[:200]}") from None
     return config_from_dict(data, str(path))
