@@ -66,6 +66,19 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="request each change at its boundary (it lands one latency late) instead of ahead")
     parser.add_argument("--plot", default=None, help="PNG path for --sweep/--latency-sweep (default under --out-dir)")
     parser.add_argument("--out-dir", default="kdvfs_runs/simulate", help="where plots go (default kdvfs_runs/simulate)")
+    # pipeline: P stages x D replicas on the virtual cluster (kdvfs_plugins/studies/pipeline.py).
+    # A string, so that --pipeline 0 reaches the mode and gets its error rather than being falsy.
+    parser.add_argument("--pipeline", default=None, metavar="P",
+                        help="pipeline stages: plan per (stage, instruction, microbatch) on a virtual H100 "
+                             "cluster and compare default, per_gpu, envpipe and critical_path")
+    parser.add_argument("--microbatches", type=int, default=8, help="--pipeline: microbatches per iteration (default 8)")
+    parser.add_argument("--schedule", default="1f1b", help="--pipeline: 1f1b (default) or gpipe")
+    parser.add_argument("--dp", type=int, default=1, help="--pipeline: data-parallel replicas (default 1)")
+    parser.add_argument("--straggler", default=None, metavar="RANK:FACTOR",
+                        help="--pipeline: one rank's work slower by FACTOR, e.g. 1:1.1 "
+                             "(rank = replica x stages + stage)")
+    parser.add_argument("--stage-traces", default=None, metavar="A.csv,B.csv,...",
+                        help="--pipeline: one kernel trace per stage (default: the shipped GPT stage traces)")
 
 
 def parse_clock(value, name: str) -> Optional[int]:
@@ -273,7 +286,27 @@ def run_latency_sweep(args: argparse.Namespace) -> int:
 
 #: (argument attribute, handler): the first whose attribute is set handles the command.
 #: Further modes (for example --explore) register here.
+def run_pipeline(args: argparse.Namespace) -> int:
+    from ..pipeline_report import format_pipeline, plot_pipeline_timeline
+    from ..studies.pipeline import parse_straggler, pipeline_compare
+
+    try:
+        stages = int(args.pipeline)
+    except (TypeError, ValueError):
+        stages = args.pipeline
+    traces = [p for p in args.stage_traces.split(",") if p] if args.stage_traces else None
+    study = pipeline_compare(stages, args.microbatches, schedule=args.schedule, replicas=args.dp,
+                             straggler=parse_straggler(args.straggler), stage_traces=traces,
+                             switch_latency_ms=_latency(args), issue_ahead=not args.no_issue_ahead,
+                             min_interval_ms=args.min_interval_ms, noise=not args.no_noise, seed=args.seed)
+    data = study.data
+    data["plot"] = str(plot_pipeline_timeline(study.runs, data, _plot_path(args, "pipeline_timeline.png")))
+    print(json.dumps(data, indent=1) if args.json else format_pipeline(data))
+    return 0
+
+
 MODES: list[tuple[str, Callable[[argparse.Namespace], int]]] = [
+    ("pipeline", run_pipeline),
     ("compare", run_compare),
     ("sweep", run_sweep),
     ("latency_sweep", run_latency_sweep),
