@@ -4,6 +4,8 @@ from __future__ import annotations
 import io
 import sys
 
+import pytest
+
 from kdvfs_plugins.progress import ProgressLine, progress
 
 
@@ -80,3 +82,18 @@ def test_studies_in_parts_give_one_calls_result_and_show_progress(monkeypatch):
     assert in_parts(_study, "c", key="values", values=[1, 2], merge="points", desc="d", unit="u", scale=1) == \
         _study("c", values=[1, 2], scale=1)
     assert sys.stderr.getvalue() == ""
+
+
+@pytest.mark.slow
+def test_the_demo_shows_one_bar_on_a_terminal_and_none_off_it(monkeypatch, tmp_path, capsys):
+    from kdvfs_plugins.cli import main
+
+    argv = ["demo", "--no-sweeps", "--no-explore", "--no-lightning", "--exec-steps", "1"]
+    monkeypatch.setattr(sys, "stderr", Terminal())
+    assert main(argv + ["--run-dir", str(tmp_path / "a")]) == 0
+    drawn = sys.stderr.getvalue()
+    assert "kdvfs demo" in drawn and "/4" in drawn  # three objectives and the plan timeline
+    monkeypatch.setattr(sys, "stderr", io.StringIO())
+    assert main(argv + ["--run-dir", str(tmp_path / "b")]) == 0
+    assert sys.stderr.getvalue() == ""
+    assert "planned vs executed" in capsys.readouterr().out  # the tables go to stdout either way
