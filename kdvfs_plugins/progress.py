@@ -190,6 +190,10 @@ def format_summary(result, simulated: bool = False) -> str:
         lines.append(f"  validated ({int(v.get('pairs', 0))} pairs vs default): energy {v['energy_change']:+.2%} "
                      f"[{v['energy_change_min']:+.2%}, {v['energy_change_max']:+.2%}], time {v['time_change']:+.2%} "
                      f"[{v['time_change_min']:+.2%}, {v['time_change_max']:+.2%}]")
-    for name, clocks in sorted(result.clocks_by_name.items()):
-        lines.append(f"  {name:<40} {clocks if clocks is not None else 'default'}")
+    if result.clocks_by_name:
+        from .tables import Table
+
+        rows = [[name, str(clocks) if clocks is not None else "default"]
+                for name, clocks in sorted(result.clocks_by_name.items())]
+        lines.append(Table(["region", "clocks"], rows, align="ll").text())
     return "\n".join(lines)
