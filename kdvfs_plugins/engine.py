@@ -7,26 +7,25 @@ which applies it when the GPU gets there. Nothing here synchronises the training
 """
 from __future__ import annotations
 
-import json
 import time
 from pathlib import Path
 from typing import Optional
 
 from .actuator import Actuator
 from .cadence import ProfileCadence
-from .clocks import ClockPair
 from .config import KdvfsConfig
 from .devices import BuiltinDevices
-from .errors import ConfigError, InvalidClockError, KdvfsError, PlanError, StateDirError
+from .errors import ConfigError, InvalidClockError, StateDirError
 from .events import ClockChange, RegionEvent, SessionInfo, StepRecord, WindowRecord
 from .distributed import Replicas, agree, all_gather
 from .guard import ClockGuard
 from .log import logger
 from .meter import Meter
-from .plan import Plan, UnmatchedRegionKeys, plan_key, uniform_plan
+from .plan import Plan, UnmatchedRegionKeys, plan_key
 from .plugins import make_plugin_manager
 from .policy import PlanPolicy, as_clocks
 from .regions import STEP
+from .run_files import initial_plan, save_explored_plan, write_run_dir
 
 
 #: "leave the clocks as they are" (observe mode chooses nothing).
@@ -203,28 +202,8 @@ class Engine:
                 raise ConfigError(key, clocks.to_dict(), str(exc)) from None
 
     def _initial_plan(self, info) -> Optional[Plan]:
-        cfg = self.config
         self._plan_key = plan_key(info.name, info.driver, self.world_size, self.parallel)
-        if cfg.mode == "observe":
-            return None
-        if cfg.region_clocks or cfg.fixed_clocks:
-            regions = dict(cfg.region_clocks)
-            if cfg.fixed_clocks:
-                regions.setdefault(STEP, cfg.fixed_clocks)
-            return Plan(info.name, info.clocks, regions, granularity=cfg.granularity, source="config")
-        path = cfg.resolved_plan_path()
-        if cfg.mode == "apply" or (cfg.mode == "auto" and path.exists()):
-            plan = Plan.load(path)
-            try:
-                plan.check_device(info.name, info.clocks, where=f"plan file {path}")
-                plan.check_key(self._plan_key, where=f"plan file {path}")
-            except PlanError as exc:
-                if cfg.mode == "apply":
-                    raise
-                logger.warning("%s -- exploring again", exc)
-                return None
-            return plan
-        return None
+        return initial_plan(self.config, info, self._plan_key)
 
     # ------------------------------------------------------------------ exploration
     def _switch_latency_ms(self) -> float:
@@ -302,12 +281,7 @@ class Engine:
                                "exploration_time_change": result.exploration_time_change,
                                "exploration_steps": float(result.steps)},
                     source="explore")
-        path = self.config.resolved_plan_path()
-        if self.rank == 0 or self.config.plan_path is None:
-            try:
-                plan.save(path)
-            except OSError as exc:
-                logger.warning("could not save the plan to %s: %s", path, exc)
+        path = save_explored_plan(self.config, plan, self.rank)
         if result.status == "applied":
             self.set_plan(plan)
         if self._progress is not None:
@@ -560,21 +534,10 @@ class Engine:
         return path
 
     def write_run_dir(self) -> Optional[Path]:
-        """Write ``<run_dir>/rank<N>/summary.json``; returns the path (None if not started)."""
+        """Write ``<run_dir>/rank<N>/``; returns the path (None if not started)."""
         if not self._started:
             return None
-        out = Path(self.config.run_dir) / f"rank{self.rank}"
-        out.mkdir(parents=True, exist_ok=True)
-        (out / "summary.json").write_text(json.dumps(self.summary(), indent=1))
-        with open(out / "steps.jsonl", "w") as f:
-            for s in self.meter.steps:
-                f.write(json.dumps({"step": s.step, "gpu_time_ms": s.gpu_time_ms, "clock_changes": s.clock_changes,
-                                    "region_time_ms": s.region_time_ms}) + "\n")
-        with open(out / "windows.jsonl", "w") as f:
-            for w in self.meter.windows:
-                f.write(json.dumps({"first_step": w.first_step, "last_step": w.last_step, "energy_j": w.energy_j,
-                                    "duration_s": w.duration_s, "gpu_time_ms_per_step": w.gpu_time_ms_per_step}) + "\n")
-        return out
+        return write_run_dir(self.config.run_dir, self.rank, self.summary(), self.meter.steps, self.meter.windows)
 
 
 def plan_by_module(plan: Optional[Plan]) -> bool:
