@@ -49,7 +49,7 @@ def format_pipeline(data: Mapping) -> str:
     fmt = "  " + "  ".join(f"{{:<{w}}}" for w in widths)
     lines += [fmt.format(*cols)] + [fmt.format(*row) for row in rows]
     lines.append("  energy per rank (executed, against default): " + "; ".join(
-        f"{r['planner']}: " + " ".join(_pc(x["executed_energy_change"]) for x in r["per_rank"])
+        f"{r['planner']} {r['objective']}: " + " ".join(_pc(x["executed_energy_change"]) for x in r["per_rank"])
         for r in data["rows"] if r["planner"] != "default"))
     lines.append("  assumptions: " + "; ".join(data.get("assumptions", ())))
     if data.get("plot"):

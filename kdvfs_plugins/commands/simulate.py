@@ -298,7 +298,8 @@ def run_pipeline(args: argparse.Namespace) -> int:
     study = pipeline_compare(stages, args.microbatches, schedule=args.schedule, replicas=args.dp,
                              straggler=parse_straggler(args.straggler), stage_traces=traces,
                              switch_latency_ms=_latency(args), issue_ahead=not args.no_issue_ahead,
-                             min_interval_ms=args.min_interval_ms, noise=not args.no_noise, seed=args.seed)
+                             min_interval_ms=args.min_interval_ms, noise=not args.no_noise, seed=args.seed,
+                             max_slowdown=args.max_slowdown)
     data = study.data
     data["plot"] = str(plot_pipeline_timeline(study.runs, data, _plot_path(args, "pipeline_timeline.png")))
     print(json.dumps(data, indent=1) if args.json else format_pipeline(data))

@@ -30,8 +30,8 @@ from pathlib import Path
 from typing import Mapping, Optional, Sequence
 
 from ..errors import ConfigError
-from ..pipeline_planner import (PLANNERS, PipelineGraph, PipelinePlan, default_plan, plan_critical_path,
-                                plan_envpipe, plan_per_gpu)
+from ..pipeline_planner import (PLANNERS, PipelineGraph, PipelinePlan, clocks_summary, default_plan,
+                                plan_critical_path, plan_envpipe, plan_per_gpu)
 from ..switching import DEFAULT_SWITCH_LATENCY_MS, ISSUE_AHEAD_MIN_INTERVAL_MS, check_latency_ms, switch_model
 from ..sim.cluster import (ClusterPlan, ClusterRun, Links, StageWorkload, Straggler, VirtualCluster,
                            shipped_stage_workloads)
@@ -102,38 +102,51 @@ def _graph(cluster: VirtualCluster, card_seed: Optional[int]) -> PipelineGraph:
                          tuple(n.kind for n in g.schedule.nodes))
 
 
-def _plans(cluster: VirtualCluster, switch, card_seed: Optional[int]) -> dict[str, PipelinePlan]:
+#: The key of the optional relaxed critical-path row.
+RELAXED = "critical_path_relaxed"
+
+
+def _plans(cluster: VirtualCluster, switch, card_seed: Optional[int],
+           max_slowdown: Optional[float] = None) -> dict[str, PipelinePlan]:
     """Every planner's plan, on the costs as each GPU would measure them (its card factors with
-    noise; the model's without)."""
+    noise; the model's without); with ``max_slowdown``, also the critical path within that budget."""
     pg = _graph(cluster, card_seed)
     states = cluster.states
     top_mem = max(s.mem_mhz for s in states if s is not None)
     sm_states = [k for k, s in enumerate(states) if s is not None and s.mem_mhz == top_mem]
-    return {
+    plans = {
         "default": default_plan(pg),
         "per_gpu": plan_per_gpu(pg, clocks=states, switch=switch),
         "envpipe": plan_envpipe(pg, sm_states=sm_states, switch=switch),
         "critical_path": plan_critical_path(pg, switch=switch),
     }
+    if max_slowdown:
+        plans[RELAXED] = plan_critical_path(pg, max_slowdown=max_slowdown, switch=switch)
+    return plans
 
 
 def _cluster_plan(p: PipelinePlan) -> ClusterPlan:
     return ClusterPlan(p.node_state, p.wait_state, p.min_wait_s)
 
 
-def _per_rank(run: ClusterRun, base: ClusterRun) -> list[dict]:
+def _per_rank(run: ClusterRun, base: ClusterRun, clocks: list) -> list[dict]:
     return [{"rank": r.rank, "stage": r.stage, "replica": r.replica, "busy_s": round(r.busy_s, 6),
              "wait_s": round(r.wait_s, 6), "energy_j": round(r.energy_j, 3),
-             "executed_energy_change": r.energy_j / b.energy_j - 1.0, "clock_changes": r.clock_changes}
-            for r, b in zip(run.ranks, base.ranks)]
+             "executed_energy_change": r.energy_j / b.energy_j - 1.0, "clock_changes": r.clock_changes,
+             "clocks": {"instructions": c["instructions"], "waits": c["waits"]}}
+            for r, b, c in zip(run.ranks, base.ranks, clocks)]
 
 
 def pipeline_compare(stages: int = 4, microbatches: int = 8, *, schedule: str = "1f1b", replicas: int = 1,
                      straggler: Optional[Straggler] = None, stage_traces: Optional[Sequence[str]] = None,
                      switch_latency_ms: float = DEFAULT_SWITCH_LATENCY_MS, issue_ahead: bool = True,
                      min_interval_ms: float = 0.0, noise: bool = True, seed: int = 0,
-                     links: Links = Links()) -> PipelineStudy:
-    """Plan with every planner, execute on the virtual cluster, compare with the default clocks."""
+                     max_slowdown: Optional[float] = None, links: Links = Links()) -> PipelineStudy:
+    """Plan with every planner, execute on the virtual cluster, compare with the default clocks.
+
+    ``max_slowdown`` (a fraction > 0): one more ``critical_path`` row within that budget."""
+    if max_slowdown is not None and not (0 <= max_slowdown <= 1):
+        raise ConfigError("--max-slowdown", max_slowdown, "a fraction between 0 and 1, e.g. 0.05", source=SOURCE)
     latency_ms = check_latency_ms(switch_latency_ms, "--switch-latency-ms", source=SOURCE)
     floor_ms = check_latency_ms(min_interval_ms, "--min-interval-ms", source=SOURCE)
     if issue_ahead and latency_ms > 0:
@@ -151,20 +164,22 @@ def pipeline_compare(stages: int = 4, microbatches: int = 8, *, schedule: str = 
                                issue_ahead=issue_ahead)
 
     card_seed = seed if noise else None
-    plans = _plans(cluster, switch, card_seed)
-    healthy_plans = _plans(healthy, switch, card_seed) if straggler is not None else plans
-    runs = {name: run(plans[name]) for name in PLANNERS}
+    plans = _plans(cluster, switch, card_seed, max_slowdown)
+    healthy_plans = _plans(healthy, switch, card_seed, max_slowdown) if straggler is not None else plans
+    runs = {name: run(p) for name, p in plans.items()}
     base = runs["default"]
+    graph = cluster.graph()
+    pg = _graph(cluster, None)
     rows = []
-    for name in PLANNERS:
+    for name in plans:
         p, r = plans[name], runs[name]
-        row = {"planner": name, "objective": p.objective,
+        row = {"planner": p.planner, "objective": p.objective,
                "planned_time_change": p.time_change, "planned_energy_change": p.energy_change,
                "executed_time_change": r.time_s / base.time_s - 1.0,
                "executed_energy_change": r.energy_j / base.energy_j - 1.0,
                "executed_time_s": r.time_s, "executed_energy_j": r.energy_j,
                "clock_changes": sum(x.clock_changes for x in r.ranks),
-               "per_rank": _per_rank(r, base)}
+               "per_rank": _per_rank(r, base, clocks_summary(p, pg, graph.states))}
         if straggler is not None:
             hp = healthy_plans[name]
             hr = run(hp)
@@ -173,7 +188,7 @@ def pipeline_compare(stages: int = 4, microbatches: int = 8, *, schedule: str = 
                 "executed_time_change": hr.time_s / base.time_s - 1.0,
                 "executed_energy_change": hr.energy_j / base.energy_j - 1.0}
         rows.append(row)
-    g = cluster.graph()
+    g = graph
     data = {
         "label": LABEL, "model_prediction": True,
         "stages": len(workloads), "microbatches": microbatches, "schedule": schedule, "replicas": replicas,
