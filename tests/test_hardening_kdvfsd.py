@@ -385,13 +385,15 @@ def test_a_site_configures_the_clocks_kdvfsd_restores(service):
     assert svc.gpu(0)["mem_locked"] == [1593, 1593]
 
 
-def test_unsupported_restore_clocks_stop_the_service_with_a_clear_error(tmp_path):
+def test_unsupported_restore_clocks_stop_the_service_with_a_clear_error(tmp_path, caplog):
     from kdvfs_plugins.kdvfsd.server import main
 
     cfg = tmp_path / "k.json"
     cfg.write_text(json.dumps({"socket_path": str(tmp_path / "s.sock"), "audit_log": None, "state_dir": None,
                                "restore_clocks": {"0": [1411, 1593]}}))
-    assert main(["--config", str(cfg), "--check"], nvml=FakeNvml()) == 2
+    with caplog.at_level("ERROR", logger="kdvfsd"):
+        assert main(["--config", str(cfg), "--check"], nvml=FakeNvml()) == 2
+    assert any("restore_clocks: 1411/1593 MHz: rejected SM clock 1411 MHz" in r.getMessage() for r in caplog.records)
 
 
 @pytest.mark.parametrize("record", ["[]", "null", "{bad", json.dumps({"gpu": GPU0, "pid": 1, "boot_id": "earlier"})])
