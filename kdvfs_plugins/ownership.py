@@ -130,14 +130,14 @@ def open_lock_file(path: str | os.PathLike, *, private: bool = True) -> int:
 
 
 # ---------------------------------------------------------------------- state files
-def write_json(path: str | os.PathLike, obj) -> None:
+def write_json(path: str | os.PathLike, obj, *, mode: int = 0o600, indent: Optional[int] = None) -> None:
     """Write ``obj`` to ``path`` atomically; never through a planted link (fsynced)."""
     path = Path(path)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, mode)
     try:
         with os.fdopen(fd, "w") as f:
-            f.write(json.dumps(obj))
+            f.write(json.dumps(obj, indent=indent))
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)  # replaces a planted link itself, never its target

@@ -18,6 +18,7 @@ from typing import Mapping, Optional
 from .clocks import ClockPair, ClockTable
 from .config import GRANULARITIES
 from .errors import InvalidClockError, PlanError
+from .ownership import write_json
 from .regions import STEP, Region, lookup
 
 SCHEMA_VERSION = 1
@@ -90,9 +91,9 @@ class Plan:
     def save(self, path: str | os.PathLike) -> Path:
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(path.suffix + ".tmp")
-        tmp.write_text(json.dumps(self.to_dict(), indent=1))
-        os.replace(tmp, path)
+        # A fresh temporary file and a rename: a link planted in a shared run directory is
+        # replaced, never written through (a root run would otherwise overwrite its target).
+        write_json(path, self.to_dict(), mode=0o644, indent=1)
         return path
 
     @classmethod

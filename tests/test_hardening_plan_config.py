@@ -115,3 +115,16 @@ def test_region_keys_are_judged_over_several_profiled_steps():
     assert check.seen({"step": 1, "forward": 1, "optimizer": 1}) is None  # hooks not in yet
     assert check.seen({"step": 1, "forward/layers.*.mlp": 1}) is None
     assert check.seen({"step": 1}) is None and check.done  # every key matched: nothing to say
+
+
+def test_saving_a_plan_never_writes_through_a_planted_link(tmp_path):
+    victims = []
+    for name in ("plan.json.tmp", "plan.json"):  # the old fixed temporary name, and the plan itself
+        victim = tmp_path / f"victim-of-{name}"
+        victim.write_text("do not touch\n")
+        (tmp_path / name).symlink_to(victim)
+        victims.append(victim)
+    plan = Plan(H100, table(), {"step": None, "forward": ClockPair(1410, 2619)})
+    plan.save(tmp_path / "plan.json")
+    assert [v.read_text() for v in victims] == ["do not touch\n"] * 2
+    assert not (tmp_path / "plan.json").is_symlink() and Plan.load(tmp_path / "plan.json").regions == plan.regions
