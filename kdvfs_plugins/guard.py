@@ -48,7 +48,10 @@ _SIGNALS = (signal.SIGINT, signal.SIGTERM)
 _FATAL_BY_DEFAULT = tuple(getattr(signal, name) for name in (
     "SIGHUP", "SIGQUIT", "SIGUSR1", "SIGUSR2", "SIGALRM", "SIGVTALRM", "SIGPROF", "SIGXCPU", "SIGXFSZ",
     "SIGPIPE", "SIGIO", "SIGPWR", "SIGSTKFLT", "SIGABRT",
-) if hasattr(signal, name))
+) if hasattr(signal, name)) + (
+    # Real-time signals end the process by default too (those a library handles in C are skipped:
+    # their handler is not the default).
+    tuple(range(signal.SIGRTMIN, signal.SIGRTMAX + 1)) if hasattr(signal, "SIGRTMIN") else ())
 WATCHDOG_ENV = "KDVFS_WATCHDOG"
 #: After a busy refusal, writes are refused here for this long before the service is asked again.
 BUSY_RETRY_S = 10.0

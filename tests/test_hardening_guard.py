@@ -39,8 +39,9 @@ def shared_fake(tmp_path):
 
 
 # ---------------------------------------------------------------------- signals
-@pytest.mark.parametrize("sig", [signal.SIGHUP, signal.SIGQUIT, signal.SIGUSR1, signal.SIGUSR2, signal.SIGALRM],
-                         ids=lambda s: signal.Signals(s).name)
+@pytest.mark.parametrize("sig", [signal.SIGHUP, signal.SIGQUIT, signal.SIGUSR1, signal.SIGUSR2, signal.SIGALRM,
+                                 signal.SIGRTMIN + 3],
+                         ids=["SIGHUP", "SIGQUIT", "SIGUSR1", "SIGUSR2", "SIGALRM", "SIGRTMIN+3"])
 def test_every_fatal_signal_restores_as_sigterm_does(shared_fake, monkeypatch, sig):
     # Without the watchdog, so that only the signal handler can have restored.
     monkeypatch.setenv("KDVFS_WATCHDOG", "0")
