@@ -13,7 +13,7 @@
     burst = 2000
 
     [limits]
-    connections_per_user = 16     # open connections per listed uid (unlisted uids: 2)
+    connections_per_user = 64     # open connections per listed uid (unlisted uids: 2)
     connections = 1000            # open connections in all (also bounded by the file limit)
 
     [restore_clocks]              # GPU -> [SM, memory] MHz to restore to instead of unlocking
@@ -67,7 +67,7 @@ class RateLimit:
 class Limits:
     """How many connections the service keeps open: per listed uid, and in all."""
 
-    connections_per_user: int = 16
+    connections_per_user: int = 64
     connections: int = 1000
 
 
