@@ -23,34 +23,41 @@ def _pc(x: float) -> str:
     return f"{100 * x:+.2f}%"
 
 
-def format_pipeline(data: Mapping) -> str:
-    """The compare as text: one line per planner, then per-rank energy changes."""
+def format_pipeline(data: Mapping, fmt: str = "text") -> str:
+    """The compare as a text table (``fmt="text"``) or as Markdown (``"markdown"``, as the docs
+    show it: no plot path, which would be this machine's, and no assumptions, which the page lists)."""
     d = data["default"]
     head = (f"{data.get('label', LABEL)}: {data['stages']} stages x {data['replicas']} replicas, "
             f"{data['microbatches']} microbatches, {data['schedule']}, switch latency {data['switch_latency_ms']:g} ms "
             f"({'issued ahead' if data['issue_ahead'] else 'at the boundary'}), "
             f"{'noise seed ' + str(data['seed']) if data['noise'] else 'no noise'}")
-    lines = [head, f"  default: iteration {d['iteration_time_s'] * 1e3:.2f} ms, {d['energy_j']:.1f} J"]
+    notes = [f"default: iteration {d['iteration_time_s'] * 1e3:.2f} ms, {d['energy_j']:.1f} J"]
     st = data.get("straggler")
     if st:
-        lines.append(f"  straggler: rank {st['rank']} x{st['factor']:g} (default iteration "
+        notes.append(f"straggler: rank {st['rank']} x{st['factor']:g} (default iteration "
                      f"{_pc(st['default_time_change'])} against no straggler)")
-    cols = ("planner", "objective", "planned time", "planned energy", "executed time", "executed energy", "changes")
+    cols = ["planner", "objective", "planned time", "planned energy", "executed time", "executed energy", "changes"]
     rows = []
     for r in data["rows"]:
-        rows.append((r["planner"], r["objective"], _pc(r["planned_time_change"]), _pc(r["planned_energy_change"]),
-                     _pc(r["executed_time_change"]), _pc(r["executed_energy_change"]), str(r["clock_changes"])))
+        row = [r["planner"], r["objective"], _pc(r["planned_time_change"]), _pc(r["planned_energy_change"]),
+               _pc(r["executed_time_change"]), _pc(r["executed_energy_change"]), str(r["clock_changes"])]
+        if st:
+            w = r["without_replanning"]
+            row.append(f"{_pc(w['executed_time_change'])} / {_pc(w['executed_energy_change'])}")
+        row.append(" ".join(_pc(x["executed_energy_change"]) for x in r["per_rank"]))
+        rows.append(row)
     if st:
-        cols = cols + ("without re-planning: time / energy",)
-        rows = [row + (f"{_pc(r['without_replanning']['executed_time_change'])} / "
-                       f"{_pc(r['without_replanning']['executed_energy_change'])}",)
-                for row, r in zip(rows, data["rows"])]
+        cols.append("without re-planning: time / energy")
+    cols.append("energy per rank")
+    if fmt == "markdown":
+        lines = [head, "", *(f"{n}." for n in notes), "",
+                 "| " + " | ".join(cols) + " |", "|" + "---|" * 2 + "---:|" * (len(cols) - 2)]
+        lines += ["| " + " | ".join(row) + " |" for row in rows]
+        return "\n".join(lines)
     widths = [max(len(c), *(len(row[i]) for row in rows)) for i, c in enumerate(cols)]
-    fmt = "  " + "  ".join(f"{{:<{w}}}" for w in widths)
-    lines += [fmt.format(*cols)] + [fmt.format(*row) for row in rows]
-    lines.append("  energy per rank (executed, against default): " + "; ".join(
-        f"{r['planner']} {r['objective']}: " + " ".join(_pc(x["executed_energy_change"]) for x in r["per_rank"])
-        for r in data["rows"] if r["planner"] != "default"))
+    fmt_row = "  " + "  ".join(f"{{:<{w}}}" for w in widths)
+    lines = [head, *(f"  {n}" for n in notes)]
+    lines += [fmt_row.format(*cols).rstrip()] + [fmt_row.format(*row).rstrip() for row in rows]
     lines.append("  assumptions: " + "; ".join(data.get("assumptions", ())))
     if data.get("plot"):
         lines.append(f"  plot: {data['plot']}")

@@ -50,6 +50,13 @@ def test_table_is_labelled_a_model_prediction(capsys, tmp_path):
     assert "critical_path" in out and "envpipe" in out and (tmp_path / "t.png").exists()
 
 
+def test_markdown_table_as_the_docs_show_it(capsys, tmp_path):
+    rc, out, _ = _run(capsys, "--pipeline", "2", "--microbatches", "3", "--no-noise", "--markdown",
+                      "--out-dir", str(tmp_path))
+    assert rc == 0 and out.startswith("model prediction (simulated H100 cluster)")
+    assert "| critical_path | strict |" in out and "plot:" not in out and "assumptions" not in out
+
+
 def test_straggler_saving_with_and_without_replanning(capsys, tmp_path):
     rc, out, _ = _run(capsys, "--pipeline", "2", "--microbatches", "4", "--dp", "2", "--straggler", "3:1.1",
                       "--json", "--out-dir", str(tmp_path))

@@ -302,7 +302,7 @@ def run_pipeline(args: argparse.Namespace) -> int:
                              max_slowdown=args.max_slowdown)
     data = study.data
     data["plot"] = str(plot_pipeline_timeline(study.runs, data, _plot_path(args, "pipeline_timeline.png")))
-    print(json.dumps(data, indent=1) if args.json else format_pipeline(data))
+    print(json.dumps(data, indent=1) if args.json else format_pipeline(data, _table_format(args)))
     return 0
 
 
