@@ -45,7 +45,9 @@ model to each node's options and quantises time, so its frontier is an approxima
 discrete clock table, and it pulls in scikit-learn, scipy and a compiled Rust extension for a
 core module that must stay light. The graphs here are small (tens to hundreds of nodes); the
 greedy above works on the exact discrete table, respects the budget by construction and runs in
-well under a second. It gives no optimality bound (neither does lowtime's fitted model).
+about a second. It gives no optimality bound (neither does lowtime's fitted model). Evaluated on
+the 4 x 8 1F1B graph (docs/pipeline.md): lowtime with 1 ms quanta took 17 s and, checked in real
+time, saved 24.76% strict; this solver 25.01%.
 
 Switch costs come from :mod:`kdvfs_plugins.switching`: changes are issued ahead and land on
 time; a wait gets the wait state only if it lasts at least the switch model's floor between
