@@ -27,7 +27,8 @@ def format_pipeline(data: Mapping, fmt: str = "text") -> str:
     """The compare as a text table (``fmt="text"``) or as Markdown (``"markdown"``, as the docs
     show it: no plot path, which would be this machine's, and no assumptions, which the page lists)."""
     d = data["default"]
-    head = (f"{data.get('label', LABEL)}: {data['stages']} stages x {data['replicas']} replicas, "
+    chunks = f" x {data['chunks']} model chunks" if data.get("chunks", 1) > 1 else ""
+    head = (f"{data.get('label', LABEL)}: {data['stages']} stages{chunks} x {data['replicas']} replicas, "
             f"{data['microbatches']} microbatches, {data['schedule']}, switch latency {data['switch_latency_ms']:g} ms "
             f"({'issued ahead' if data['issue_ahead'] else 'at the boundary'}), "
             f"{'noise seed ' + str(data['seed']) if data['noise'] else 'no noise'}")
@@ -83,9 +84,10 @@ def pipeline_timeline_figure(runs: Mapping, data: Mapping, planners: Sequence[st
     norm = colors.Normalize(*SM_RANGE_MHZ)
     cmap = matplotlib.colormaps["viridis"]
     n_ranks = max(len(runs[p].segments) for p in planners)
-    fig, axes = plt.subplots(len(planners), 1, figsize=(11, 1.2 + 0.45 * n_ranks * len(planners)), squeeze=False,
-                             sharex=True)
-    rows = {r["planner"]: r for r in data.get("rows", ())}
+    fig, axes = plt.subplots(len(planners), 1, figsize=(11, 1.0 + len(planners) * (1.0 + 0.45 * n_ranks)),
+                             squeeze=False, sharex=True, layout="constrained")
+    rows = {r["planner"]: r for r in data.get("rows", ()) if r["objective"] in ("default", "strict")}
+    chunked = data.get("chunks", 1) > 1  # interleaved: label instructions F<microbatch>.<chunk>
     for ax, name in zip(axes[:, 0], planners):
         run = runs[name]
         for rank, segs in enumerate(run.segments):
@@ -95,8 +97,9 @@ def pipeline_timeline_figure(runs: Mapping, data: Mapping, planners: Sequence[st
                         color=cmap(norm(s.sm_mhz)), edgecolor="none", hatch="//" if wait else None,
                         alpha=0.55 if wait else 1.0)
                 if not wait and s.microbatch >= 0 and s.end_s - s.start_s > 0.004:
-                    ax.text((s.start_s + s.end_s) / 2 * 1e3, rank, f"{s.kind[0].upper()}{s.microbatch}",
-                            ha="center", va="center", fontsize=6, color="white")
+                    label = f"{s.kind[0].upper()}{s.microbatch}" + (f".{s.chunk}" if chunked else "")
+                    ax.text((s.start_s + s.end_s) / 2 * 1e3, rank, label, ha="center", va="center", fontsize=6,
+                            color="white")
         row = rows.get(name)
         extra = (f": executed time {_pc(row['executed_time_change'])}, energy {_pc(row['executed_energy_change'])}"
                  if row and name != "default" else "")
@@ -108,7 +111,7 @@ def pipeline_timeline_figure(runs: Mapping, data: Mapping, planners: Sequence[st
     fig.suptitle(f"{LABEL}: pipeline timeline, {data.get('stages')} stages, {data.get('microbatches')} "
                  f"microbatches, {data.get('schedule')} (waits hatched)", fontsize=10)
     sm = cm.ScalarMappable(norm=norm, cmap=cmap)
-    fig.colorbar(sm, ax=axes[:, 0].tolist(), label="SM clock (MHz)", fraction=0.03, pad=0.01)
+    fig.colorbar(sm, ax=axes[:, 0].tolist(), label="SM clock (MHz)", fraction=0.03, pad=0.01, aspect=30)
     return fig
 
 

@@ -57,6 +57,16 @@ def test_markdown_table_as_the_docs_show_it(capsys, tmp_path):
     assert "| critical_path | strict |" in out and "plot:" not in out and "assumptions" not in out
 
 
+def test_interleaved_on_the_shipped_traces(capsys, tmp_path):
+    rc, out, _ = _run(capsys, "--pipeline", "2", "--microbatches", "4", "--schedule", "interleaved", "--json",
+                      "--out-dir", str(tmp_path))
+    assert rc == 0
+    data = json.loads(out)
+    assert data["chunks"] == 2 and data["stages"] == 2 and len(data["stage_traces"]) == 4
+    cp = [r for r in data["rows"] if r["planner"] == "critical_path" and r["objective"] == "strict"][0]
+    assert cp["executed_time_change"] <= 0.005 and cp["executed_energy_change"] < -0.05
+
+
 def test_straggler_saving_with_and_without_replanning(capsys, tmp_path):
     rc, out, _ = _run(capsys, "--pipeline", "2", "--microbatches", "4", "--dp", "2", "--straggler", "3:1.1",
                       "--json", "--out-dir", str(tmp_path))
@@ -92,6 +102,9 @@ def test_user_stage_traces(capsys, tmp_path):
     (["--pipeline", "2", "--straggler", "1"], "RANK:FACTOR, e.g. 1:1.1"),
     (["--pipeline", "2", "--schedule", "zigzag"], "one of 1f1b, gpipe"),
     (["--pipeline", "2", "--microbatches", "0"], "--microbatches=0 is not allowed"),
+    (["--pipeline", "4", "--schedule", "interleaved"], "2 for the interleaved schedule on the shipped"),
+    (["--pipeline", "2", "--schedule", "interleaved", "--stage-traces", "a.csv,b.csv,c.csv"],
+     "a multiple of 2 and at least 4 files"),
 ])
 def test_bad_input_exits_2_and_says_what_to_do(capsys, argv, message):
     rc, out, err = _run(capsys, *argv)

@@ -151,3 +151,24 @@ def test_noise_is_seeded_and_shared_by_plans():
     b = c.execute(noise=True, seed=3, switch_latency_s=0.006)
     assert a.time_s == b.time_s and a.energy_j == b.energy_j
     assert c.execute(noise=True, seed=4).time_s != a.time_s
+
+
+def test_interleaved_follows_megatron_and_shrinks_the_bubble_by_the_chunks():
+    sch = build_schedule(2, 4, schedule="interleaved", chunks=2)
+    labels = [f"{sch.nodes[i].label}.{sch.nodes[i].chunk}" for i in sch.order[0]]
+    # Megatron's order on the first stage: (P-1)*2 + (v-1)*P = 4 warm-up forwards, then 1F1B.
+    assert labels == ["F0.0", "F1.0", "F0.1", "F1.1", "F2.0", "B0.1", "F3.0", "B1.1", "F2.1", "B0.0",
+                      "F3.1", "B1.0", "B2.1", "B3.1", "B2.0", "B3.0", "optimizer.0"]
+    four = _uniform(4)  # four virtual stages: 2 stages x 2 chunks, or merged in pairs for 1F1B
+    inter = VirtualCluster(four, 4, schedule="interleaved", chunks=2, links=NO_LINK, states=STATES)
+    plain = VirtualCluster((StageWorkload.merged(four[0], four[1]), StageWorkload.merged(four[2], four[3])), 4,
+                           links=NO_LINK, states=STATES)
+    a, b = inter.execute(noise=False), plain.execute(noise=False)
+    for ri, rp in zip(a.ranks, b.ranks):
+        assert ri.busy_s == pytest.approx(rp.busy_s, rel=1e-9)
+        assert ri.wait_s == pytest.approx(rp.wait_s / 2, rel=1e-9)  # (P-1)(tF+tB)/v
+    assert a.time_s == pytest.approx(_longest_path(inter), rel=1e-12)
+    with pytest.raises(ConfigError, match="multiple of the 2 stages"):
+        build_schedule(2, 3, schedule="interleaved", chunks=2)
+    with pytest.raises(ConfigError, match="2 model chunks"):
+        build_schedule(2, 4, schedule="interleaved", chunks=1)

@@ -72,7 +72,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="pipeline stages: plan per (stage, instruction, microbatch) on a virtual H100 "
                              "cluster and compare default, per_gpu, envpipe and critical_path")
     parser.add_argument("--microbatches", type=int, default=8, help="--pipeline: microbatches per iteration (default 8)")
-    parser.add_argument("--schedule", default="1f1b", help="--pipeline: 1f1b (default) or gpipe")
+    parser.add_argument("--schedule", default="1f1b",
+                        help="--pipeline: 1f1b (default), gpipe or interleaved (two or more model chunks per stage)")
     parser.add_argument("--dp", type=int, default=1, help="--pipeline: data-parallel replicas (default 1)")
     parser.add_argument("--straggler", default=None, metavar="RANK:FACTOR",
                         help="--pipeline: one rank's work slower by FACTOR, e.g. 1:1.1 "

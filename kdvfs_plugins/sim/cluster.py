@@ -10,12 +10,14 @@ API
 ``shipped_stage_workloads(stages)``: the four shipped GPT stage traces (``gpt1b-stage{i}-of4``),
 merged in pairs for 2 stages.
 
-``build_schedule(stages, microbatches, replicas=1, schedule="1f1b") -> Schedule``: the nodes
-(instructions) of one iteration, each rank's program order and the data dependences.
+``build_schedule(stages, microbatches, replicas=1, schedule="1f1b", chunks=1) -> Schedule``: the
+nodes (instructions) of one iteration, each rank's program order and the data dependences.
+Schedules: ``1f1b``, ``gpipe`` and ``interleaved`` (Megatron's interleaved 1F1B, ``chunks`` model
+chunks per rank: virtual stage ``chunk x stages + stage``).
 Rank numbering: ``rank = replica * stages + stage``.
 
 ``VirtualCluster(workloads, microbatches, *, replicas=1, schedule="1f1b", links=Links(),
-straggler=None, model=None)``
+straggler=None, model=None, chunks=1)`` (``workloads``: one per virtual stage)
 - ``states``: the clock states every instruction can run at (``None`` = the driver's default,
   then every locked pair of the H100);
 - ``graph()``: nodes, program order, dependences with their transfer times, and each node's time
@@ -86,7 +88,7 @@ __all__ = [
 ]
 
 PHASES = ("forward", "backward", "optimizer")
-SCHEDULES = ("1f1b", "gpipe")
+SCHEDULES = ("1f1b", "gpipe", "interleaved")
 #: Shipped GPT (1.0 B parameters): what a stage's gradient bytes are estimated from.
 SHIPPED_PARAMS = 1.0e9
 GRAD_BYTES_PER_PARAM = 2  # bf16 gradients
@@ -244,6 +246,8 @@ class Node:
     replica: int
     kind: str  # forward, backward, allreduce, optimizer
     microbatch: int  # -1 for allreduce and optimizer
+    #: Interleaved schedules: which of the rank's model chunks (virtual stage chunk x stages + stage).
+    chunk: int = 0
 
     @property
     def label(self) -> str:
@@ -261,33 +265,76 @@ class Schedule:
     nodes: tuple[Node, ...]
     order: tuple[tuple[int, ...], ...]  # per rank: node indices in program order
     deps: tuple[tuple[tuple[int, str], ...], ...]  # per node: (pred, "p2p" | "local" | "collective")
+    #: Model chunks per rank (interleaved 1F1B: > 1; virtual stages = chunks x stages).
+    chunks: int = 1
 
     @property
     def ranks(self) -> int:
         return self.stages * self.replicas
 
 
-def _stage_order(schedule: str, stage: int, stages: int, microbatches: int) -> list[tuple[str, int]]:
+def _stage_order(schedule: str, stage: int, stages: int, microbatches: int,
+                 chunks: int = 1) -> list[tuple[str, int, int]]:
+    """(kind, microbatch, chunk) in one stage's program order."""
     if schedule == "gpipe":
-        return [("forward", m) for m in range(microbatches)] + [("backward", m) for m in range(microbatches)]
+        return [("forward", m, 0) for m in range(microbatches)] + [("backward", m, 0) for m in range(microbatches)]
+    if schedule == "interleaved":
+        return _interleaved_order(stage, stages, microbatches, chunks)
     # 1F1B (PipeDream-flush, Megatron's default): warm-up forwards, then one forward one backward.
     warmup = min(stages - stage - 1, microbatches)
-    out = [("forward", m) for m in range(warmup)]
+    out = [("forward", m, 0) for m in range(warmup)]
     for i in range(microbatches - warmup):
-        out += [("forward", warmup + i), ("backward", i)]
-    out += [("backward", m) for m in range(microbatches - warmup, microbatches)]
+        out += [("forward", warmup + i, 0), ("backward", i, 0)]
+    out += [("backward", m, 0) for m in range(microbatches - warmup, microbatches)]
     return out
 
 
-def build_schedule(stages: int, microbatches: int, replicas: int = 1, schedule: str = "1f1b") -> Schedule:
+def _interleaved_order(stage: int, stages: int, microbatches: int, chunks: int) -> list[tuple[str, int, int]]:
+    """Megatron's interleaved 1F1B: microbatches in groups of ``stages``, each group through every
+    model chunk in turn (backwards through the chunks in reverse), with a longer warm-up."""
+    total = microbatches * chunks
+    group = stages * chunks
+
+    def chunk_of(k: int, forward: bool) -> int:
+        c = (k % group) // stages
+        return c if forward else chunks - 1 - c
+
+    def mb_of(k: int) -> int:
+        return (k // group) * stages + k % stages
+
+    if microbatches == stages:
+        warmup = total
+    else:
+        warmup = min((stages - stage - 1) * 2 + (chunks - 1) * stages, total)
+    out = [("forward", mb_of(k), chunk_of(k, True)) for k in range(warmup)]
+    for k in range(total - warmup):
+        out += [("forward", mb_of(k + warmup), chunk_of(k + warmup, True)), ("backward", mb_of(k), chunk_of(k, False))]
+    out += [("backward", mb_of(k), chunk_of(k, False)) for k in range(total - warmup, total)]
+    return out
+
+
+def build_schedule(stages: int, microbatches: int, replicas: int = 1, schedule: str = "1f1b",
+                   chunks: int = 1) -> Schedule:
     """One iteration: per rank its forwards and backwards in schedule order, the all-reduce
-    (replicas > 1) and the optimizer step."""
+    (replicas > 1) and the optimizer step. ``chunks``: model chunks per rank (interleaved only)."""
     for key, v in (("--pipeline", stages), ("--microbatches", microbatches), ("--dp", replicas)):
         if not isinstance(v, int) or isinstance(v, bool) or v < 1:
             raise ConfigError(key, v, "a whole number >= 1, e.g. --pipeline 4 --microbatches 8 --dp 1",
                               source=SOURCE)
     if schedule not in SCHEDULES:
         raise ConfigError("--schedule", schedule, f"one of {', '.join(SCHEDULES)}", source=SOURCE)
+    if schedule == "interleaved":
+        if chunks < 2 or stages < 2:
+            raise ConfigError("--schedule", schedule, "interleaved needs at least 2 stages and 2 model chunks per "
+                              "stage: give stages x chunks stage workloads (with the shipped traces: "
+                              "--pipeline 2, four virtual stages), or use 1f1b", source=SOURCE)
+        if microbatches % stages:
+            raise ConfigError("--microbatches", microbatches, f"a multiple of the {stages} stages for the "
+                              "interleaved schedule (Megatron's rule), e.g. --microbatches "
+                              f"{stages * max(1, round(microbatches / stages))}", source=SOURCE)
+    elif chunks != 1:
+        raise ConfigError("--schedule", schedule, "one model chunk per stage (more need --schedule interleaved)",
+                          source=SOURCE)
     nodes: list[Node] = []
     order: list[tuple[int, ...]] = []
     where: dict[tuple, int] = {}
@@ -295,35 +342,35 @@ def build_schedule(stages: int, microbatches: int, replicas: int = 1, schedule: 
         for s in range(stages):
             rank = d * stages + s
             seq = []
-            for kind, m in _stage_order(schedule, s, stages, microbatches):
-                n = Node(len(nodes), rank, s, d, kind, m)
+            for kind, m, c in _stage_order(schedule, s, stages, microbatches, chunks):
+                n = Node(len(nodes), rank, s, d, kind, m, c)
                 nodes.append(n)
-                where[(d, s, kind, m)] = n.index
+                where[(d, c * stages + s, kind, m)] = n.index
                 seq.append(n.index)
             if replicas > 1:
                 n = Node(len(nodes), rank, s, d, "allreduce", -1)
                 nodes.append(n)
-                where[(d, s, "allreduce", -1)] = n.index
                 seq.append(n.index)
             n = Node(len(nodes), rank, s, d, "optimizer", -1)
             nodes.append(n)
             seq.append(n.index)
             order.append(tuple(seq))
+    virtual = stages * chunks
     deps: list[list[tuple[int, str]]] = [[] for _ in nodes]
     for n in nodes:
-        d, s, m = n.replica, n.stage, n.microbatch
-        if n.kind == "forward" and s > 0:
-            deps[n.index].append((where[(d, s - 1, "forward", m)], "p2p"))
+        d, v, m = n.replica, n.chunk * stages + n.stage, n.microbatch
+        if n.kind == "forward" and v > 0:
+            deps[n.index].append((where[(d, v - 1, "forward", m)], "p2p"))
         elif n.kind == "backward":
-            if s < stages - 1:
-                deps[n.index].append((where[(d, s + 1, "backward", m)], "p2p"))
-            deps[n.index].append((where[(d, s, "forward", m)], "local"))
+            if v < virtual - 1:
+                deps[n.index].append((where[(d, v + 1, "backward", m)], "p2p"))
+            deps[n.index].append((where[(d, v, "forward", m)], "local"))
         elif n.kind == "allreduce":
             for r in range(replicas):
-                last_b = [i for i in order[r * stages + s] if nodes[i].kind == "backward"][-1]
+                last_b = [i for i in order[r * stages + n.stage] if nodes[i].kind == "backward"][-1]
                 deps[n.index].append((last_b, "collective"))
     return Schedule(stages, microbatches, replicas, schedule, tuple(nodes), tuple(order),
-                    tuple(tuple(x) for x in deps))
+                    tuple(tuple(x) for x in deps), chunks)
 
 
 # --------------------------------------------------------------------------------------------
@@ -416,6 +463,7 @@ class Segment:
     microbatch: int
     state: int
     sm_mhz: float
+    chunk: int = 0
 
 
 @dataclass(frozen=True)
@@ -448,12 +496,25 @@ class VirtualCluster:
 
     def __init__(self, workloads: Sequence[StageWorkload], microbatches: int, *, replicas: int = 1,
                  schedule: str = "1f1b", links: Links = Links(), straggler: Optional[Straggler] = None,
-                 model: Optional[H100Model] = None, states: Optional[Sequence[Optional[ClockPair]]] = None):
+                 model: Optional[H100Model] = None, states: Optional[Sequence[Optional[ClockPair]]] = None,
+                 chunks: int = 1):
         workloads = tuple(workloads)
         if not workloads:
             raise ConfigError("--pipeline", 0, "at least one stage", source=SOURCE)
+        if chunks < 1 or len(workloads) % chunks:
+            raise ConfigError("--stage-traces", len(workloads), f"a multiple of the {chunks} model chunks per "
+                              "stage: one trace per virtual stage, in order", source=SOURCE)
+        #: One per virtual stage (chunk x stages + stage); with one chunk, one per stage.
         self.workloads = workloads
-        self.schedule = build_schedule(len(workloads), microbatches, replicas, schedule)
+        self.schedule = build_schedule(len(workloads) // chunks, microbatches, replicas, schedule, chunks)
+        stages = self.schedule.stages
+        # A rank steps the optimizer once for all its chunks.
+        self._optimizers = tuple(
+            InstructionWork("optimizer", sum((workloads[c * stages + s].optimizer.chunks for c in range(chunks)), ()),
+                            sum(workloads[c * stages + s].optimizer.gap_s for c in range(chunks)),
+                            sum(workloads[c * stages + s].optimizer.n_kernels for c in range(chunks)))
+            if chunks > 1 else workloads[s].optimizer
+            for s in range(stages))
         self.links = links
         self.model = model or default_model()
         self.states = tuple(states) if states is not None else clock_states()
@@ -473,10 +534,16 @@ class VirtualCluster:
     def ranks(self) -> int:
         return self.schedule.ranks
 
+    def work_of(self, node: Node) -> InstructionWork:
+        """The GPU work of a forward, backward or optimizer node."""
+        if node.kind == "optimizer":
+            return self._optimizers[node.stage]
+        return self.workloads[node.chunk * self.schedule.stages + node.stage].work(node.kind)
+
     def stage_grad_bytes(self, stage: int) -> float:
         """Gradient bytes of a stage, from its share of optimizer time (see the module docstring)."""
         shipped = sum(w.optimizer.busy_s for w in shipped_stage_workloads(4))
-        params = SHIPPED_PARAMS * self.workloads[stage].optimizer.busy_s / shipped
+        params = SHIPPED_PARAMS * self._optimizers[stage].busy_s / shipped
         return params * GRAD_BYTES_PER_PARAM
 
     def graph(self, card_seed: Optional[int] = None) -> ClusterGraph:
@@ -499,8 +566,9 @@ class VirtualCluster:
                 t[node.index], e[node.index], f[node.index] = d, d * wp, top
                 kernels.append(1)
                 continue
-            kernels.append(self.workloads[node.stage].work(node.kind).n_kernels)
-            ti, ei, fi = _instruction_costs(self.workloads[node.stage].work(node.kind), self.states, self.model)
+            work = self.work_of(node)
+            kernels.append(work.n_kernels)
+            ti, ei, fi = _instruction_costs(work, self.states, self.model)
             factor = self.straggler.factor if self.straggler and self.straggler.rank == node.rank else 1.0
             t[node.index], e[node.index], f[node.index] = ti * factor, ei * factor, fi
         p2p = self.links.p2p_s()
@@ -639,12 +707,13 @@ class _Run:
             f = float(self.g.sm_mhz[node, st])
         else:
             f = 1980.0 if self.g.states[st] is None else float(self.g.states[st].sm_mhz)
+        chunk = self.g.schedule.nodes[node].chunk if node is not None else 0
         segs = self.segments[rank]
         if segs and segs[-1].kind == kind and segs[-1].microbatch == mb and segs[-1].state == st \
-                and abs(segs[-1].end_s - t0) < 1e-12:
-            segs[-1] = Segment(segs[-1].start_s, t1, kind, mb, st, f)
+                and segs[-1].chunk == chunk and abs(segs[-1].end_s - t0) < 1e-12:
+            segs[-1] = Segment(segs[-1].start_s, t1, kind, mb, st, f, chunk)
         else:
-            segs.append(Segment(t0, t1, kind, mb, st, f))
+            segs.append(Segment(t0, t1, kind, mb, st, f, chunk))
 
     def _wait(self, rank: int, t0: float, t1: float, fixed_state: Optional[int]) -> None:
         if t1 <= t0:

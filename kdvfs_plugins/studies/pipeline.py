@@ -76,14 +76,28 @@ def parse_straggler(value: Optional[str]) -> Optional[Straggler]:
                           source=SOURCE) from None
 
 
-def stage_workloads(stages: int, stage_traces: Optional[Sequence[str]] = None) -> tuple[StageWorkload, ...]:
-    """The stages' workloads: the user's traces (one per stage) or the shipped GPT stage traces."""
+def stage_workloads(stages: int, stage_traces: Optional[Sequence[str]] = None,
+                    schedule: str = "1f1b") -> tuple[tuple[StageWorkload, ...], int]:
+    """(workloads, model chunks per stage): the user's traces (one per stage; for ``interleaved``
+    one per virtual stage, a multiple of the stages) or the shipped GPT stage traces."""
     if not isinstance(stages, int) or isinstance(stages, bool) or stages < 1:
         raise ConfigError("--pipeline", stages, "a number of stages >= 1, e.g. --pipeline 4", source=SOURCE)
+    interleaved = schedule == "interleaved"
     if not stage_traces:
-        return shipped_stage_workloads(stages)
+        if not interleaved:
+            return shipped_stage_workloads(stages), 1
+        if stages != 2:
+            raise ConfigError("--pipeline", stages, "2 for the interleaved schedule on the shipped GPT stage traces "
+                              "(their four stages become two model chunks per stage); for more stages give "
+                              "stages x chunks traces with --stage-traces", source=SOURCE)
+        return shipped_stage_workloads(4), 2
     paths = [str(p) for p in stage_traces]
-    if len(paths) != stages:
+    if interleaved and (len(paths) % stages or len(paths) < 2 * stages):
+        raise ConfigError("--stage-traces", ",".join(paths),
+                          f"for --schedule interleaved, one trace per virtual stage: a multiple of {stages} and at "
+                          f"least {2 * stages} files for --pipeline {stages} (got {len(paths)}), in virtual-stage order",
+                          source=SOURCE)
+    if not interleaved and len(paths) != stages:
         raise ConfigError("--stage-traces", ",".join(paths),
                           f"one trace per stage: {stages} files for --pipeline {stages} (got {len(paths)}); "
                           "give them comma-separated in stage order, or change --pipeline", source=SOURCE)
@@ -93,7 +107,7 @@ def stage_workloads(stages: int, stage_traces: Optional[Sequence[str]] = None) -
             raise ConfigError("--stage-traces", p, f"not found: {Path(p).resolve()}; give kernel trace CSVs "
                               "(kdvfs trace records one), one per stage", source=SOURCE)
         out.append(StageWorkload.from_trace(Trace.from_csv(p), name=Path(p).name))
-    return tuple(out)
+    return tuple(out), len(paths) // stages
 
 
 def _graph(cluster: VirtualCluster, card_seed: Optional[int]) -> PipelineGraph:
@@ -153,11 +167,11 @@ def pipeline_compare(stages: int = 4, microbatches: int = 8, *, schedule: str = 
         # Changes issued ahead rely on the previous iteration's timing: the actuator's floor.
         floor_ms = max(floor_ms, ISSUE_AHEAD_MIN_INTERVAL_MS)
     switch = switch_model(latency_ms, issue_ahead=issue_ahead, min_interval_ms=floor_ms)
-    workloads = stage_workloads(stages, stage_traces)
+    workloads, chunks = stage_workloads(stages, stage_traces, schedule)
     cluster = VirtualCluster(workloads, microbatches, replicas=replicas, schedule=schedule, links=links,
-                             straggler=straggler)
-    healthy = VirtualCluster(workloads, microbatches, replicas=replicas, schedule=schedule, links=links) \
-        if straggler is not None else cluster
+                             straggler=straggler, chunks=chunks)
+    healthy = VirtualCluster(workloads, microbatches, replicas=replicas, schedule=schedule, links=links,
+                             chunks=chunks) if straggler is not None else cluster
 
     def run(p: PipelinePlan) -> ClusterRun:
         return cluster.execute(_cluster_plan(p), noise=noise, seed=seed, switch_latency_s=switch.latency_s,
@@ -191,7 +205,8 @@ def pipeline_compare(stages: int = 4, microbatches: int = 8, *, schedule: str = 
     g = graph
     data = {
         "label": LABEL, "model_prediction": True,
-        "stages": len(workloads), "microbatches": microbatches, "schedule": schedule, "replicas": replicas,
+        "stages": cluster.schedule.stages, "chunks": chunks, "microbatches": microbatches, "schedule": schedule,
+        "replicas": replicas,
         "ranks": cluster.ranks, "stage_traces": [w.name for w in workloads],
         "switch_latency_ms": latency_ms, "issue_ahead": issue_ahead, "min_interval_ms": switch.min_interval_s * 1e3,
         "noise": noise, "seed": seed,
