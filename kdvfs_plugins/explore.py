@@ -27,9 +27,9 @@ from typing import Callable, Mapping, Optional, Sequence
 import numpy as np
 
 from .clocks import ClockPair, ClockTable
-from .explore_blocks import Block, Schedule, block_steps, build_grid, draw_design
+from .explore_blocks import Block, Schedule, block_steps, build_grid, draw_single
 from .explore_knobs import Knobs, Occurrence
-from .explore_model import ResponseModel, Sample, voltage
+from .explore_model import ResponseModel, Sample
 from .explore_plan import MIN_PREDICTED_SAVING, PlanDraft, make_plan, time_penalised
 from .explore_validate import PairedBlock, judge, pair_changes, slow_scale
 from .hookspecs import hookimpl
@@ -37,7 +37,7 @@ from .planner import SwitchModel
 from .policy import DEFAULT_CLOCKS
 from .switching import DEFAULT_SWITCH_LATENCY_MS
 
-__all__ = ["ExploreSettings", "ExploreResult", "Explorer", "Occurrence", "voltage"]
+__all__ = ["ExploreSettings", "ExploreResult", "Explorer", "Occurrence"]
 
 #: Share of the exploration slowdown bound that designs plan to use (predictions can miss).
 BOUND_MARGIN = 0.85
@@ -45,6 +45,25 @@ BOUND_MARGIN = 0.85
 VALIDATION_PAIRS = 4
 #: Share of exploration blocks kept at default clocks (the anchor of the comparison).
 DEFAULT_SHARE = 0.25
+#: A lock is measured only if its predicted step-time cost is within what a plan could spend: the
+#: slowdown budget, the time the measured locks gain, and this share of the step to look beyond.
+RELEVANT_MARGIN = 0.01
+#: Share of the exploration steps spent on single locks against the default; the rest measures one
+#: more change at a time against the plan they give (the incumbent).
+REFINE_SHARE = 0.6
+#: The early look: once this share of the step budget is spent, a plan from what was measured so
+#: far must clear the floor, or exploration declines there (the saving is below what the
+#: measurements resolve, and more blocks of the same kind would not change that).
+EARLY_CHECK_SHARE = 0.25
+#: Energy (J per step, above default) given to a state a knob was not measured at.
+UNMEASURED_PENALTY_J = 1.0
+#: A plan goes to validation only if its predicted saving is this many standard errors of its
+#: measured effects (and at least MIN_PREDICTED_SAVING).
+PLAN_FLOOR_SE = 3.0
+#: A change to the incumbent is taken as slow as this many standard errors of its measured time.
+LOCK_TIME_SE = 1.0
+#: A lock stays in a plan only if it pays at least this many standard errors of a measured effect.
+LOCK_FLOOR_SE = 2.0
 
 
 @dataclass(frozen=True)
@@ -145,6 +164,10 @@ class Explorer:
         self._model: Optional[ResponseModel] = None
         self._draft: Optional[PlanDraft] = None
         self._explore_target = 1
+        self._early_checked = False
+        #: the plan from single locks, once exploration refines around it (knob -> state)
+        self.incumbent: Optional[dict] = None
+        self._early_draft: Optional[PlanDraft] = None
 
     # ------------------------------------------------------------------ state
     @property
@@ -267,8 +290,17 @@ class Explorer:
         b = self.schedule.find(first_step, lane)
         if b is None or last_step > b.last_step:
             return  # a window across two designs says nothing about either
+        if first_step == b.first_step and last_step < b.last_step and self._follows_other_design(b):
+            # The meter integrates power readings that trail the GPU by a refresh (about 0.1 s): a
+            # block's first window still holds some of the previous design's power, which biases
+            # a design measured against its neighbours by up to half a percent of the step.
+            return
         b.energy_j += energy_j
         b.energy_steps += last_step - first_step + 1
+
+    def _follows_other_design(self, b: Block) -> bool:
+        prev = self.schedule.find(b.first_step - 1, b.lane)
+        return prev is not None and {k: v for k, v in prev.design.items() if v} != {k: v for k, v in b.design.items() if v}
 
     # ------------------------------------------------------------------ schedule
     def _block_at(self, step: int) -> Optional[Block]:
@@ -296,9 +328,9 @@ class Explorer:
         left = self.s.explore_max_steps - (self.schedule.next_step - self.s.start_step)
         bs = self.block_steps
         self._refresh_default()
+        # room for two validations: a plan measured slightly too slow is re-planned once
+        reserve = 2 * self._validation_slots() * bs
         if self.phase == "explore":
-            # room for two validations: a plan measured slightly too slow is re-planned once
-            reserve = 2 * self._validation_slots() * bs
             if left - reserve < bs or self._explored_enough():
                 self._make_plan()
                 if self.done:
@@ -316,31 +348,90 @@ class Explorer:
             # alternate which comes first in each pair, so drift does not favour either
             if (slots // 2) % 2 == 1:
                 kind = "validate-default" if kind == "validate-plan" else "validate-plan"
-            design = dict(self._draft.design) if kind == "validate-plan" else {}
-            self.schedule.add_slot(bs, kind, lambda lane: dict(design))
+            plan_design = dict(self._draft.design) if kind == "validate-plan" else {}
+            self.schedule.add_slot(bs, kind, lambda lane: dict(plan_design))
             return
         if left < bs:
             self._finish("rejected", "the step budget ran out before a plan could be validated")
             return
-        ndef = sum(1 for b in self._used_blocks() if b.kind in ("default", "baseline"))
-        nexp = sum(1 for b in self.blocks if b.kind == "explore")
+        reference = self.incumbent or {}
+        ref_kind, kind = ("reference", "refine") if self.incumbent else ("default", "explore")
+        ndef = sum(1 for b in self._used_blocks() if b.kind in (ref_kind, "baseline" if not self.incumbent else ""))
+        nexp = sum(1 for b in self.blocks if b.kind == kind)
         anchored = not self.baseline_detailed or any(b.kind == "default" for b in self.blocks)
-        if not anchored or ndef < DEFAULT_SHARE * (ndef + nexp + 1) or not self.knobs:
-            self.schedule.add_slot(bs, "default")
+        if not anchored or not self.knobs or ndef < DEFAULT_SHARE * (ndef + nexp + 1) \
+                or (self.incumbent and not self.blocks[-1].kind == ref_kind and nexp == 0):
+            self.schedule.add_slot(bs, ref_kind, lambda lane: dict(reference))
             return
+        samples = self._samples()
+        table = self._model.time_table(samples)
+        effects = self._model.step_effects(samples, reference)
+        used = self.schedule.next_step - self.s.start_step
+        if not self._early_checked and used >= EARLY_CHECK_SHARE * self.s.explore_max_steps:
+            self._early_checked = True
+            self._make_plan(early=True)
+            if self.done:
+                return
+        if self.incumbent is None and used >= REFINE_SHARE * (self.s.explore_max_steps - reserve):
+            # The plan from single locks becomes the incumbent; the rest of the exploration measures
+            # one more change at a time against it: a lock's effect can depend on the others (a
+            # knob held below the top keeps the power the optimizer's low clock freed), which
+            # single locks against the default cannot show.
+            self._make_plan(early=True)
+            if self.done:
+                return
+            self.incumbent = dict(self._early_draft.design)
+            if self.incumbent:
+                self.schedule.add_slot(bs, "reference", lambda lane: dict(self.incumbent))
+                return
+            reference = {}
         # Each lane's design may cost what is left per step: data-parallel ranks wait for the
         # slowest, so a slot costs its costliest lane, on every lane.
         budget = BOUND_MARGIN * self.s.explore_max_slowdown
         lane_steps = bs * self.s.lanes
         allowance_ms = budget * (self.explore_steps + lane_steps) * self.default_step_ms - self.excess_ms
-        table = self._time_table()
-        model = self._model
+        # what any plan could spend: locks that cost more are not worth a block
+        gains_ms = sum(max(0.0, -min((e.step_ms for e in effects.get(k, {}).values()), default=0.0))
+                       for k in self.knobs)
+        relevant_ms = (max(0.0, self.s.max_slowdown) + RELEVANT_MARGIN) * self.default_step_ms + gains_ms
+        allowance_ms /= lane_steps
+        top_sub = self._first_step_down()
 
-        def cost_ms(k: str, st: int) -> float:
-            return model.predict_ms(k, st, table) - table[k].get(0, 0.0)
+        def affordable(k: str, st: int) -> bool:
+            if st == reference.get(k, 0):
+                return False
+            cost = max(0.0, self._model.predict_ms(k, st, table) - table[k].get(0, 0.0))
+            # the first lock below the top clock is always worth a look: where the power controller
+            # holds a knob lower, it costs nothing, which no roofline bound can tell beforehand
+            first = st == top_sub and not any(self.states[s2] is not None and self.states[s2].sm_mhz < self.f_max
+                                              for s2 in effects.get(k, {}))
+            return cost <= allowance_ms and (cost <= relevant_ms or first)
 
-        self.schedule.add_slot(bs, "explore", lambda lane: draw_design(
-            self.knobs, self.grid, self.blocks, self._rng, allowance_ms / lane_steps, cost_ms))
+        promising = {}
+        for k, d in effects.items():
+            pts = [(e.step_ms, e.energy_j, st) for st, e in d.items()] + [(0.0, 0.0, reference.get(k, 0))]
+            promising[k] = {st for t, e, st in pts if st != reference.get(k, 0) and not any(
+                t2 <= t and e2 < e or t2 < t and e2 <= e for t2, e2, _ in pts)}
+        changes = []
+        for b in self.blocks:
+            if b.kind == kind:
+                moved = [(k, st) for k, st in b.design.items() if st != reference.get(k, 0)]
+                changes += moved[:1]
+        grid = self.grid + ([0] if self.incumbent else [])
+
+        def design(lane: int) -> dict:
+            change = draw_single(self.knobs, grid, self.states, changes, self._rng, affordable, promising)
+            d = dict(reference)
+            d.update(change)
+            changes.extend(change.items())
+            return {k: v for k, v in d.items() if v}
+
+        self.schedule.add_slot(bs, kind, design)
+
+    def _first_step_down(self) -> int:
+        """The grid's highest state below the top SM clock at the top memory clock."""
+        below = [st for st in self.grid if self.states[st].mem_mhz == self.m_max and self.states[st].sm_mhz < self.f_max]
+        return max(below, key=lambda st: self.states[st].sm_mhz) if below else -1
 
     def _setup_after_baseline(self) -> None:
         base = [b for b in self.blocks if b.kind == "baseline"]
@@ -402,8 +493,9 @@ class Explorer:
         for b in self._used_blocks():
             if not b.time_ms or b.kind == "validate-plan":
                 continue
+            steady = b.time_ms[1:] or b.time_ms
             out.append(Sample(b.design, self.knob_map.times_ms(b.region_ms, self.baseline_detailed),
-                              b.energy_j, b.energy_steps, b.lane))
+                              b.energy_j, b.energy_steps, b.lane, float(np.mean(steady)), b.first_step))
         return out
 
     def _time_table(self):
@@ -429,36 +521,139 @@ class Explorer:
         return switch_model(self.s.switch_latency_ms, issue_ahead=self.s.issue_ahead, min_interval_ms=floor_ms)
 
     # ------------------------------------------------------------------ plan
-    def _make_plan(self, slow_scale_factor: float = 1.0) -> None:
+    def _effect_grids(self, samples, table) -> tuple[np.ndarray, np.ndarray]:
+        """Time and energy per step of every knob at every state it was measured in alone, from its
+        effect on the whole step.
+
+        A state a knob was not measured at gets the default's energy and a time no better than the
+        roofline bound: never worth choosing, but priced where a change landing late runs part of
+        the knob's stretch at the previous knob's clock."""
+        nk = len(self.knobs)
+        T = np.zeros((nk, len(self.states)))
+        E = np.zeros((nk, len(self.states)))
+        # a joule more than default: an unmeasured state never wins a tie against the default
+        E[:, 1:] = UNMEASURED_PENALTY_J
+        for j, k in enumerate(self.knobs):
+            t0 = table[k].get(0, 0.0)
+            T[j, 1:] = [max(t0, self._model.predict_ms(k, st, table)) if table[k] else t0
+                        for st in range(1, len(self.states))]
+        measured = False
+        effects = self._model.step_effects(samples)
+        # A lock's measured time is taken as slow as its measurement allows (two standard errors):
+        # validation accepts a plan only where it meets the budget by that much, and a plan on the
+        # budget's edge would be validated, found too slow and re-planned, at the cost of the blocks.
+        se_t_ms = self._effect_se(time=True) * (self.default_step_ms or 0.0)
+        for j, k in enumerate(self.knobs):
+            T[j, 0] = table[k].get(0, 0.0)
+            E[j, 0] = 0.0
+            for st, eff in effects.get(k, {}).items():
+                T[j, st] = T[j, 0] + eff.step_ms + LOCK_FLOOR_SE * se_t_ms / np.sqrt(eff.blocks)
+                E[j, st] = eff.energy_j
+                measured = True
+        return (T, E) if measured else (T, None)
+
+    def _effect_se(self, time: bool = False) -> float:
+        """Standard error of one measured effect, a fraction of the step's energy (``time``: of the
+        step time): the scatter of blocks that ran one design on one lane (the default, the
+        incumbent), for a block against the mean of two."""
+        groups: dict[tuple, list[float]] = {}
+        for b in self._used_blocks():
+            if b.energy_steps and b.time_ms and b.kind in ("baseline", "default", "explore", "reference", "refine"):
+                key = (b.lane, tuple(sorted((k, v) for k, v in b.design.items() if v)))
+                groups.setdefault(key, []).append(
+                    float(np.mean(b.time_ms[1:] or b.time_ms)) if time else b.energy_j / b.energy_steps)
+        rel = []
+        for v in groups.values():
+            if len(v) >= 3:
+                rel.extend(np.asarray(v) / np.mean(v) - 1.0)
+        if len(rel) < 3:
+            return MIN_PREDICTED_SAVING / LOCK_FLOOR_SE
+        return float(np.std(rel, ddof=1) * np.sqrt(1.5))
+
+    def _make_plan(self, slow_scale_factor: float = 1.0, early: bool = False) -> None:
         samples = self._samples()
         table = self._model.time_table(samples)
-        fit = self._model.fit_energy(samples, table)
-        if fit is None:
-            self._finish("rejected", "too few energy windows to fit the energy model; run more steps "
+        T, E = self._effect_grids(samples, table)
+        if E is None:
+            self._finish("rejected", "no lock was measured against default blocks; run more steps "
                          "(explore_max_steps) or use shorter windows (window_steps)")
             return
-        T = self._model.time_grid(table)
-        E = self._model.energy_grid(fit, T)
         # Validation measured the plan slower than predicted: the time effects of locks grow.
         T = time_penalised(T, slow_scale_factor)
         default_ms = {k: T[j, 0] for j, k in enumerate(self.knobs)}
         draft = make_plan(T, E, knobs=self.knobs, states=self.states,
                           occurrences=self.knob_map.occurrences(self.layout, default_ms),
                           default_step_energy_j=self._default_step_energy(), max_slowdown=self.s.max_slowdown,
-                          objective=self.s.objective, switch=self._switch_model())
+                          objective=self.s.objective, switch=self._switch_model(),
+                          # the states a plan takes were mostly measured twice (see draw_single)
+                          drop_floor=min(MIN_PREDICTED_SAVING, LOCK_FLOOR_SE * self._effect_se() / np.sqrt(2)))
         self.predicted = {"time_change": draft.time_change, "energy_change": draft.energy_change,
-                          "energy_fit_sigma_j": fit.sigma_j, "blocks": float(fit.blocks)}
+                          "effect_se": self._effect_se(),
+                          "blocks": float(sum(1 for b in self.blocks if b.kind in ("explore", "default")))}
+        when = f" after {self.schedule.next_step - self.s.start_step} steps (an early look)" if early else ""
         if not draft.design:
-            self._finish("rejected", "the fitted model predicts no saving within the slowdown budget: "
+            self._finish("rejected", f"the measured locks offer no saving within the slowdown budget{when}: "
                          "the default clocks stay")
             return
-        if draft.energy_change > -MIN_PREDICTED_SAVING:
-            self._finish("rejected", f"the fitted model predicts a saving of {-draft.energy_change:.2%}, "
-                         f"below the {MIN_PREDICTED_SAVING:.1%} floor: the default clocks stay")
+        # What the measurements resolve: the plan's saving is a sum of measured effects, each good
+        # to a standard error; picked as the best of many, it must clear several of them.
+        effects = self._model.step_effects(samples)
+        se = self._effect_se() * np.sqrt(sum(1.0 / effects[k][st].blocks for k, st in draft.design.items()))
+        floor = max(MIN_PREDICTED_SAVING, PLAN_FLOOR_SE * se)
+        self.predicted["resolvable_saving"] = floor
+        if draft.energy_change > -floor:
+            self._finish("rejected", f"the measured locks offer a saving of {-draft.energy_change:.2%}{when}, "
+                         f"below the {floor:.2%} that the measurements resolve: the default clocks stay")
             return
+        if early:
+            self._early_draft = draft
+            return  # a saving worth exploring for: go on measuring
+        if self.incumbent and slow_scale_factor == 1.0:
+            draft = self._refined(samples)
         self._draft = draft
         self.plan_clocks = {k: self.states[st] for k, st in draft.design.items()}
         self.phase = "validate"
+
+    def _refined(self, samples) -> PlanDraft:
+        """The incumbent with the one measured change against it that saves most within the budget.
+
+        A change counts only where it saves more than its measurement resolves (``LOCK_FLOOR_SE``
+        standard errors) and, taken ``LOCK_TIME_SE`` standard errors slower than measured, keeps the
+        plan within the slowdown budget."""
+        base = self._early_draft
+        step_ms = self.default_step_ms or 0.0
+        e_step = self._default_step_energy()
+        se_e, se_t = self._effect_se() * e_step, self._effect_se(time=True) * step_ms
+        budget_ms = max(0.0, self.s.max_slowdown) * step_ms
+        # The incumbent's time is measured (its reference blocks against the default's), not only
+        # predicted: where the locks interact, that is what the slack to spend really is.
+        inc = {k: v for k, v in self.incumbent.items() if v}
+        ref_ms = [float(np.mean(b.time_ms[1:] or b.time_ms)) for b in self.blocks
+                  if b.kind == "reference" and b.time_ms and {k: v for k, v in b.design.items() if v} == inc]
+        base_ms = base.time_change * step_ms
+        def_ms = [float(np.mean(b.time_ms[1:] or b.time_ms)) for b in self.blocks
+                  if b.kind == "default" and b.time_ms and not any(b.design.values())]
+        if ref_ms and def_ms:
+            base_ms = float(np.mean(ref_ms) - np.mean(def_ms)) + LOCK_TIME_SE * se_t / np.sqrt(len(ref_ms))
+        best = None
+        for k, by_state in self._model.step_effects(samples, self.incumbent).items():
+            for st, eff in by_state.items():
+                n = np.sqrt(eff.blocks)
+                slow_ms = eff.step_ms + LOCK_TIME_SE * se_t / n
+                if base_ms + slow_ms > budget_ms or eff.energy_j > -LOCK_FLOOR_SE * se_e / n:
+                    continue
+                if best is None or eff.energy_j < best[2].energy_j:
+                    best = (k, st, eff, slow_ms)
+        self.predicted["refined"] = 0.0 if best is None else 1.0
+        if best is None:
+            return base
+        k, st, eff, slow_ms = best
+        design = dict(self.incumbent)
+        design[k] = st
+        design = {kk: v for kk, v in design.items() if v}
+        self.predicted.update(time_change=(base_ms + slow_ms) / step_ms,
+                              energy_change=base.energy_change + eff.energy_j / e_step)
+        return PlanDraft(design, self.predicted["time_change"], self.predicted["energy_change"], base.time_ms)
 
     # ------------------------------------------------------------------ validation
     def _pairs(self) -> tuple[np.ndarray, np.ndarray]:

@@ -19,12 +19,14 @@ from .clocks import ClockPair, ClockTable
 
 #: SM clocks (as fractions of the top clock) explored at each memory clock; the rest is interpolated.
 SM_FRACTIONS = (0.85, 0.76, 0.68, 0.6, 0.52, 0.44)
+#: Small steps down from the top SM clock (top memory clock): a knob's default clock lies somewhere
+#: below the top (the power controller holds compute-bound work lower), and locks just under the
+#: top clock cost little time but save on the memory-bound work that runs at the top by default.
+NEAR_TOP_FRACTIONS = (0.97, 0.94)
 #: Seconds of GPU time per block: long blocks make the meter's reading error small.
 BLOCK_S = 6.0
 #: Blocks the step budget must hold at least (fit and validation); shorter blocks otherwise.
 MIN_BLOCKS = 24
-#: Probability that a knob sits out a design (stays at default), so designs differ in which knobs move.
-SIT_OUT = 0.3
 
 
 @dataclass
@@ -103,44 +105,68 @@ def block_steps(default_step_ms: float, window_steps: int, max_steps: int, lanes
 
 
 def build_grid(table: ClockTable, states: Sequence[Optional[ClockPair]]) -> list[int]:
-    """State indices explored: the top SM clock and ``SM_FRACTIONS`` of it, at each memory clock."""
+    """State indices explored: the top SM clock and ``SM_FRACTIONS`` of it at each memory clock, and
+    ``NEAR_TOP_FRACTIONS`` of it at the top memory clock."""
     f_max = float(max(table.sm_mhz))
     index = {c: i for i, c in enumerate(states)}
+    m_max = max(table.mem_mhz)
     grid: list[int] = []
     for m in table.mem_mhz:
         allowed = table.sm_mhz_by_mem[m]
-        for f in [f_max] + [fr * f_max for fr in SM_FRACTIONS]:
+        near = [fr * f_max for fr in NEAR_TOP_FRACTIONS] if m == m_max else []
+        for f in [f_max] + near + [fr * f_max for fr in SM_FRACTIONS]:
             c = ClockPair(min(allowed, key=lambda a: abs(a - f)), m)
             if c in index and index[c] not in grid:
                 grid.append(index[c])
     return grid
 
 
-def draw_design(knobs: Sequence[str], grid: Sequence[int], blocks: Sequence[Block], rng: random.Random,
-                left_ms: float, cost_ms: Callable[[str, int], float]) -> dict:
-    """Random states for a random subset of knobs, each only if the slowdown bound affords it.
+def draw_single(knobs: Sequence[str], grid: Sequence[int], states: Sequence[Optional[ClockPair]],
+                changes: Sequence[tuple[str, int]], rng: random.Random, affordable: Callable[[str, int], bool],
+                promising: Optional[dict] = None) -> dict:
+    """One knob at one state, the rest at default: the block then measures that lock's effect on
+    the whole step, against the default blocks next to it.
 
-    ``left_ms``: what this block may cost per step, so that after it the cumulative measured
-    excess stays within the exploration bound (less a margin: the bound is checked on measured
-    times). ``cost_ms(knob, state)``: the predicted extra ms per step. Each knob takes its least
-    explored state whose predicted cost fits what is left (states seen least first, ties broken at
-    random), or stays at default.
+    ``changes``: the (knob, state) each earlier block of this kind measured. The knob whose
+    affordable states were measured least goes first (then the knob measured least, ties at
+    random). Among its least measured states that are ``affordable`` (within the exploration bound
+    and worth a plan), it takes the one farthest, in 1/f, from every state it was measured at (the
+    default counts as the top clock):
+    the first blocks of a knob span its range coarsely, later ones fill in, so that an early look
+    already sees how far a knob can go. A knob with nothing affordable gives way to the next;
+    nothing affordable at all: default. Once a state was measured, it is measured again before
+    the others only where it is ``promising`` (knob -> states a plan could take: the measured
+    time/energy front), so repeated blocks shrink the noise where the plan is decided.
     """
-    design = {}
-    order = list(knobs)
-    rng.shuffle(order)
-    for k in order:
-        if rng.random() < SIT_OUT:
-            continue
-        counts = {st: 0 for st in grid}
-        for blk in blocks:
-            st = blk.design.get(k)
-            if st in counts:
-                counts[st] += 1
-        for st in sorted(grid, key=lambda x: counts[x] + rng.random()):
-            cost = max(0.0, cost_ms(k, st))
-            if cost <= left_ms:
-                design[k] = st
-                left_ms -= cost
-                break
-    return design
+    counts = {k: {st: 0 for st in grid} for k in knobs}
+    for k, st in changes:
+        if k in counts and st in counts[k]:
+            counts[k][st] += 1
+    promising = promising or {}
+    for k in knobs:  # a state off the front waits a round longer
+        for st, n in counts[k].items():
+            if n and st not in promising.get(k, ()):
+                counts[k][st] = n + 1
+
+    top = max(c.sm_mhz for c in states if c is not None), max(c.mem_mhz for c in states if c is not None)
+
+    def inv_f(st: int) -> tuple[float, float]:
+        c = states[st]  # None: the default, counted as the top clocks
+        return (1.0 / top[0], 1.0 / top[1]) if c is None else (1.0 / c.sm_mhz, 1.0 / c.mem_mhz)
+    options = []
+    for k in knobs:
+        afford = [st for st in grid if affordable(k, st)]
+        if afford:
+            options.append((min(counts[k][st] for st in afford), sum(counts[k].values()), rng.random(), k, afford))
+    if not options:
+        return {}
+    # the knob with an affordable state measured least (then the knob measured least) goes first
+    least, _, _, k, afford = min(options)
+    seen = [inv_f(st) for st, n in counts[k].items() if n] + [(1.0 / top[0], 1.0 / top[1])]
+
+    def distance(st: int) -> float:
+        a = inv_f(st)
+        return min(abs(a[0] - b[0]) * top[0] + abs(a[1] - b[1]) * top[1] for b in seen)
+
+    pick = max((st for st in afford if counts[k][st] == least), key=lambda st: (distance(st), rng.random()))
+    return {k: pick}

@@ -7,9 +7,14 @@ import pytest
 from kdvfs_plugins import ClockPair, PlanError
 from kdvfs_plugins.clocks import ClockTable
 from kdvfs_plugins.data import h100_clock_lists
-from kdvfs_plugins.explore import ExploreSettings, Explorer, Occurrence, voltage
+from kdvfs_plugins.explore import ExploreSettings, Explorer, Occurrence
 from kdvfs_plugins.plan import Plan, plan_key
 from kdvfs_plugins.policy import DEFAULT_CLOCKS, as_clocks
+
+
+def voltage(f_mhz, f_max_mhz):
+    """A DVFS voltage curve for the synthetic world: flat at 0.7 up to 45% of the top clock."""
+    return np.clip(0.7 + 0.3 * (f_mhz / f_max_mhz - 0.45) / 0.55, 0.7, 1.0)
 
 
 def table():
@@ -80,23 +85,56 @@ def settings(**kw):
     return ExploreSettings(**kw)
 
 
-def test_the_energy_regression_recovers_the_clock_responses():
+def test_each_lock_is_measured_against_the_default_blocks_next_to_it():
     world = World(seed=1)
     ex = drive(world, settings(), 1300)
     assert ex.result is not None
-    samples = ex._samples()
-    tab = ex._model.time_table(samples)
-    T = ex._model.time_grid(tab)
-    E = ex._model.energy_grid(ex._model.fit_energy(samples, tab), T)
-    # the differences between states are what the plan uses: compare them with the truth
+    effects = ex._model.step_effects(ex._samples())
     errs = []
-    for j, k in enumerate(ex.knobs):
-        for st in set(tab[k]) - {0}:
+    for k, by_state in effects.items():
+        for st, eff in by_state.items():
             c = ex.states[st]
-            true = world.knob_energy_j(k, c) - world.knob_energy_j(k, None)
-            fitted = E[j, st] - E[j, 0]
-            errs.append(abs(fitted - true) / world.knob_energy_j(k, None))
-    assert np.median(errs) < 0.03, errs
+            clocks = {j: None for j in world.a}
+            clocks[k] = c
+            true_j = world.step(clocks)[2] - world.step({j: None for j in world.a})[2]
+            errs.append(abs(eff.energy_j - true_j))
+    assert len(errs) >= 10
+    # Window error 3 J per 5 steps: a block's one kept window (its first follows another design)
+    # against two neighbours is good to about 0.7 J per step; the effects span several joules.
+    assert np.median(errs) < 0.6, errs
+
+
+def test_the_first_window_after_another_design_is_left_out():
+    """The meter's power readings trail the GPU: a block's first window holds its predecessor's power."""
+    ex = Explorer(settings(block_steps=10, window_steps=5))
+    ex.set_layout([Occurrence("forward", 80.0), Occurrence("optimizer", 20.0)])
+    step = 0
+    while not any(b.kind == "explore" and b.design for b in ex.blocks):
+        ex.begin_step(step)
+        ex.observe_step(step, 100.0, {"forward": 80.0, "optimizer": 20.0})
+        if (step + 1) % 5 == 0:
+            ex.observe_window(step - 4, step, 500.0)
+        step += 1
+    b = next(b for b in ex.blocks if b.kind == "explore" and b.design)
+    for first in range(b.first_step, b.last_step + 1, 5):
+        ex.observe_window(first, first + 4, 1000.0 if first == b.first_step else 400.0)
+    assert b.energy_steps == 5 and b.energy_j == 400.0
+
+
+def test_a_saving_below_what_the_blocks_resolve_is_declined_early():
+    """Locks that change the step's energy by less than the readings resolve: no plan, well before
+    the step budget runs out (within 400 steps, not after 1000)."""
+    world = World(seed=5, window_error_j=3.0)
+    world.a = {"forward": 0.0, "optimizer": 0.0}  # no switching energy to save
+
+    def flat(k, c):  # energy does not depend on the clocks: nothing to save
+        return 40.0 if k == "forward" else 10.0
+
+    world.knob_energy_j = flat
+    ex = drive(world, settings(max_slowdown=0.0, objective="strict"), 1300)
+    assert ex.result is not None and ex.result.status == "rejected", ex.result
+    assert ex.result.steps <= 400, ex.result
+    assert "early look" in ex.result.message and ex.result.clocks_by_name == {}
 
 
 def test_auto_finds_validates_and_applies_a_saving():
@@ -131,10 +169,11 @@ def test_a_lock_that_pays_less_than_the_fit_resolves_goes_back_to_default(optimi
     assert (chosen.clocks_by_name["optimizer"] == lock) is kept
 
 
-@pytest.mark.parametrize("bound", [0.005, 0.02])
+@pytest.mark.parametrize("bound", [0.02, 0.04])
 def test_exploration_slowdown_stays_within_its_bound(bound):
     # the plan's own validation blocks count as exploration too: keep its budget below the bound
-    ex = drive(World(seed=3), settings(explore_max_slowdown=bound, max_slowdown=bound / 2), 1300)
+    # readings good enough that exploration goes on to the end (no early decline)
+    ex = drive(World(seed=3, window_error_j=0.5), settings(explore_max_slowdown=bound, max_slowdown=bound / 2), 1300)
     assert ex.explore_steps > 500
     assert ex.exploration_time_change <= bound + 1e-9
     # and exploration did move the clocks (it is not idle)
