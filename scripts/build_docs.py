@@ -57,7 +57,7 @@ def pages() -> list[Path]:
 
 
 def _rel(path: Path) -> str:
-    return path.relative_to(ROOT).as_posix()
+    return path.resolve().relative_to(ROOT).as_posix()
 
 
 def strip_fences(text: str) -> str:
