@@ -208,7 +208,6 @@ def evaluate(graph: PipelineGraph, node_state: Sequence[int], wait_state: Sequen
     for r, seq in enumerate(graph.order):
         e = float(graph.energy_j[list(seq), x[list(seq)]].sum())
         ws = wait_state[r]
-        prev_end, prev_state = 0.0, int(x[seq[0]])
         gaps = [(start[i] - (end[seq[k - 1]] if k else 0.0), int(x[seq[k - 1]] if k else x[seq[0]]))
                 for k, i in enumerate(seq)]
         gaps.append((T - end[seq[-1]], int(x[seq[-1]])))

@@ -59,11 +59,14 @@ Model (assumptions labelled)
 - **Noise** (seeded): per rank a card factor on time and power, per instruction a jitter of the
   model's kernel sigma over the square root of its kernel count. Draws depend on the seed, the
   rank and the node only, so a plan and the default run see the same noise.
-- **Switching**: with ``issue_ahead`` each change is requested one latency before the boundary
-  predicted by the noise-free run of the same plan (the previous iteration), so it lands on the
-  predicted time; noise moves the real boundary, and the instruction then starts at the previous
-  clock or its predecessor ends at the new one. Without, a change is requested at the boundary
-  the GPU reaches and lands one latency later.
+- **Switching**: with ``issue_ahead`` each change is requested one latency before its boundary as
+  predicted from the previous iteration (the same plan run with the cards' persistent factors and
+  no jitter), re-anchored at each boundary the GPU reaches, as an actuator sees its markers: the
+  change after an instruction lands at its start plus its predicted length, the change after a
+  wait at the wait's start plus its predicted length. Jitter moves the real boundary, and the
+  instruction then starts at the previous clock or its predecessor ends at the new one. Without
+  ``issue_ahead``, a change is requested at the boundary the GPU reaches and lands one latency
+  later.
 """
 from __future__ import annotations
 
@@ -449,8 +452,6 @@ class ClusterPlan:
     node_state: tuple[int, ...]
     wait_state: tuple[Optional[int], ...]
     min_wait_s: float = 0.0
-    #: The clock after a wait lands this long before the wait's predicted end (noise margin).
-    wait_guard_s: float = 0.0
 
 
 @dataclass(frozen=True)
@@ -839,13 +840,12 @@ class _Run:
             self._land(rank, end_s + gap_s, self.plan.node_state[order[k + 1]])
 
     def _raise(self, rank: int, k: int, wait_start_s: float) -> None:
-        """After a wait at the wait clock: the ``k``-th instruction's clock lands ``wait_guard_s``
-        before the wait's predicted end (re-anchored at the wait's start)."""
+        """After a wait at the wait clock: the ``k``-th instruction's clock lands at the wait's
+        predicted end (re-anchored at the wait's start)."""
         order = self.g.schedule.order[rank]
         if k >= len(order):
             return
-        gap_s = self._predicted_gap(rank, k)
-        self._land(rank, wait_start_s + max(0.0, gap_s - self.plan.wait_guard_s), self.plan.node_state[order[k]])
+        self._land(rank, wait_start_s + self._predicted_gap(rank, k), self.plan.node_state[order[k]])
 
     def result(self) -> ClusterRun:
         sch = self.g.schedule
