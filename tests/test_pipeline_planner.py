@@ -112,3 +112,14 @@ def test_never_better_than_brute_force_and_within_budget(seed):
     assert p.energy_j <= evaluate(g, [0] * 4, [None, None]).energy_j
     env = plan_envpipe(g, sm_states=[1, 2, 3], switch=switch_model(0.0))
     assert env.time_s <= budget * (1 + 1e-12)
+
+
+def test_planned_is_what_the_cluster_executes_without_noise():
+    c = VirtualCluster(shipped_stage_workloads(2), 4)
+    plans = _plans(c, SWITCH, card_seed=None)
+    base = c.execute(noise=False)
+    for p in plans.values():
+        run = c.execute(ClusterPlan(p.node_state, p.wait_state, p.min_wait_s), noise=False)
+        assert run.time_s == pytest.approx(p.time_s, rel=1e-9)
+        assert run.energy_j == pytest.approx(p.energy_j, rel=1e-9)
+        assert base.energy_j == pytest.approx(p.default_energy_j, rel=1e-9)
