@@ -19,7 +19,7 @@ from .clocks import ClockPair, ClockTable
 from .config import GRANULARITIES
 from .errors import InvalidClockError, PlanError
 from .ownership import write_json
-from .regions import STEP, Region, lookup
+from .regions import STEP, Region, fold_microbatch, lookup
 
 SCHEMA_VERSION = 1
 
@@ -227,7 +227,8 @@ class UnmatchedRegionKeys:
     """Names the ``region_clocks`` keys that match no region of the run, once the regions are
     known: after a few profiled steps (module hooks arrive with the first), with a did-you-mean.
 
-    A key matches a region of that name, or (a phase, without ``/``) any region of that phase.
+    A key matches a region of that name, or (a phase, without ``/``) any region of that phase, or
+    (``instruction.*``) any microbatch of that pipeline instruction.
     """
 
     def __init__(self, keys, profiled_steps: int = 3):
@@ -242,6 +243,7 @@ class UnmatchedRegionKeys:
             return None
         names = {str(r) for r in regions}
         self.seen_regions |= names
+        names |= {fold_microbatch(n) for n in names}  # "recv_activation.*" matches "recv_activation.mb3"
         phases = {n.partition("/")[0] for n in names}
         self.left = {k for k in self.left if not (k in names or ("/" not in k and k in phases))}
         self.steps_left -= 1

@@ -3,6 +3,11 @@
 A region name is ``phase`` or ``phase/group``, e.g. ``forward`` or ``backward/layers.*.mlp``.
 Group names come from module paths with layer indices folded, so that every
 ``layers.N.mlp`` shares one region and a plan carries across identical layers.
+
+Pipeline instructions are regions too, with the microbatch where the schedule has one:
+``forward/pipe.mb3``, ``communication/recv_activation.mb3``. Their indices are kept (each
+microbatch of a stage can take its own clocks), and a plan names every microbatch of an
+instruction at once with ``.*``: ``communication/recv_activation.*``.
 """
 from __future__ import annotations
 
@@ -19,11 +24,27 @@ STEP = "step"
 PHASES = (FORWARD, BACKWARD, COMMUNICATION, OPTIMIZER)
 
 _INDEX = re.compile(r"(?<=\.)\d+(?=\.|$)|^\d+(?=\.|$)")
+#: The group of a pipeline instruction's own compute (``forward/pipe.mb3``).
+PIPE = "pipe"
+_MICROBATCH = re.compile(r"\.mb\d+$")
 
 
 def fold_module_path(path: str) -> str:
     """``layers.12.mlp.fc1`` -> ``layers.*.mlp.fc1``: layer indices become ``*``."""
     return _INDEX.sub("*", path)
+
+
+def instruction_region(phase: str, instruction: str, microbatch: Optional[int] = None) -> str:
+    """One pipeline instruction as a region: ``instruction_region("communication",
+    "recv_activation", 3)`` -> ``communication/recv_activation.mb3``; without a microbatch
+    (``reduce_grads``) the instruction alone."""
+    return f"{phase}/{instruction}" if microbatch is None else f"{phase}/{instruction}.mb{microbatch}"
+
+
+def fold_microbatch(name: str) -> str:
+    """``communication/recv_activation.mb3`` -> ``communication/recv_activation.*``: the plan key
+    for every microbatch of one instruction. Other names come back unchanged."""
+    return _MICROBATCH.sub(".*", name) if "/" in name else name
 
 
 @dataclass(frozen=True)
@@ -59,7 +80,13 @@ class Region:
 
 def lookup(by_region, name: str) -> tuple[bool, object]:
     """(found, value) for region ``name`` in a mapping keyed by region names, phases or ``step``:
-    the name itself, then its phase, then the step."""
+    the name itself, then its instruction over all microbatches (``.mb3`` -> ``.*``), then its
+    phase, then the step."""
+    if name in by_region:
+        return True, by_region[name]
+    folded = fold_microbatch(name)
+    if folded != name and folded in by_region:
+        return True, by_region[folded]
     r: Optional[Region] = Region.parse(name)
     while r is not None:
         if r.name in by_region:

@@ -183,8 +183,9 @@ def test_pipeline_instructions_map_to_regions(tmp_path, stages):
     run(SCRIPTS / "record_pipeline.py", [out, "--stages", stages, "--gas", 2, "--steps", 2], world_size=stages)
     for r in results(out, stages):
         for step in range(2):
-            assert phases(r["events"], step) == pipe_expected(stages, r["rank"], 2)
-        check_nesting(r["events"])
+            # each instruction is a region of its own phase (names: test_pipeline_live_deepspeed.py)
+            entered = [region.partition("/")[0] for kind, region, s in r["events"] if kind == "enter" and s == step]
+            assert entered == pipe_expected(stages, r["rank"], 2)
         assert r["records"] == [0, 1]
         assert r["requests"][0] == [1500, 2619] and r["requests"][-1] is None
         assert r["instance_map_left"] is False

@@ -4,7 +4,8 @@ DeepSpeed has no plugin registry, so the adapter wraps the bound methods of one 
 *instance* (never the class): ``forward``, ``backward``, ``step`` and ``allreduce_gradients``,
 plus the ZeRO-1/2 optimizer's ``reduce_ipg_grads`` (gradient buckets reduced during backward).
 A ``PipelineEngine`` gets an instance-level copy of its instruction map instead, since its
-``forward``/``backward``/``step`` only raise.
+``forward``/``backward``/``step`` only raise: every executed instruction is a region of its own,
+with its microbatch (``forward/pipe.mb3``, ``communication/recv_activation.mb3``).
 
 A kdvfs step is one optimizer step: it begins at the first forward of an accumulation cycle and
 ends after ``engine.step()`` at the accumulation boundary (``train_batch()`` for pipelines).
@@ -27,7 +28,7 @@ from kdvfs_plugins.engine import Engine
 from kdvfs_plugins.log import logger
 from kdvfs_plugins.module_regions import ModuleRegions
 from kdvfs_plugins.progress import state_line
-from kdvfs_plugins.regions import BACKWARD, COMMUNICATION, FORWARD, OPTIMIZER
+from kdvfs_plugins.regions import BACKWARD, COMMUNICATION, FORWARD, OPTIMIZER, PIPE, instruction_region
 from kdvfs_plugins.step_metrics import StepMetrics
 
 from .config import as_kdvfs_config, config_from_deepspeed, BLOCK_KEY
@@ -46,6 +47,20 @@ PIPE_PHASES = {
     "ReduceGrads": COMMUNICATION,
     "ReduceTiedGrads": COMMUNICATION,
     "OptimizerStep": OPTIMIZER,
+}
+#: PipelineEngine instruction class names -> (region group, whether it carries a microbatch).
+#: Receives are where a stage waits (for the previous stage, and in the schedule's bubbles), so
+#: they are regions of their own that a plan can give the lowest clock.
+PIPE_GROUPS = {
+    "ForwardPass": (PIPE, True),
+    "BackwardPass": (PIPE, True),
+    "SendActivation": ("send_activation", True),
+    "RecvActivation": ("recv_activation", True),
+    "SendGrad": ("send_grad", True),
+    "RecvGrad": ("recv_grad", True),
+    "ReduceGrads": ("reduce_grads", False),
+    "ReduceTiedGrads": ("reduce_tied_grads", False),
+    "OptimizerStep": (None, False),  # the optimizer phase itself
 }
 
 _LIVE: "weakref.WeakSet[DeepSpeedAdapter]" = weakref.WeakSet()
@@ -90,6 +105,8 @@ class DeepSpeedAdapter:
         self._saved: list[tuple] = []  # (owner, name, had an instance attribute, old value, ours)
         self._modules: Optional[ModuleRegions] = None
         self._comm_depth = 0
+        #: Instructions of each kind run so far in this train_batch(): the next one's microbatch.
+        self._pipe_counts: dict[str, int] = {}
         self._host_s = 0.0
         self._metrics = StepMetrics()
         self._closed = False
@@ -119,7 +136,10 @@ class DeepSpeedAdapter:
         # stage-1/2 optimizer exposes that as a public-looking method (ZeRO-3's is name-mangled).
         if opt is not None and callable(getattr(opt, "reduce_ipg_grads", None)):
             self._wrap(opt, "reduce_ipg_grads", self._reduce)
-        if self.engine.wants_module_regions:
+        # In a pipeline the instructions are the kernel groups: a module group opening inside
+        # backward would take the place of the open instruction region (both are groups of the
+        # backward phase), and its plan lookup would fall back to the phase, not the instruction.
+        if self.engine.wants_module_regions and not self.pipeline:
             self._modules = ModuleRegions(self.engine, ds.module, self.config.module_depth).install()
         setattr(ds, ATTR, self)
         _LIVE.add(self)
@@ -253,6 +273,7 @@ class DeepSpeedAdapter:
             if self._closed or not _grad_enabled():
                 return original(*args, **kwargs)
             self._timed(self.engine.step_begin, self.ds.global_steps)
+            self._pipe_counts.clear()
             try:
                 return original(*args, **kwargs)
             finally:
@@ -265,25 +286,42 @@ class DeepSpeedAdapter:
         class_map = type(ds)._INSTRUCTION_MAP
         instance_map = {}
         for cmd_type, fn in class_map.items():
-            phase = PIPE_PHASES.get(cmd_type.__name__)
-            instance_map[cmd_type] = fn if phase is None else self._pipe_instruction(fn, phase)
+            kind = cmd_type.__name__
+            instance_map[cmd_type] = fn if kind not in PIPE_PHASES else self._pipe_instruction(fn, kind)
         self._wrap(ds, "_INSTRUCTION_MAP", lambda _original: instance_map)
 
-    def _pipe_instruction(self, fn, phase: str):
+    def _pipe_region(self, kind: str) -> str:
+        """The region of the next ``kind`` instruction. The engine runs DeepSpeed's TrainSchedule,
+        in which every stage runs each kind of instruction in microbatch order, so the count of
+        earlier ones in this batch is the microbatch (instructions carry only a buffer slot)."""
+        phase = PIPE_PHASES[kind]
+        group, per_microbatch = PIPE_GROUPS.get(kind, (None, False))
+        if group is None:
+            return phase
+        if not per_microbatch:
+            return instruction_region(phase, group)
+        mb = self._pipe_counts.get(kind, 0)
+        self._pipe_counts[kind] = mb + 1
+        return instruction_region(phase, group, mb)
+
+    def _pipe_instruction(self, fn, kind: str):
+        phase = PIPE_PHASES[kind]
+
         # The map holds plain functions that the engine binds with MethodType; keep that shape.
         @functools.wraps(fn)
         def run(engine_self, *args, **kwargs):
             if self._closed:
                 return fn(engine_self, *args, **kwargs)
+            region = self._pipe_region(kind)
             if phase == COMMUNICATION:
                 self._comm_depth += 1
-            self._timed(self.engine.region_enter, phase)
+            self._timed(self.engine.region_enter, region)
             try:
                 return fn(engine_self, *args, **kwargs)
             finally:
                 if phase == COMMUNICATION:
                     self._comm_depth -= 1
-                self._timed(self.engine.region_exit, phase)
+                self._timed(self.engine.region_exit, region)
         return run
 
     # ------------------------------------------------------------------ steps and metrics
