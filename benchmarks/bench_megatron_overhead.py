@@ -4,9 +4,11 @@ A small megatron-core GPTModel (local layer spec, bf16, tensor and pipeline para
 trained for a few hundred steps through ``get_forward_backward_func()``, the way Megatron's
 ``train_step`` drives it (a real ``Timers`` object in ``config.timers`` at
 ``--timing-log-level`` 0, the ``optimizer`` timer around ``optimizer.step()``). Blocks of steps
-alternate between "without kdvfs" and "with kdvfs" (``kdvfs_megatron.install`` at the block's
-start, ``uninstall`` at its end), so that drift in clocks and temperature hits both arms alike.
-The first steps of every block are dropped (engine start-up, allocator warm-up).
+run in ABBA rounds, "with kdvfs" and "without" (``kdvfs_megatron.install`` at the block's start,
+``uninstall`` at its end), as the DeepSpeed benchmark does: each round compares its two adjacent
+blocks, so drift in clocks and temperature falls on both arms alike, and the figure is the median
+of the rounds with a 95% bootstrap interval; adjacent blocks of the same arm show the noise. The
+first steps of every block are dropped (engine start-up, allocator warm-up).
 
 On one H100 (measuring only: the observe device never writes a clock)::
 
@@ -46,7 +48,7 @@ def build_parser() -> argparse.ArgumentParser:
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     g = p.add_argument_group("benchmark")
     g.add_argument("--tiny", action="store_true", help="CPU run with a 2-layer model (checks that it works)")
-    g.add_argument("--steps", type=int, default=None, help="measured steps in total (default 400; --tiny 24)")
+    g.add_argument("--steps", type=int, default=None, help="steps in total (default 1000; --tiny 24)")
     g.add_argument("--block-steps", type=int, default=None, help="steps per block (default 25; --tiny 4)")
     g.add_argument("--skip-steps", type=int, default=2, help="steps dropped at the start of every block")
     g.add_argument("--warmup-steps", type=int, default=None, help="steps before the first block (default 20; --tiny 2)")
@@ -58,13 +60,16 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--num-microbatches", type=int, default=2)
     g.add_argument("--vocab-size", type=int, default=32768)
     g.add_argument("--seed", type=int, default=1234)
+    g.add_argument("--continuous-steps", type=int, default=0,
+                   help="after the rounds, one kdvfs session of this many steps: what its profiled steps cost "
+                        "a long run (every block starts a session, which profiles a step early)")
     g.add_argument("--json-out", default=None, help="write the step times and the summary here")
     return add_kernel_dvfs_args(p)
 
 
 def apply_tiny_defaults(args) -> None:
     tiny = args.tiny
-    defaults = dict(steps=(24, 400), block_steps=(4, 25), warmup_steps=(2, 20))
+    defaults = dict(steps=(24, 1000), block_steps=(4, 25), warmup_steps=(2, 20))
     for name, (small, full) in defaults.items():
         if getattr(args, name) is None:
             setattr(args, name, small if tiny else full)
@@ -213,12 +218,16 @@ def run(args) -> dict:
     for _ in range(args.warmup_steps):
         step()
     sync()
+    from overhead_stats import abba_arm, long_run_estimate, long_session_figures, summarise
+
     times = {"without": [], "with": []}
+    block_ms = {"on": [], "off": []}
+    all_block_ms, arms = [], []
     overhead_cpu_ms = []
     n_blocks = max(2, round(args.steps / args.block_steps))
-    n_blocks += n_blocks % 2  # as many blocks with as without
+    n_blocks += n_blocks % 2  # whole rounds: one block of each arm
     for b in range(n_blocks):
-        arm = "with" if b % 2 else "without"
+        arm = "with" if abba_arm(b) == "on" else "without"
         handle = kdvfs_megatron.install(args, model=[model], rank=0, local_rank=device.index or 0, world_size=1) \
             if arm == "with" else None
         try:
@@ -227,7 +236,22 @@ def run(args) -> dict:
             if handle is not None:
                 overhead_cpu_ms.append(handle.host_time_s * 1e3 / args.block_steps)
                 kdvfs_megatron.uninstall()
-        times[arm].extend(block[args.skip_steps:])
+        kept = block[args.skip_steps:]
+        times[arm].extend(kept)
+        all_block_ms.append(statistics.median(kept))
+        arms.append("on" if arm == "with" else "off")
+        block_ms[arms[-1]].append(all_block_ms[-1])
+
+    continuous = None
+    if args.continuous_steps:
+        handle = kdvfs_megatron.install(args, model=[model], rank=0, local_rank=device.index or 0, world_size=1)
+        try:
+            for _ in range(args.continuous_steps):
+                step()
+            handle.engine.meter.poll(wait=True)
+            continuous = long_session_figures(handle.engine, args.continuous_steps)
+        finally:
+            kdvfs_megatron.uninstall()
 
     med_without = statistics.median(times["without"])
     med_with = statistics.median(times["with"])
@@ -244,7 +268,12 @@ def run(args) -> dict:
         "kdvfs_cpu_ms_per_step": statistics.mean(overhead_cpu_ms) if overhead_cpu_ms else None,
         "p10_p90_ms_without": _quantiles(times["without"]),
         "p10_p90_ms_with": _quantiles(times["with"]),
+        "rounds": summarise(block_ms["on"], block_ms["off"], all_block_ms, arms),
+        "continuous": continuous,
     }
+    # a block's session profiles its step at warm-up (kdvfs's warmup_steps); dropped steps cover it or not
+    profiled_timed = 0 if args.skip_steps > cfg.warmup_steps else n_blocks // 2
+    summary["long_run_estimate"] = long_run_estimate(summary["rounds"], continuous, profiled_timed) if continuous else None
     if args.json_out:
         Path(args.json_out).write_text(json.dumps({"summary": summary, "step_ms": times}, indent=1))
     return summary
@@ -267,7 +296,8 @@ def main(argv=None) -> int:
     import torch
 
     import kdvfs_megatron
-    from overhead_stats import cpu_caveat  # next to this script (here, not at the top: tests load this file alone)
+    from overhead_stats import (cpu_caveat, format_long_run_estimate, format_long_session,  # next to this script
+                                format_summary)  # (here, not at the top: tests load this file alone)
 
     if not args.tiny and not torch.cuda.is_available():
         raise SystemExit("no CUDA device: run on a GPU machine, or pass --tiny for a CPU check")
@@ -283,8 +313,13 @@ def main(argv=None) -> int:
           f"(p10-p90 {s['p10_p90_ms_without'][0]:.3f}-{s['p10_p90_ms_without'][1]:.3f})")
     print(f"median step time with kdvfs:    {s['median_step_ms_with']:.3f} ms "
           f"(p10-p90 {s['p10_p90_ms_with'][0]:.3f}-{s['p10_p90_ms_with'][1]:.3f})")
-    print(f"overhead: {s['overhead_pct']:+.2f} %   (kdvfs CPU time at boundaries: {s['kdvfs_cpu_ms_per_step']:.3f} ms/step)"
-          + cpu_caveat(args.tiny))  # --tiny runs on the CPU (gloo, no CUDA)
+    print(format_summary(s["rounds"]))
+    if s["continuous"]:
+        print(format_long_session(s["continuous"]))
+    if s["long_run_estimate"]:
+        print(format_long_run_estimate(s["long_run_estimate"]) + cpu_caveat(args.tiny))
+    print(f"overhead: {s['overhead_pct']:+.2f} % of the pooled medians   (kdvfs CPU time at boundaries: "
+          f"{s['kdvfs_cpu_ms_per_step']:.3f} ms/step)" + cpu_caveat(args.tiny))  # --tiny runs on the CPU (gloo, no CUDA)
     return 0
 
 

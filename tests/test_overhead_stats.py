@@ -119,3 +119,6 @@ def test_megatron_cpu_smoke_run_prints_the_label_beside_the_figure():
     assert out.returncode == 0, out.stderr[-3000:]
     line = next(x for x in out.stdout.splitlines() if x.startswith("overhead:"))
     assert line.endswith("(CPU smoke run: this figure says nothing about kdvfs's overhead on a GPU)")
+    # ABBA rounds, as the DeepSpeed benchmark: 8 steps of 4 make one round of two blocks
+    rounds = next(x for x in out.stdout.splitlines() if x.startswith("overhead per round"))
+    assert "median of 1" in rounds and "95% bootstrap interval" in rounds
