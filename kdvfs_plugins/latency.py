@@ -123,14 +123,17 @@ def measure_simulated(gpu=None, *, pairs: Optional[Sequence[tuple[ClockPair, Clo
                          tuple(s * 1e3 for s in samples), PROBE_S * 1e6, model_prediction=True)
 
 
-def measure_nvml(device, *, pairs=None, repeats: int = 5, max_wait_s: float = 0.5) -> LatencyResult:
+def measure_nvml(device, *, pairs=None, repeats: int = 5, max_wait_s: float = 0.5, write=None) -> LatencyResult:
     """Measure a real GPU's latency. Needs clock writes (never on ``observe``) and a CUDA probe.
 
     The probe is an iterative kernel (a loop of dependent multiply-adds on one block, via torch)
-    timed with CUDA events, back to back on one stream; clocks are restored at the end.
+    timed with CUDA events, back to back on one stream; clocks are restored at the end. ``write``
+    takes each clock change as a callable (a :class:`~kdvfs_plugins.guard.ClockGuard`'s ``write``,
+    which owns the GPU, records the change and restores it however the process ends).
     """
+    write = write if write is not None else (lambda change: change())
     info = device.info()
-    if getattr(device, "kind", "") == "observe" or not info.can_write_clocks:
+    if not info.can_write_clocks:
         raise NoPermissionError(f"measuring the switch latency of {info.name} needs clock writes")
     try:
         import torch  # a CUDA probe kernel needs a CUDA runtime; imported only here
@@ -153,11 +156,11 @@ def measure_nvml(device, *, pairs=None, repeats: int = 5, max_wait_s: float = 0.
     try:
         for a, b in (pairs or _default_pairs(info.clocks)):
             for _ in range(repeats):
-                device.set_clocks(a)
+                write(lambda: device.set_clocks(a))
                 time.sleep(0.05)
                 d_a = statistics.median(timed()[1] for _ in range(20))
                 t0 = time.perf_counter()
-                device.set_clocks(b)
+                write(lambda: device.set_clocks(b))
                 durations, starts = [], []
                 while time.perf_counter() - t0 < max_wait_s:
                     starts.append(time.perf_counter() - t0)
@@ -168,7 +171,7 @@ def measure_nvml(device, *, pairs=None, repeats: int = 5, max_wait_s: float = 0.
                     samples.append(hit[0])
                     trans.append(hit[1])
     finally:
-        device.reset_clocks()
+        write(device.reset_clocks)
     if not samples:
         raise NotSupportedError(f"no clock change was seen on {info.name}; is the GPU busy with other work?")
     return LatencyResult(info.name, info.driver, statistics.median(samples) * 1e3, statistics.median(trans) * 1e3,
@@ -192,9 +195,11 @@ def _file(device_name: str, driver: str, state_dir=None) -> Path:
 
 def store(result: LatencyResult, state_dir=None) -> Path:
     """Write the result where :func:`switch_latency_for` finds it (keyed by GPU name and driver)."""
+    from .ownership import check_private_dir, write_json
+
     path = _file(result.device_name, result.driver, state_dir)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(result.to_dict(), indent=1))
+    check_private_dir(path.parent)  # the state directory's rules: nothing planted is written through
+    write_json(path, result.to_dict(), indent=1)
     return path
 
 

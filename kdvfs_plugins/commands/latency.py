@@ -42,10 +42,18 @@ def run(args: argparse.Namespace) -> int:
     else:
         from ..devices import open_device
 
+        from ..config import default_state_dir
+        from ..guard import ClockGuard
+
         device = open_device("nvml", args.index)
+        # the guard owns the GPU for the measurement: one writer per GPU, and the clocks are
+        # restored on any fatal signal or a crash, as in a training run
+        guard = ClockGuard(device, args.state_dir or default_state_dir())
         try:
-            result = latency.measure_nvml(device, repeats=args.repeats)
+            guard.acquire()
+            result = latency.measure_nvml(device, repeats=args.repeats, write=guard.write)
         finally:
+            guard.release()
             device.close()
     out = result.to_dict()
     if not args.no_store:
