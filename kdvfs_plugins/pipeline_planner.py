@@ -49,9 +49,12 @@ about a second. It gives no optimality bound (neither does lowtime's fitted mode
 the 4 x 8 1F1B graph (docs/pipeline.md): lowtime with 1 ms quanta took 17 s and, checked in real
 time, saved 24.76% strict; this solver 25.01%.
 
-Switch costs come from :mod:`kdvfs_plugins.switching`: changes are issued ahead and land on
-time; a wait gets the wait state only if it lasts at least the switch model's floor between
-changes (``effective_min_interval_s``; the instructions themselves last longer than the floor).
+Switch costs come from :mod:`kdvfs_plugins.switching`. Issued ahead, changes land on time; a
+wait gets the wait state only if it lasts at least the switch model's floor between changes
+(``effective_min_interval_s``; the instructions themselves last longer than the floor). Landing
+late (``lands_late``), a change takes effect ``latency_s`` into the node after the boundary
+(:func:`node_costs`); the planners then keep waits at the clock in force and check each move with
+the late landings.
 """
 from __future__ import annotations
 
@@ -64,7 +67,7 @@ import numpy as np
 from .errors import ConfigError
 from .switching import SwitchModel
 
-__all__ = ["PipelineGraph", "Evaluation", "PipelinePlan", "evaluate", "schedule_times", "plan_critical_path",
+__all__ = ["PipelineGraph", "Evaluation", "PipelinePlan", "evaluate", "node_costs", "schedule_times", "plan_critical_path",
            "plan_envpipe", "plan_per_gpu", "PLANNERS"]
 
 PLANNERS = ("default", "per_gpu", "envpipe", "critical_path")
@@ -195,18 +198,45 @@ def _latest_end(graph: PipelineGraph, durations: np.ndarray, horizon_s: float) -
     return late
 
 
-def evaluate(graph: PipelineGraph, node_state: Sequence[int], wait_state: Sequence[Optional[int]],
-             min_wait_s: float = 0.0) -> Evaluation:
-    """Time and energy of one iteration (changes on their boundaries; no noise)."""
+def _lag_s(switch: SwitchModel) -> float:
+    """How late a change lands after its boundary (0 when it is issued ahead or free)."""
+    return switch.latency_s if switch.mode == "late" else 0.0
+
+
+def node_costs(graph: PipelineGraph, node_state: Sequence[int], lag_s: float = 0.0) -> tuple[np.ndarray, np.ndarray]:
+    """(time_s, energy_j) of every node at its state. With ``lag_s`` > 0 a change lands that long
+    after the node starts: its first ``lag_s`` runs at the clock in force before it (the previous
+    node's on its rank; for the first node, the rank's last, as the iteration before ended)."""
     x = np.asarray(node_state, dtype=np.intp)
     idx = np.arange(graph.n_nodes)
-    dur = graph.time_s[idx, x]
+    T, E = graph.time_s, graph.energy_j
+    dur, en = T[idx, x].copy(), E[idx, x].copy()
+    if lag_s <= 0:
+        return dur, en
+    for seq in graph.order:
+        prev = x[seq[-1]]
+        for i in seq:
+            c = x[i]
+            if c != prev and T[i, prev] > 0:
+                frac = min(1.0, lag_s / T[i, prev])  # of the work done before the change lands
+                dur[i] = T[i, prev] if frac >= 1.0 else lag_s + (1.0 - frac) * T[i, c]
+                en[i] = frac * E[i, prev] + (1.0 - frac) * E[i, c]
+            prev = c
+    return dur, en
+
+
+def evaluate(graph: PipelineGraph, node_state: Sequence[int], wait_state: Sequence[Optional[int]],
+             min_wait_s: float = 0.0, lag_s: float = 0.0) -> Evaluation:
+    """Time and energy of one iteration (no noise); changes land on their boundaries, or
+    ``lag_s`` after them (:func:`node_costs`)."""
+    x = np.asarray(node_state, dtype=np.intp)
+    dur, en = node_costs(graph, x, lag_s)
     start, end = schedule_times(graph, dur)
     T = float(end.max())
     wp = graph.wait_power_w
     per_rank = []
     for r, seq in enumerate(graph.order):
-        e = float(graph.energy_j[list(seq), x[list(seq)]].sum())
+        e = float(en[list(seq)].sum())
         ws = wait_state[r]
         gaps = [(start[i] - (end[seq[k - 1]] if k else 0.0), int(x[seq[k - 1]] if k else x[seq[0]]))
                 for k, i in enumerate(seq)]
@@ -238,54 +268,74 @@ def _objective(max_slowdown: float) -> str:
 
 def plan_critical_path(graph: PipelineGraph, *, max_slowdown: float = 0.0,
                        switch: SwitchModel = SwitchModel(), max_rounds: int = 20000) -> PipelinePlan:
-    """Least energy with the iteration time within ``(1 + max_slowdown)`` x default (see the module doc)."""
+    """Least energy with the iteration time within ``(1 + max_slowdown)`` x default (see the module doc).
+
+    With changes that land late (``switch.mode == "late"``), an instruction after a wait at the
+    lowest clock would start at it, so waits keep the clock in force, and every move is checked
+    with the late landings (:func:`node_costs`) before it is kept."""
     max_slowdown = _check_slowdown(max_slowdown)
     x_def, ev_def = _default(graph)
     budget_s = ev_def.time_s * (1.0 + max_slowdown)
     n, idx = graph.n_nodes, np.arange(graph.n_nodes)
+    lag_s = _lag_s(switch)
     ws = graph.wait_state
-    wait_states = [ws] * len(graph.order)
+    wait_states: list[Optional[int]] = [ws if lag_s == 0 else None] * len(graph.order)
     min_wait_s = switch.effective_min_interval_s
     T, E = graph.time_s, graph.energy_j
-    J = E - graph.wait_power_w[ws] * T  # energy of a node net of the wait it fills
+    # Energy of a node net of the wait it fills: at the wait clock, or (late) at the node's own.
+    J = E - (graph.wait_power_w[ws] if lag_s == 0 else graph.wait_power_w[None, :]) * T
+    banned = np.zeros(T.shape, dtype=bool)  # moves the late landings put over budget
+
+    def within(x: np.ndarray) -> bool:
+        if lag_s == 0:
+            return True  # floats are exact: a move that fits its float keeps the budget
+        return float(schedule_times(graph, node_costs(graph, x, lag_s)[0])[1].max()) <= budget_s * (1 + 1e-12)
+
+    def floats(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        dur = node_costs(graph, x, lag_s)[0]
+        _, end = schedule_times(graph, dur)
+        return dur, _latest_end(graph, dur, budget_s) - end
 
     # 1. Free moves: the cheapest state no slower than the default.
     t0 = T[idx, x_def][:, None]
     x = np.where(T <= t0 + 1e-15, J, np.inf).argmin(axis=1)
+    if not within(x):
+        x = x_def.copy()
 
     # 2. Slack-greedy by savings per second of float.
     for _ in range(max_rounds):
-        dur = T[idx, x]
-        _, end = schedule_times(graph, dur)
-        slack = _latest_end(graph, dur, budget_s) - end
+        dur, slack = floats(x)
         dt = T - dur[:, None]
         dj = J[idx, x][:, None] - J
-        fits = (dt <= slack[:, None] + 1e-12) & (dj > 1e-9)
+        fits = (dt <= slack[:, None] + 1e-12) & (dj > 1e-9) & ~banned
         if not fits.any():
             break
         rate = np.where(fits, dj / np.maximum(dt, 1e-9), -np.inf)
         i, c = np.unravel_index(int(np.argmax(rate)), rate.shape)
-        x[i] = c
+        old, x[i] = x[i], c
+        if not within(x):
+            x[i], banned[i, c] = old, True
     greedy = x.copy()
 
     # 3. Polish: each node to its cheapest state within its float, until nothing moves.
     for _ in range(50):
         moved = False
         for i in graph.topo:
-            dur = T[idx, x]
-            _, end = schedule_times(graph, dur)
-            slack_i = _latest_end(graph, dur, budget_s)[i] - end[i]
-            ok = T[i] <= dur[i] + slack_i + 1e-12
+            dur, slack = floats(x)
+            ok = (T[i] <= dur[i] + slack[i] + 1e-12) & ~banned[i]
             c = int(np.where(ok, J[i], np.inf).argmin())
             if J[i, c] < J[i, x[i]] - 1e-9:
-                x[i] = c
-                moved = True
+                old, x[i] = x[i], c
+                if within(x):
+                    moved = True
+                else:
+                    x[i], banned[i, c] = old, True
         if not moved:
             break
 
     best_x, best_ev = x_def, ev_def
     for cand in (greedy, x):
-        ev = evaluate(graph, cand, wait_states, min_wait_s)
+        ev = evaluate(graph, cand, wait_states, min_wait_s, lag_s)
         if ev.time_s <= budget_s * (1 + 1e-12) and ev.energy_j < best_ev.energy_j:
             best_x, best_ev = cand, ev
     waits = tuple(wait_states) if best_x is not x_def else tuple([None] * len(graph.order))
@@ -310,7 +360,9 @@ def plan_envpipe(graph: PipelineGraph, *, sm_states: Sequence[int], max_slowdown
     dur = graph.time_s[idx, x_def]
     _, end = schedule_times(graph, dur)
     critical = (_latest_end(graph, dur, ev_def.time_s) - end) <= _FLOAT_EPS_S * max(1.0, ev_def.time_s)
-    waits = [graph.wait_state] * len(graph.order)
+    lag_s = _lag_s(switch)
+    # Changes that land late would start the next instruction at the wait clock: waits keep theirs.
+    waits = [graph.wait_state if lag_s == 0 else None] * len(graph.order)
     min_wait_s = switch.effective_min_interval_s
     level = [-1] * len(graph.order)  # -1: default clocks; k: sm_states[k]
 
@@ -323,7 +375,7 @@ def plan_envpipe(graph: PipelineGraph, *, sm_states: Sequence[int], max_slowdown
                         x[i] = sm_states[levels[r]]
         return x
 
-    best = evaluate(graph, assignment(level), waits, min_wait_s)
+    best = evaluate(graph, assignment(level), waits, min_wait_s, lag_s)
     # A lock at the top clock costs as much as the default, so a step-by-step descent would stop
     # on that plateau: each rank instead takes its best feasible level, in turns, until stable.
     for _ in range(4):
@@ -332,7 +384,7 @@ def plan_envpipe(graph: PipelineGraph, *, sm_states: Sequence[int], max_slowdown
             for k in range(len(sm_states)):
                 trial = list(level)
                 trial[r] = k
-                ev = evaluate(graph, assignment(trial), waits, min_wait_s)
+                ev = evaluate(graph, assignment(trial), waits, min_wait_s, lag_s)
                 if ev.time_s <= budget_s * (1 + 1e-12) and ev.energy_j < best.energy_j - 1e-9:
                     level, best, changed = trial, ev, True
         if not changed:
@@ -364,7 +416,7 @@ def plan_per_gpu(graph: PipelineGraph, *, clocks: Sequence, switch: SwitchModel 
         for i, nm in zip(seq, names):
             x[i] = state_of[planned.clocks_by_name[nm]]
     waits = [None] * len(graph.order)
-    ev = evaluate(graph, x, waits)
+    ev = evaluate(graph, x, waits, lag_s=_lag_s(switch))
     return PipelinePlan("per_gpu", "strict", tuple(int(v) for v in x), tuple(waits), 0.0, ev.time_s, ev.energy_j,
                         ev_def.time_s, ev_def.energy_j)
 

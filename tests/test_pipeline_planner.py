@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from kdvfs_plugins.errors import ConfigError
-from kdvfs_plugins.pipeline_planner import (PipelineGraph, evaluate, plan_critical_path, plan_envpipe,
+from kdvfs_plugins.pipeline_planner import (PipelineGraph, evaluate, node_costs, plan_critical_path, plan_envpipe,
                                             plan_per_gpu)
 from kdvfs_plugins.sim.cluster import ClusterPlan, VirtualCluster, shipped_stage_workloads
 from kdvfs_plugins.studies.pipeline import _graph, _plans, pipeline_compare
@@ -123,3 +123,27 @@ def test_planned_is_what_the_cluster_executes_without_noise():
         assert run.time_s == pytest.approx(p.time_s, rel=1e-9)
         assert run.energy_j == pytest.approx(p.energy_j, rel=1e-9)
         assert base.energy_j == pytest.approx(p.default_energy_j, rel=1e-9)
+
+
+def test_changes_that_land_late_are_planned_for():
+    c = VirtualCluster(shipped_stage_workloads(2), 4)
+    pg = _graph(c, None)
+    late = switch_model(6.0, issue_ahead=False)
+    # A change lands 6 ms into the node: that much of it runs at the clock before.
+    x = [0] * pg.n_nodes
+    first = pg.order[0][0]
+    x[first] = 50
+    dur, _ = node_costs(pg, x, lag_s=0.006)
+    assert dur[first] == pytest.approx(0.006 + (1 - 0.006 / pg.time_s[first, 0]) * pg.time_s[first, 50])
+    p = plan_critical_path(pg, switch=late)
+    assert p.wait_state == (None, None)  # a raise after a low wait would land inside the next node
+    run = c.execute(ClusterPlan(p.node_state, p.wait_state, p.min_wait_s), noise=False,
+                    switch_latency_s=0.006, issue_ahead=False)
+    base = c.execute(noise=False)
+    assert run.time_s <= base.time_s * (1 + 1e-3)
+    assert run.energy_j < base.energy_j * 0.95
+    data = pipeline_compare(2, 4, issue_ahead=False, seed=0).data
+    assert "land one switch latency later" in " ".join(data["assumptions"])
+    for r in data["rows"]:
+        if r["objective"] == "strict":
+            assert r["executed_time_change"] <= 0.005, r["planner"]
