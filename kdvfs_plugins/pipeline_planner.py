@@ -67,8 +67,8 @@ import numpy as np
 from .errors import ConfigError
 from .switching import SwitchModel
 
-__all__ = ["PipelineGraph", "Evaluation", "PipelinePlan", "evaluate", "node_costs", "schedule_times", "plan_critical_path",
-           "plan_envpipe", "plan_per_gpu", "PLANNERS"]
+__all__ = ["PipelineGraph", "Evaluation", "PipelinePlan", "evaluate", "node_costs", "schedule_times",
+           "plan_critical_path", "plan_envpipe", "plan_per_gpu", "default_plan", "clocks_summary", "PLANNERS"]
 
 PLANNERS = ("default", "per_gpu", "envpipe", "critical_path")
 # Floats below this are the critical path (seconds): the forward and backward passes round.
@@ -276,7 +276,7 @@ def plan_critical_path(graph: PipelineGraph, *, max_slowdown: float = 0.0,
     max_slowdown = _check_slowdown(max_slowdown)
     x_def, ev_def = _default(graph)
     budget_s = ev_def.time_s * (1.0 + max_slowdown)
-    n, idx = graph.n_nodes, np.arange(graph.n_nodes)
+    idx = np.arange(graph.n_nodes)
     lag_s = _lag_s(switch)
     ws = graph.wait_state
     wait_states: list[Optional[int]] = [ws if lag_s == 0 else None] * len(graph.order)

@@ -53,10 +53,9 @@ def test_uniform_stages_bubble_time_is_the_textbook_figure_for_both_schedules():
     p, m = 4, 8
     for name in ("1f1b", "gpipe"):
         c = VirtualCluster(_uniform(p), m, schedule=name, links=NO_LINK, states=STATES)
-        g = c.graph()
-        tf, tb, to = (float(g.time_s[i, 0]) for i in (c.schedule.order[0][0],
-                                                      [i for i in c.schedule.order[0] if c.schedule.nodes[i].kind == "backward"][0],
-                                                      c.schedule.order[0][-1]))
+        g, seq = c.graph(), c.schedule.order[0]
+        first_b = [i for i in seq if c.schedule.nodes[i].kind == "backward"][0]
+        tf, tb, to = (float(g.time_s[i, 0]) for i in (seq[0], first_b, seq[-1]))
         run = c.execute(noise=False)
         assert run.time_s == pytest.approx((m + p - 1) * (tf + tb) + to, rel=1e-9)
         for r in run.ranks:  # every stage idles (P-1)(tF + tB): the pipeline bubble

@@ -411,7 +411,8 @@ def wait_power_w(states: Sequence[Optional[ClockPair]], model: Optional[H100Mode
 
 
 @lru_cache(maxsize=64)
-def _instruction_costs(work: InstructionWork, states: tuple, model: H100Model) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def _instruction_costs(work: InstructionWork, states: tuple,
+                       model: H100Model) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """(time_s, energy_j, SM MHz the kernels run at) of ``work`` at every state, cached."""
     n = len(states)
     t, e, f = np.zeros(n), np.zeros(n), np.zeros(n)

@@ -30,8 +30,8 @@ from pathlib import Path
 from typing import Mapping, Optional, Sequence
 
 from ..errors import ConfigError
-from ..pipeline_planner import (PLANNERS, PipelineGraph, PipelinePlan, clocks_summary, default_plan,
-                                plan_critical_path, plan_envpipe, plan_per_gpu)
+from ..pipeline_planner import (PipelineGraph, PipelinePlan, clocks_summary, default_plan, plan_critical_path,
+                                plan_envpipe, plan_per_gpu)
 from ..switching import DEFAULT_SWITCH_LATENCY_MS, ISSUE_AHEAD_MIN_INTERVAL_MS, check_latency_ms, switch_model
 from ..sim.cluster import (ClusterPlan, ClusterRun, Links, StageWorkload, Straggler, VirtualCluster,
                            shipped_stage_workloads)
@@ -98,7 +98,8 @@ def stage_workloads(stages: int, stage_traces: Optional[Sequence[str]] = None,
     if interleaved and (len(paths) % stages or len(paths) < 2 * stages):
         raise ConfigError("--stage-traces", ",".join(paths),
                           f"for --schedule interleaved, one trace per virtual stage: a multiple of {stages} and at "
-                          f"least {2 * stages} files for --pipeline {stages} (got {len(paths)}), in virtual-stage order",
+                          f"least {2 * stages} files for --pipeline {stages} (got {len(paths)}), "
+                          "in virtual-stage order",
                           source=SOURCE)
     if not interleaved and len(paths) != stages:
         raise ConfigError("--stage-traces", ",".join(paths),
