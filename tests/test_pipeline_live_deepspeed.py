@@ -8,7 +8,6 @@ observe while the others go on. The expected regions come from DeepSpeed's own T
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import pytest
 

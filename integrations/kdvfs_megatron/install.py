@@ -37,10 +37,12 @@ from kdvfs_plugins.errors import KdvfsError
 from kdvfs_plugins.log import logger
 from kdvfs_plugins.module_regions import ModuleRegions
 from kdvfs_plugins.progress import state_line
-from kdvfs_plugins.regions import OPTIMIZER
+from kdvfs_plugins.regions import OPTIMIZER, PIPE, instruction_region
 
 from .args import config_from_args
-from .timers import REGION_OF_TIMER, STEP_BEGIN_TIMER, STEP_END_TIMER, KdvfsTimers, unwrap_timers
+from .timers import (
+    PIPE_INSTRUCTION_OF_TIMER, REGION_OF_TIMER, STEP_BEGIN_TIMER, STEP_END_TIMER, KdvfsTimers, unwrap_timers,
+)
 
 _GLOBAL_VARS_MODULE = "megatron.training.global_vars"
 
@@ -69,6 +71,14 @@ class MegatronKdvfs:
         self._closed = False
         #: Megatron's --log-interval (set by install from its args); None: no state lines.
         self.log_interval: Optional[int] = None
+        #: --pipeline-model-parallel-size from Megatron's args, for when install() runs before
+        #: Megatron has made its process groups (set by install); None: unknown.
+        self.pipeline_size_arg: Optional[int] = None
+        self._pipelined: Optional[bool] = None
+        #: Forward / backward computations started in this forward_backward_func call.
+        self._counts = {"f": 0, "b": 0}
+        #: Watched timer -> the region its start entered (its stop exits that one).
+        self._open: dict[str, str] = {}
 
     @property
     def active(self) -> bool:
@@ -92,7 +102,10 @@ class MegatronKdvfs:
         for cfg in _as_list(model_config) + [_model_config(m) for m in _as_list(model)]:
             if cfg is not None:
                 self._attach_config(cfg)
-        if self.engine.wants_module_regions:
+        # In a pipeline the schedule's instructions are the kernel groups: a module group opening
+        # inside backward would take the place of the open instruction region (both are groups of
+        # the backward phase), and its plan lookup would fall back to the phase.
+        if self.engine.wants_module_regions and not self.pipelined:
             for chunk in _as_list(model):
                 inner = _unwrap_module(chunk)
                 if id(inner) not in self._hooked_models:
@@ -125,23 +138,46 @@ class MegatronKdvfs:
     def has_targets(self) -> bool:
         return self._global_proxy is not None or bool(self._configs)
 
+    @property
+    def pipelined(self) -> bool:
+        """Whether this rank is one stage of a pipeline (pipeline-parallel size above 1)."""
+        if self._pipelined is None:
+            size = _pipeline_size()
+            if size is None:  # Megatron has not made its groups yet: its args say, but ask again later
+                return (self.pipeline_size_arg or 1) > 1
+            self._pipelined = size > 1
+        return self._pipelined
+
     # ------------------------------------------------------------------ timer events
     def timer_started(self, name: str) -> None:
         if not self.active:
             return
         t0 = time.perf_counter()
         if name == STEP_BEGIN_TIMER:
+            self._counts["f"] = self._counts["b"] = 0  # every schedule call starts at microbatch 0
+            self._open.clear()
             if self.auto_steps:
                 self.engine.step_begin()
         else:
-            self.engine.region_enter(REGION_OF_TIMER[name])
+            region = self._open[name] = self._region_of(name)
+            self.engine.region_enter(region)
         self._host_s += time.perf_counter() - t0
+
+    def _region_of(self, name: str) -> str:
+        """The region a watched timer's start enters: per instruction and microbatch in a pipeline."""
+        if name in PIPE_INSTRUCTION_OF_TIMER and self.pipelined:
+            phase, group, count, offset = PIPE_INSTRUCTION_OF_TIMER[name]
+            mb = self._counts[count] + offset
+            if group == PIPE:
+                self._counts[count] += 1  # a computation starts: the next one is the next microbatch
+            return instruction_region(phase, group, mb)
+        return REGION_OF_TIMER[name]
 
     def timer_stopped(self, name: str) -> None:
         if not self.active:
             return
         t0 = time.perf_counter()
-        region = REGION_OF_TIMER.get(name)
+        region = self._open.pop(name, None) or REGION_OF_TIMER.get(name)
         if region is not None:
             self.engine.region_exit(region)
         if name == STEP_END_TIMER and self.auto_steps:
@@ -199,6 +235,17 @@ class MegatronKdvfs:
             return
         # Every rank writes its run directory; rank 0 alone prints its table.
         self.engine.finish(error, quiet=self.engine.rank != 0)
+
+
+def _pipeline_size() -> Optional[int]:
+    """The pipeline-parallel size once Megatron has made its process groups; None before."""
+    try:
+        from megatron.core import parallel_state
+    except ImportError:  # pragma: no cover - megatron-core is this adapter's dependency
+        return None
+    if not parallel_state.model_parallel_is_initialized():
+        return None
+    return parallel_state.get_pipeline_model_parallel_world_size()
 
 
 def _tensor_parallel_group():
@@ -260,6 +307,7 @@ def install(args: Any = None, *, config: Union[KdvfsConfig, Mapping[str, Any], N
     r, lr, ws = detect_ranks(args, rank=rank, local_rank=local_rank, world_size=world_size)
     handle = MegatronKdvfs(cfg, rank=r, local_rank=lr, world_size=ws, plugins=plugins, device=device)
     handle.log_interval = getattr(args, "log_interval", None)
+    handle.pipeline_size_arg = getattr(args, "pipeline_model_parallel_size", None)
     if not (_global_timers_ready() or model is not None or model_config is not None):
         raise MegatronSetupError(
             "nothing to install into: Megatron's global timers do not exist yet and no model or "

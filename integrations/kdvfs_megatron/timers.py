@@ -20,7 +20,7 @@ from __future__ import annotations
 
 from typing import Any, Optional, Protocol
 
-from kdvfs_plugins.regions import BACKWARD, COMMUNICATION, FORWARD, OPTIMIZER
+from kdvfs_plugins.regions import BACKWARD, COMMUNICATION, FORWARD, OPTIMIZER, PIPE
 
 #: Pipeline-parallel point-to-point transfers (``p2p_communication.py``).
 PIPELINE_REGION = f"{COMMUNICATION}/pipeline"
@@ -48,6 +48,27 @@ REGION_OF_TIMER: dict[str, str] = {
     "embedding-grads-all-reduce": GRADS_REGION,
     "params-all-gather": PARAMS_REGION,
     "optimizer": OPTIMIZER,
+}
+#: With pipeline parallelism, the timers that bracket one instruction of the schedule -> (phase,
+#: region group, the count it takes its microbatch from, offset). ``"f"``/``"b"``: forward/backward
+#: computations started so far in this ``forward_backward_func`` call; the 1F1B schedule runs both
+#: in microbatch order, so the count is the microbatch of the next one. A receive is named after
+#: the microbatch it waits for (``recv_forward.mb3`` brings the input of forward 3; a combined
+#: ``send_forward_recv_backward`` the gradient of backward ``b``); a send after the one it sends.
+#: Group names are P2PCommunicator's method names.
+PIPE_INSTRUCTION_OF_TIMER: dict[str, tuple[str, str, str, int]] = {
+    "forward-compute": (FORWARD, PIPE, "f", 0),
+    "backward-compute": (BACKWARD, PIPE, "b", 0),
+    "forward-recv": (COMMUNICATION, "recv_forward", "f", 0),
+    "forward-send": (COMMUNICATION, "send_forward", "f", -1),
+    "backward-recv": (COMMUNICATION, "recv_backward", "b", 0),
+    "backward-send": (COMMUNICATION, "send_backward", "b", -1),
+    "forward-send-backward-recv": (COMMUNICATION, "send_forward_recv_backward", "b", 0),
+    "backward-send-forward-recv": (COMMUNICATION, "send_backward_recv_forward", "f", 0),
+    "forward-send-forward-recv": (COMMUNICATION, "send_forward_recv_forward", "f", 0),
+    "backward-send-backward-recv": (COMMUNICATION, "send_backward_recv_backward", "b", 0),
+    "forward-backward-send-forward-backward-recv": (COMMUNICATION, "send_forward_backward_recv_forward_backward",
+                                                    "f", 0),
 }
 #: Started once per ``forward_backward_func`` call, by every schedule: a kdvfs step begins.
 STEP_BEGIN_TIMER = "forward-backward"
