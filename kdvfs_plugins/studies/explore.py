@@ -263,15 +263,23 @@ def explore_report(trace_name: str = "gpt1b", seeds: Sequence[int] = range(5), *
     }
 
 
-def format_report(out: dict) -> str:
-    lines = [f"model prediction (simulated H100): online exploration through the live engine vs the oracle plan",
-             f"  trace {out['trace']}, switch latency {out['switch_latency_ms']:g} ms",
-             f"  oracle: energy {out['oracle_energy_change']:+.2%}, time {out['oracle_time_change']:+.2%}"]
+def format_report(out: dict, fmt: str = "text") -> str:
+    """The seeds as a table (``fmt``: ``text`` or ``markdown``), the oracle in a note."""
+    from ..tables import Table
+
+    rows = []
     for r in out["seeds"]:
-        what = f"applied after {r['steps']} steps" if r["applied"] else f"no plan ({r['status']}) after {r['steps']} steps"
-        lines.append(f"  seed {r['seed']}: energy {r['energy_change']:+.2%}, time {r['time_change']:+.2%}, "
-                     f"{what}, exploration slowdown {r['exploration_time_change']:+.2%}")
-    return "\n".join(lines)
+        share = r.get("share_of_oracle_saving")
+        rows.append([r["seed"], f"{r['energy_change']:+.2%}", f"{r['time_change']:+.2%}",
+                     "applied" if r["applied"] else f"none ({r['status']})", r["steps"],
+                     f"{r['exploration_time_change']:+.2%}", "-" if share is None else f"{abs(share) if share == 0 else share:.0%}"])
+    table = Table(["seed", "energy", "time", "plan", "steps", "exploration slowdown", "share of oracle"], rows,
+                  align="lrrlrrr",
+                  title=(f"model prediction (simulated H100): online exploration through the live engine, "
+                         f"trace {out['trace']}, switch latency {out['switch_latency_ms']:g} ms"),
+                  notes=[f"oracle plan: energy {out['oracle_energy_change']:+.2%}, "
+                         f"time {out['oracle_time_change']:+.2%}"])
+    return table.render(fmt)
 
 
 def run_command(args) -> int:
@@ -290,5 +298,6 @@ def run_command(args) -> int:
         out = explore_report(args.trace, range(args.seeds), max_steps=args.explore_max_steps,
                              max_slowdown=args.explore_plan_slowdown, explore_max_slowdown=args.explore_max_slowdown,
                              noise=not args.no_noise, switch_latency_ms=_latency(args), progress=bar.update)
-    print(json.dumps(out, indent=1) if args.json else format_report(out))
+    fmt = "markdown" if getattr(args, "markdown", False) else "text"
+    print(json.dumps(out, indent=1) if args.json else format_report(out, fmt))
     return 0
