@@ -238,14 +238,7 @@ class Actuator:
             if job.on_reached is not None:
                 job.marker.when_dated(job.on_reached)
             return
-        clocks: Optional[ClockPair] = job.clocks  # type: ignore[assignment]
-        previous = self._applied
-        written = self._apply(clocks, job.marker)
-        self._applied = clocks
-        self.changes_applied += 1
-        if self.on_applied is not None:
-            now = time.perf_counter()
-            self.on_applied(ClockChange(job.region, job.step, clocks, previous, now, now, written))
+        self._change(job, time.perf_counter())
 
     def _run(self) -> None:
         pending: deque = deque()
@@ -350,6 +343,10 @@ class Actuator:
             self.changes_skipped += 1
             return
         self._respect_floor(job)
+        self._change(job, reached_s)
+
+    def _change(self, job: _Job, reached_s: float) -> None:
+        """Apply the job's clocks and report the change."""
         clocks: Optional[ClockPair] = job.clocks  # type: ignore[assignment]
         previous = self._applied
         written = self._apply(clocks, job.marker)

@@ -162,7 +162,7 @@ class PlanningProblem:
         if ge.ndim == 1:
             ge = np.repeat(ge[:, None], c, axis=1)
         if ge.shape != (n, c) or not np.all(np.isfinite(ge)) or np.any(ge < 0):
-            raise PlanError(f"gap_energy_j must be [n_occurrences] or [n_occurrences, n_clocks] of joules >= 0")
+            raise PlanError("gap_energy_j must be [n_occurrences] or [n_occurrences, n_clocks] of joules >= 0")
         object.__setattr__(self, "gap_time_s", _readonly(gt))
         object.__setattr__(self, "gap_energy_j", _readonly(ge))
 
@@ -182,8 +182,23 @@ class PlanningProblem:
                             "measured clock pairs") from None
 
 
+class AgainstDefault:
+    """``time_change`` and ``energy_change`` of a result with ``time_s``, ``energy_j``,
+    ``default_time_s`` and ``default_energy_j``: fractions against the default (- = less)."""
+
+    @property
+    def time_change(self) -> float:
+        """Time against the default, as a fraction (+ = slower)."""
+        return self.time_s / self.default_time_s - 1.0  # type: ignore[attr-defined]
+
+    @property
+    def energy_change(self) -> float:
+        """Energy against the default, as a fraction (- = saved)."""
+        return self.energy_j / self.default_energy_j - 1.0  # type: ignore[attr-defined]
+
+
 @dataclass(frozen=True)
-class PlannedStep:
+class PlannedStep(AgainstDefault):
     """A plan and the planner's prediction for it."""
 
     clocks_by_name: Mapping[str, Optional[ClockPair]]
@@ -200,15 +215,6 @@ class PlannedStep:
     exact: bool = False
     max_slowdown: float = 0.0
 
-    @property
-    def time_change(self) -> float:
-        """Step time against the default step, as a fraction (+ = slower)."""
-        return self.time_s / self.default_time_s - 1.0
-
-    @property
-    def energy_change(self) -> float:
-        """Step energy against the default step, as a fraction (- = saved)."""
-        return self.energy_j / self.default_energy_j - 1.0
 
     def clocks_for(self, region_name: str) -> Optional[ClockPair]:
         """The clocks for a region name at any granularity (looks up the name, its phase, the step)."""

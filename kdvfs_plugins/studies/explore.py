@@ -30,6 +30,7 @@ from ..sim.model import H100Model
 from ..sim.stretch import StretchGPU
 from ..sim.trace import Trace
 from ..switching import DEFAULT_SWITCH_LATENCY_MS
+from .planning import Execution
 
 #: Steps each plan is executed for, after warm-up steps that are not counted.
 EXECUTE_STEPS = 20
@@ -82,26 +83,8 @@ def _engine(cfg: KdvfsConfig, device: TraceDevice) -> Engine:
     return Engine(cfg, framework="kdvfs simulate", device=device).start()
 
 
-@dataclass(frozen=True)
-class Execution:
-    """A plan executed beside the default clocks on one seed: true time and energy per step."""
-
-    time_s: float
-    energy_j: float
-    default_time_s: float
-    default_energy_j: float
-
-    @property
-    def time_change(self) -> float:
-        return self.time_s / self.default_time_s - 1.0
-
-    @property
-    def energy_change(self) -> float:
-        return self.energy_j / self.default_energy_j - 1.0
-
-
 def _run_fixed(trace: Trace, clocks_by_name: Mapping[str, Optional[ClockPair]], *, seed: int, noise: bool,
-               latency_ms: float, issue_ahead: bool, steps: int, model: Optional[H100Model]) -> tuple[float, float]:
+               latency_ms: float, issue_ahead: bool, steps: int, model: Optional[H100Model]) -> tuple[float, float, int]:
     gpu = StretchGPU(trace, seed=seed, noise=noise, switch_latency_ms=latency_ms, model=model, issue_ahead=issue_ahead)
     dev = TraceDevice(gpu)
     regions = {k: v.to_dict() for k, v in clocks_by_name.items() if v is not None}
@@ -112,22 +95,23 @@ def _run_fixed(trace: Trace, clocks_by_name: Mapping[str, Optional[ClockPair]], 
         drive = TraceDriver(eng, dev)
         for _ in range(EXECUTE_WARMUP_STEPS):
             drive.step()
-        t0, e0 = gpu.now_s, gpu.energy_j
+        t0, e0, c0 = gpu.now_s, gpu.energy_j, gpu.clock_changes
         for _ in range(steps):
             drive.step()
-        t1, e1 = gpu.now_s, gpu.energy_j
+        t1, e1, c1 = gpu.now_s, gpu.energy_j, gpu.clock_changes
         eng.close()
-    return (t1 - t0) / steps, (e1 - e0) / steps
+    return (t1 - t0) / steps, (e1 - e0) / steps, c1 - c0
 
 
 def execute(trace: Trace, clocks_by_name: Mapping[str, Optional[ClockPair]], *, seed: int = 0, noise: bool = True,
             latency_ms: float = DEFAULT_SWITCH_LATENCY_MS, issue_ahead: bool = True, steps: int = EXECUTE_STEPS,
             model: Optional[H100Model] = None) -> Execution:
-    """Run ``clocks_by_name`` (region -> clocks) through an engine on the trace, beside the default clocks."""
+    """Run ``clocks_by_name`` (region -> clocks) through an engine on the trace, beside the default clocks:
+    true time and energy per step over ``steps`` steps after warm-up."""
     kw = dict(seed=seed, noise=noise, latency_ms=latency_ms, issue_ahead=issue_ahead, steps=steps, model=model)
-    t, e = _run_fixed(trace, clocks_by_name, **kw)
-    t_def, e_def = _run_fixed(trace, {}, **kw)
-    return Execution(t, e, t_def, e_def)
+    t, e, changes = _run_fixed(trace, clocks_by_name, **kw)
+    t_def, e_def, _ = _run_fixed(trace, {}, **kw)
+    return Execution(t, e, t_def, e_def, changes / steps)
 
 
 @dataclass(frozen=True)

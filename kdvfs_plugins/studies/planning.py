@@ -88,15 +88,14 @@ apart, since a real actuator has one change in flight at a time.
 """
 from __future__ import annotations
 
-import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Callable, Iterable, Mapping, Optional, Sequence, Union
 
 import numpy as np
 
 from ..clocks import ClockPair
 from ..errors import ConfigError
-from ..planner import GRANULARITIES, OBJECTIVES, PlannedStep, PlanningProblem, SwitchModel, evaluate, plan
+from ..planner import GRANULARITIES, OBJECTIVES, AgainstDefault, PlannedStep, PlanningProblem, SwitchModel, plan
 from ..switching import DEFAULT_SWITCH_LATENCY_MS, check_latency_ms, switch_model
 from ..sim.gpu import VirtualGPU
 from ..sim.model import H100Model, Work, default_model
@@ -516,7 +515,7 @@ def plan_on_trace(trace_or_context: Union[Trace, PlanningContext], *, granularit
 # --------------------------------------------------------------------------------------------
 
 @dataclass(frozen=True)
-class Execution:
+class Execution(AgainstDefault):
     """A plan run on the virtual GPU next to the default clocks (same seed, same noise)."""
 
     time_s: float
@@ -524,14 +523,6 @@ class Execution:
     default_time_s: float
     default_energy_j: float
     clock_changes_per_step: float
-
-    @property
-    def time_change(self) -> float:
-        return self.time_s / self.default_time_s - 1.0
-
-    @property
-    def energy_change(self) -> float:
-        return self.energy_j / self.default_energy_j - 1.0
 
 
 def plan_lookup(clocks_by_name: Mapping[str, Optional[ClockPair]]) -> ClocksFor:
