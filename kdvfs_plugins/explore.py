@@ -373,14 +373,17 @@ class Explorer:
             if self.done:
                 return
         if self.incumbent is None and used >= REFINE_SHARE * (self.s.explore_max_steps - reserve):
+            self._make_plan(early=True, time_se=0.0)  # the incumbent's own time is measured next
             # The plan from single locks becomes the incumbent; the rest of the exploration measures
             # one more change at a time against it: a lock's effect can depend on the others (a
             # knob held below the top keeps the power the optimizer's low clock freed), which
             # single locks against the default cannot show.
-            self._make_plan(early=True)
             if self.done:
                 return
-            self.incumbent = dict(self._early_draft.design)
+            draft = self._early_draft
+            # a plan that does not clear what the measurements resolve is no incumbent
+            resolved = draft.energy_change <= -self._resolvable(draft, effects)
+            self.incumbent = dict(draft.design) if resolved else {}
             if self.incumbent:
                 self.schedule.add_slot(bs, "reference", lambda lane: dict(self.incumbent))
                 return
@@ -417,10 +420,11 @@ class Explorer:
             if b.kind == kind:
                 moved = [(k, st) for k, st in b.design.items() if st != reference.get(k, 0)]
                 changes += moved[:1]
-        grid = self.grid + ([0] if self.incumbent else [])
+        grid = self.grid
 
         def design(lane: int) -> dict:
-            change = draw_single(self.knobs, grid, self.states, changes, self._rng, affordable, promising)
+            change = draw_single(self.knobs, grid, self.states, changes, self._rng, affordable, promising,
+                                 around=reference if self.incumbent else None)
             d = dict(reference)
             d.update(change)
             changes.extend(change.items())
@@ -521,7 +525,7 @@ class Explorer:
         return switch_model(self.s.switch_latency_ms, issue_ahead=self.s.issue_ahead, min_interval_ms=floor_ms)
 
     # ------------------------------------------------------------------ plan
-    def _effect_grids(self, samples, table) -> tuple[np.ndarray, np.ndarray]:
+    def _effect_grids(self, samples, table, time_se: float) -> tuple[np.ndarray, np.ndarray]:
         """Time and energy per step of every knob at every state it was measured in alone, from its
         effect on the whole step.
 
@@ -539,15 +543,15 @@ class Explorer:
                         for st in range(1, len(self.states))]
         measured = False
         effects = self._model.step_effects(samples)
-        # A lock's measured time is taken as slow as its measurement allows (two standard errors):
-        # validation accepts a plan only where it meets the budget by that much, and a plan on the
-        # budget's edge would be validated, found too slow and re-planned, at the cost of the blocks.
+        # A lock's measured time is taken ``time_se`` standard errors slower than measured: a plan
+        # on the budget's edge would be validated, found too slow and re-planned, at the cost of
+        # the blocks.
         se_t_ms = self._effect_se(time=True) * (self.default_step_ms or 0.0)
         for j, k in enumerate(self.knobs):
             T[j, 0] = table[k].get(0, 0.0)
             E[j, 0] = 0.0
             for st, eff in effects.get(k, {}).items():
-                T[j, st] = T[j, 0] + eff.step_ms + LOCK_FLOOR_SE * se_t_ms / np.sqrt(eff.blocks)
+                T[j, st] = T[j, 0] + eff.step_ms + time_se * se_t_ms / np.sqrt(eff.blocks)
                 E[j, st] = eff.energy_j
                 measured = True
         return (T, E) if measured else (T, None)
@@ -570,44 +574,71 @@ class Explorer:
             return MIN_PREDICTED_SAVING / LOCK_FLOOR_SE
         return float(np.std(rel, ddof=1) * np.sqrt(1.5))
 
-    def _make_plan(self, slow_scale_factor: float = 1.0, early: bool = False) -> None:
+    def _plan_draft(self, samples, table, *, time_se: float, slow_scale_factor: float = 1.0,
+               max_slowdown: Optional[float] = None) -> PlanDraft:
+        """The planner's best plan on the measured effects (``time_se``: see :meth:`_effect_grids`)."""
+        T, E = self._effect_grids(samples, table, time_se)
+        # Validation measured the plan slower than predicted: the time effects of locks grow.
+        T = time_penalised(T, slow_scale_factor)
+        budget = self.s.max_slowdown if max_slowdown is None else max_slowdown
+        default_ms = {k: T[j, 0] for j, k in enumerate(self.knobs)}
+        return make_plan(T, E, knobs=self.knobs, states=self.states,
+                         occurrences=self.knob_map.occurrences(self.layout, default_ms),
+                         default_step_energy_j=self._default_step_energy(), max_slowdown=budget,
+                         objective=self.s.objective if max_slowdown is None else "relaxed",
+                         switch=self._switch_model(),
+                         # the states a plan takes were mostly measured twice (see draw_single)
+                         drop_floor=min(MIN_PREDICTED_SAVING, LOCK_FLOOR_SE * self._effect_se() / np.sqrt(2)))
+
+    def _resolvable(self, draft: PlanDraft, effects) -> float:
+        """The saving a plan must predict to be told from noise (a fraction of the step's energy):
+        0.2 %, or ``PLAN_FLOOR_SE`` standard errors of its summed effects (it is the best of many
+        noisy effects, so it must clear more than two)."""
+        n = [effects[k][st].blocks for k, st in draft.design.items() if st in effects.get(k, {})]
+        se = self._effect_se() * np.sqrt(sum(1.0 / b for b in n)) if n else 0.0
+        return float(max(MIN_PREDICTED_SAVING, PLAN_FLOOR_SE * se))
+
+    def _make_plan(self, slow_scale_factor: float = 1.0, early: bool = False, time_se: float = LOCK_TIME_SE) -> None:
         samples = self._samples()
         table = self._model.time_table(samples)
-        T, E = self._effect_grids(samples, table)
-        if E is None:
+        effects = self._model.step_effects(samples)
+        if not effects:
             self._finish("rejected", "no lock was measured against default blocks; run more steps "
                          "(explore_max_steps) or use shorter windows (window_steps)")
             return
-        # Validation measured the plan slower than predicted: the time effects of locks grow.
-        T = time_penalised(T, slow_scale_factor)
-        default_ms = {k: T[j, 0] for j, k in enumerate(self.knobs)}
-        draft = make_plan(T, E, knobs=self.knobs, states=self.states,
-                          occurrences=self.knob_map.occurrences(self.layout, default_ms),
-                          default_step_energy_j=self._default_step_energy(), max_slowdown=self.s.max_slowdown,
-                          objective=self.s.objective, switch=self._switch_model(),
-                          # the states a plan takes were mostly measured twice (see draw_single)
-                          drop_floor=min(MIN_PREDICTED_SAVING, LOCK_FLOOR_SE * self._effect_se() / np.sqrt(2)))
+        when = f" after {self.schedule.next_step - self.s.start_step} steps (an early look)" if early else ""
+        if early:
+            # Whether a saving is there to resolve at all: the plan with the time the unexplored
+            # locks may still give back (what exploration looks beyond the budget for).
+            hope = self._plan_draft(samples, table, time_se=0.0, max_slowdown=self.s.max_slowdown + RELEVANT_MARGIN)
+            floor = self._resolvable(hope, effects)
+            if hope.energy_change > -floor:
+                self.predicted = {"time_change": hope.time_change, "energy_change": hope.energy_change,
+                                  "effect_se": self._effect_se(), "resolvable_saving": floor}
+                self._finish("rejected", f"the measured locks offer a saving of at most "
+                             f"{-hope.energy_change:.2%}{when}, below the {floor:.2%} that the measurements "
+                             "resolve: the default clocks stay")
+                return
+        draft = self._plan_draft(samples, table, time_se=time_se, slow_scale_factor=slow_scale_factor)
+        if time_se and draft.energy_change > -self._resolvable(draft, effects):
+            # Nothing fits with the margin: the measured times themselves, validation decides.
+            draft = self._plan_draft(samples, table, time_se=0.0, slow_scale_factor=slow_scale_factor)
         self.predicted = {"time_change": draft.time_change, "energy_change": draft.energy_change,
                           "effect_se": self._effect_se(),
                           "blocks": float(sum(1 for b in self.blocks if b.kind in ("explore", "default")))}
-        when = f" after {self.schedule.next_step - self.s.start_step} steps (an early look)" if early else ""
-        if not draft.design:
-            self._finish("rejected", f"the measured locks offer no saving within the slowdown budget{when}: "
-                         "the default clocks stay")
-            return
-        # What the measurements resolve: the plan's saving is a sum of measured effects, each good
-        # to a standard error; picked as the best of many, it must clear several of them.
-        effects = self._model.step_effects(samples)
-        se = self._effect_se() * np.sqrt(sum(1.0 / effects[k][st].blocks for k, st in draft.design.items()))
-        floor = max(MIN_PREDICTED_SAVING, PLAN_FLOOR_SE * se)
-        self.predicted["resolvable_saving"] = floor
-        if draft.energy_change > -floor:
-            self._finish("rejected", f"the measured locks offer a saving of {-draft.energy_change:.2%}{when}, "
-                         f"below the {floor:.2%} that the measurements resolve: the default clocks stay")
-            return
         if early:
             self._early_draft = draft
             return  # a saving worth exploring for: go on measuring
+        if not draft.design:
+            self._finish("rejected", "the measured locks offer no saving within the slowdown budget: "
+                         "the default clocks stay")
+            return
+        floor = self._resolvable(draft, effects)
+        self.predicted["resolvable_saving"] = floor
+        if draft.energy_change > -floor:
+            self._finish("rejected", f"the measured locks offer a saving of {-draft.energy_change:.2%}, "
+                         f"below the {floor:.2%} that the measurements resolve: the default clocks stay")
+            return
         if self.incumbent and slow_scale_factor == 1.0:
             draft = self._refined(samples)
         self._draft = draft
@@ -619,7 +650,8 @@ class Explorer:
 
         A change counts only where it saves more than its measurement resolves (``LOCK_FLOOR_SE``
         standard errors) and, taken ``LOCK_TIME_SE`` standard errors slower than measured, keeps the
-        plan within the slowdown budget."""
+        plan within the slowdown budget. The incumbent was planned on the measured times without a
+        margin (nearer the budget's edge, where the saving is); its own blocks measure its time."""
         base = self._early_draft
         step_ms = self.default_step_ms or 0.0
         e_step = self._default_step_energy()
@@ -635,12 +667,15 @@ class Explorer:
                   if b.kind == "default" and b.time_ms and not any(b.design.values())]
         if ref_ms and def_ms:
             base_ms = float(np.mean(ref_ms) - np.mean(def_ms)) + LOCK_TIME_SE * se_t / np.sqrt(len(ref_ms))
+        # Where the incumbent itself measured over the budget, the change that brings it within
+        # at the least energy is taken, whatever it saves.
+        over = base_ms > budget_ms
         best = None
         for k, by_state in self._model.step_effects(samples, self.incumbent).items():
             for st, eff in by_state.items():
                 n = np.sqrt(eff.blocks)
                 slow_ms = eff.step_ms + LOCK_TIME_SE * se_t / n
-                if base_ms + slow_ms > budget_ms or eff.energy_j > -LOCK_FLOOR_SE * se_e / n:
+                if base_ms + slow_ms > budget_ms or (not over and eff.energy_j > -LOCK_FLOOR_SE * se_e / n):
                     continue
                 if best is None or eff.energy_j < best[2].energy_j:
                     best = (k, st, eff, slow_ms)

@@ -123,7 +123,7 @@ def build_grid(table: ClockTable, states: Sequence[Optional[ClockPair]]) -> list
 
 def draw_single(knobs: Sequence[str], grid: Sequence[int], states: Sequence[Optional[ClockPair]],
                 changes: Sequence[tuple[str, int]], rng: random.Random, affordable: Callable[[str, int], bool],
-                promising: Optional[dict] = None) -> dict:
+                promising: Optional[dict] = None, around: Optional[dict] = None) -> dict:
     """One knob at one state, the rest at default: the block then measures that lock's effect on
     the whole step, against the default blocks next to it.
 
@@ -137,6 +137,9 @@ def draw_single(knobs: Sequence[str], grid: Sequence[int], states: Sequence[Opti
     nothing affordable at all: default. Once a state was measured, it is measured again before
     the others only where it is ``promising`` (knob -> states a plan could take: the measured
     time/energy front), so repeated blocks shrink the noise where the plan is decided.
+
+    ``around`` (knob -> state, absent: default): refine around a plan instead, nearest states
+    first (a small step from the plan is what can still pay at its edge of the budget).
     """
     counts = {k: {st: 0 for st in grid} for k in knobs}
     for k, st in changes:
@@ -162,11 +165,15 @@ def draw_single(knobs: Sequence[str], grid: Sequence[int], states: Sequence[Opti
         return {}
     # the knob with an affordable state measured least (then the knob measured least) goes first
     least, _, _, k, afford = min(options)
-    seen = [inv_f(st) for st, n in counts[k].items() if n] + [(1.0 / top[0], 1.0 / top[1])]
+    if around is not None:
+        seen = [inv_f(around.get(k, 0))]
+    else:
+        seen = [inv_f(st) for st, n in counts[k].items() if n] + [(1.0 / top[0], 1.0 / top[1])]
 
     def distance(st: int) -> float:
         a = inv_f(st)
         return min(abs(a[0] - b[0]) * top[0] + abs(a[1] - b[1]) * top[1] for b in seen)
 
-    pick = max((st for st in afford if counts[k][st] == least), key=lambda st: (distance(st), rng.random()))
+    sign = -1.0 if around is not None else 1.0
+    pick = max((st for st in afford if counts[k][st] == least), key=lambda st: (sign * distance(st), rng.random()))
     return {k: pick}
