@@ -65,6 +65,7 @@ from typing import Mapping, Optional, Sequence
 import numpy as np
 
 from .errors import ConfigError
+from .planner import AgainstDefault
 from .switching import SwitchModel
 
 __all__ = ["PipelineGraph", "Evaluation", "PipelinePlan", "evaluate", "node_costs", "schedule_times",
@@ -150,7 +151,7 @@ class Evaluation:
 
 
 @dataclass(frozen=True)
-class PipelinePlan:
+class PipelinePlan(AgainstDefault):
     """A state per node and per rank a wait state; the planner's own prediction against default."""
 
     planner: str
@@ -162,14 +163,6 @@ class PipelinePlan:
     energy_j: float
     default_time_s: float
     default_energy_j: float
-
-    @property
-    def time_change(self) -> float:
-        return self.time_s / self.default_time_s - 1.0
-
-    @property
-    def energy_change(self) -> float:
-        return self.energy_j / self.default_energy_j - 1.0
 
 
 def schedule_times(graph: PipelineGraph, durations: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -320,14 +313,15 @@ def plan_critical_path(graph: PipelineGraph, *, max_slowdown: float = 0.0,
     # 3. Polish: each node to its cheapest state within its float, until nothing moves.
     for _ in range(50):
         moved = False
+        dur, slack = floats(x)
         for i in graph.topo:
-            dur, slack = floats(x)
             ok = (T[i] <= dur[i] + slack[i] + 1e-12) & ~banned[i]
             c = int(np.where(ok, J[i], np.inf).argmin())
             if J[i, c] < J[i, x[i]] - 1e-9:
                 old, x[i] = x[i], c
                 if within(x):
                     moved = True
+                    dur, slack = floats(x)  # a move uses float other nodes shared
                 else:
                     x[i], banned[i, c] = old, True
         if not moved:

@@ -204,6 +204,12 @@ def shipped_stage_workloads(stages: int) -> tuple[StageWorkload, ...]:
                       "--stage-traces a.csv,b.csv,...", source=SOURCE)
 
 
+@lru_cache(maxsize=1)
+def _shipped_optimizer_s() -> float:
+    """The shipped stages' optimizer time in all: what 1.0 B parameters take to step."""
+    return sum(w.optimizer.busy_s for w in shipped_stage_workloads(4))
+
+
 # --------------------------------------------------------------------------------------------
 # Links, stragglers, the schedule
 # --------------------------------------------------------------------------------------------
@@ -524,7 +530,7 @@ class VirtualCluster:
             if not (0 <= straggler.rank < self.schedule.ranks):
                 raise ConfigError("--straggler", f"{straggler.rank}:{straggler.factor}",
                                   f"a rank from 0 to {self.schedule.ranks - 1} (stages x replicas = "
-                                  f"{len(workloads)} x {replicas}; rank = replica x stages + stage), "
+                                  f"{self.schedule.stages} x {replicas}; rank = replica x stages + stage), "
                                   "e.g. --straggler 1:1.1", source=SOURCE)
             if not (math.isfinite(straggler.factor) and straggler.factor > 0):
                 raise ConfigError("--straggler", f"{straggler.rank}:{straggler.factor}",
@@ -544,8 +550,7 @@ class VirtualCluster:
 
     def stage_grad_bytes(self, stage: int) -> float:
         """Gradient bytes of a stage, from its share of optimizer time (see the module docstring)."""
-        shipped = sum(w.optimizer.busy_s for w in shipped_stage_workloads(4))
-        params = SHIPPED_PARAMS * self._optimizers[stage].busy_s / shipped
+        params = SHIPPED_PARAMS * self._optimizers[stage].busy_s / _shipped_optimizer_s()
         return params * GRAD_BYTES_PER_PARAM
 
     def graph(self, card_seed: Optional[int] = None) -> ClusterGraph:
