@@ -1,6 +1,8 @@
 """Pipeline instruction regions in the core: their names, and how a plan names them (fast tests)."""
 from __future__ import annotations
 
+import pytest
+
 from kdvfs_plugins import ClockPair
 from kdvfs_plugins.plan import UnmatchedRegionKeys
 from kdvfs_plugins.regions import Region, fold_microbatch, instruction_region, lookup
@@ -37,3 +39,15 @@ def test_region_clocks_key_for_all_microbatches_is_not_reported_unmatched():
     note = keys.seen({"communication/recv_activation.mb0": 1.0, "forward/pipe.mb0": 2.0})
     assert note is not None and "'communication/recv_grad.*'" in note
     assert "recv_activation.*'" not in note.split("match")[0]
+
+
+def test_megatron_pipeline_timers_are_watched_and_named_after_p2p_methods():
+    pytest.importorskip("megatron.core")
+    from megatron.core.pipeline_parallel.p2p_communication import P2PCommunicator
+
+    from kdvfs_megatron import PIPE_INSTRUCTION_OF_TIMER, REGION_OF_TIMER
+
+    for timer, (phase, group, count, _) in PIPE_INSTRUCTION_OF_TIMER.items():
+        assert timer in REGION_OF_TIMER and REGION_OF_TIMER[timer].partition("/")[0] == phase
+        assert group == "pipe" or callable(getattr(P2PCommunicator, group, None)), group
+        assert count in ("f", "b")

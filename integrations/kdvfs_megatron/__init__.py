@@ -24,11 +24,13 @@ from .install import (
     step_end,
     uninstall,
 )
-from .timers import GRADS_REGION, PARAMS_REGION, PIPELINE_REGION, REGION_OF_TIMER, KdvfsTimers
+from .timers import (
+    GRADS_REGION, PARAMS_REGION, PIPE_INSTRUCTION_OF_TIMER, PIPELINE_REGION, REGION_OF_TIMER, KdvfsTimers,
+)
 
 __all__ = [
     "add_kernel_dvfs_args", "chain_providers", "config_from_args", "flag_name",
     "install", "uninstall", "close", "current", "step_begin", "step_end", "region", "detect_ranks",
     "MegatronKdvfs", "MegatronSetupError", "KdvfsTimers", "REGION_OF_TIMER",
-    "PIPELINE_REGION", "GRADS_REGION", "PARAMS_REGION",
+    "PIPELINE_REGION", "GRADS_REGION", "PARAMS_REGION", "PIPE_INSTRUCTION_OF_TIMER",
 ]

@@ -22,7 +22,9 @@ from typing import Any, Optional, Protocol
 
 from kdvfs_plugins.regions import BACKWARD, COMMUNICATION, FORWARD, OPTIMIZER, PIPE
 
-#: Pipeline-parallel point-to-point transfers (``p2p_communication.py``).
+#: Pipeline-parallel point-to-point transfers (``p2p_communication.py``) where kdvfs cannot tell
+#: that the run is a pipeline (no Megatron process groups, no args); otherwise each transfer is a
+#: region of its own (PIPE_INSTRUCTION_OF_TIMER).
 PIPELINE_REGION = f"{COMMUNICATION}/pipeline"
 #: Data-parallel gradient reduction and the small all-reduces of ``finalize_model_grads``.
 GRADS_REGION = f"{COMMUNICATION}/grads"
