@@ -28,23 +28,25 @@ STAGES, MICROBATCHES, STEPS = 4, 4, 2
 
 WAIT, FWD0, FWD, BWD, COMM, OPT = [345, 1593], [1200, 2619], [1500, 2619], [1800, 2619], [1005, 2619], [1605, 2619]
 #: Every receive is a wait, also the combined send-and-receive calls of the steady state.
-WAITS = ("recv_forward", "recv_backward", "send_forward_recv_backward", "send_backward_recv_forward")
+WAITS = ("recv_forward", "recv_backward", "send_forward_recv_backward", "send_backward_recv_forward",
+         # the interleaved schedule's
+         "send_forward_recv_forward", "send_backward_recv_backward", "send_forward_backward_recv_forward_backward")
 PLAN = {**{f"communication/{w}.*": WAIT for w in WAITS},
         "forward/pipe.mb0": FWD0, "forward/pipe.*": FWD, "backward": BWD, "communication": COMM, "optimizer": OPT}
 
 
-def run_ranks(out: Path, block: dict, *extra) -> list[dict]:
+def run_ranks(out: Path, block: dict, *extra, ranks: int = STAGES) -> list[dict]:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
     env.update(MASTER_ADDR="127.0.0.1", OMP_NUM_THREADS="1", KDVFS_DISABLE_ENTRYPOINTS="1")
-    cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={STAGES}", f"--master_port={port}",
+    cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={ranks}", f"--master_port={port}",
            str(SCRIPT), str(out), "--microbatches", str(MICROBATCHES), "--steps", str(STEPS),
            "--block", json.dumps(block), *map(str, extra)]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=240)
     assert proc.returncode == 0, f"{' '.join(cmd)} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}"
-    return [json.loads((out / f"rank{r}.json").read_text()) for r in range(STAGES)]
+    return [json.loads((out / f"rank{r}.json").read_text()) for r in range(ranks)]
 
 
 def one_f_one_b(stage: int) -> list[str]:
@@ -122,3 +124,23 @@ def test_refused_stage_falls_back_and_the_others_go_on(tmp_path):
         else:
             assert r["device"] == "nvml" and r["writes"] > 0 and r["restored"] is True
             assert BWD in [c for _, c in r["changes"]]
+
+
+def test_interleaved_two_stages_two_chunks(tmp_path):
+    """pp = 2 with 2 model chunks per stage: the index counts each stage's forwards (backwards)
+    over its chunks, Megatron's virtual microbatch id, so it runs 0 .. 2 * microbatches - 1 in order."""
+    ranks = run_ranks(tmp_path / "out", {"region_clocks": PLAN}, "--chunks", 2, ranks=2)
+    from megatron.core.pipeline_parallel.p2p_communication import P2PCommunicator
+
+    virtual = list(range(2 * MICROBATCHES))
+    for r in ranks:
+        assert r["records"] == list(range(STEPS))
+        for step in range(STEPS):
+            names = entered(r["events"], step)
+            assert [n for n in names if n.startswith("forward/")] == [f"forward/pipe.mb{i}" for i in virtual]
+            assert [n for n in names if n.startswith("backward/")] == [f"backward/pipe.mb{i}" for i in virtual]
+            transfers = {n.partition("/")[2].rsplit(".mb", 1)[0] for n in names if ".mb" in n and n.startswith("comm")}
+            assert transfers and all(callable(getattr(P2PCommunicator, t, None)) for t in transfers)
+            assert names[-1] == "optimizer"
+        want = entered(r["events"], 0)
+        assert r["requests"] == [c for region in want * STEPS for c in (clocks_of(region), None)]

@@ -50,9 +50,12 @@ def write_result(out: Path, rank: int, recorder: RegionRecorder, device, fake, *
     (out / f"rank{rank}.json").write_text(json.dumps(result))
 
 
-def parse_args(microbatches_flag: str) -> argparse.Namespace:
-    """OUT_DIR, ``microbatches_flag`` (the framework's name for it), --steps, --block, --refuse."""
+def parse_args(microbatches_flag: str, *int_flags: str) -> argparse.Namespace:
+    """OUT_DIR, ``microbatches_flag`` (the framework's name for it), --steps, --block, --refuse,
+    and ``int_flags`` (integers, default 1)."""
     p = argparse.ArgumentParser()
+    for flag in int_flags:
+        p.add_argument(flag, type=int, default=1)
     p.add_argument("out", type=Path)
     p.add_argument(microbatches_flag, dest="microbatches", type=int, default=4)
     p.add_argument("--steps", type=int, default=2)

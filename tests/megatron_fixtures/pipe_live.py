@@ -1,6 +1,7 @@
 """megatron-core's 1F1B schedule (pp = world size) under kdvfs_megatron on the CPU, one stage per rank.
 
-Usage: pipe_live.py OUT_DIR --microbatches N --steps N --block JSON [--refuse RANK]
+Usage: pipe_live.py OUT_DIR --microbatches N --steps N --block JSON [--refuse RANK] [--chunks V]
+(``--chunks`` above 1: V model chunks per stage, the interleaved schedule).
 Run under torchrun. Megatron's train_step is mimicked around ``get_forward_backward_func()``: the
 ``optimizer`` timer brackets ``optimizer.step()``. Writes OUT_DIR/rank<N>.json: the region events in
 order, the clock requests (simulated device) or the fake GPU's writes (``--refuse``), the device kind.
@@ -34,27 +35,31 @@ from megatron_fixtures.pipeline import (  # noqa: E402
 
 
 def main() -> None:
-    a = parse_args("--microbatches")
+    a = parse_args("--microbatches", "--chunks")
     dist.init_process_group("gloo")
     rank, world = dist.get_rank(), dist.get_world_size()
-    parallel_state.initialize_model_parallel(pipeline_model_parallel_size=world)
+    vp = a.chunks  # model chunks per stage: above 1, Megatron runs the interleaved schedule
+    parallel_state.initialize_model_parallel(pipeline_model_parallel_size=world,
+                                             virtual_pipeline_model_parallel_size=vp if vp > 1 else None)
     out = a.out
     torch.manual_seed(rank)
-    config = pipeline_config(world)
+    config = pipeline_config(world, vp)
     config.finalize_model_grads_func = finalize_model_grads
-    model = PipeStage(config, first=parallel_state.is_pipeline_first_stage())
-    opt = torch.optim.SGD(model.parameters(), lr=0.01)
+    # chunk i of every stage runs after chunk i of the previous stage; the first stage's chunk 0 reads
+    model = [PipeStage(config, first=parallel_state.is_pipeline_first_stage() and i == 0) for i in range(vp)]
+    opt = torch.optim.SGD([p for chunk in model for p in chunk.parameters()], lr=0.01)
     kd = base_config(out, rank, a.block)
     recorder, fake, plugins = plugins_for(rank, world, a.refuse)
-    handle = kdvfs_megatron.install(config=kd, model=[model], plugins=plugins)
+    handle = kdvfs_megatron.install(config=kd, model=model, plugins=plugins)
     data = pipe_batches(a.microbatches * a.steps)
+    data = data if vp == 1 else [data] * vp  # one iterator per chunk; only the first stage's chunk 0 reads
     with pipeline_cpu_shims():
         for _ in range(a.steps):
             opt.zero_grad()
-            get_forward_backward_func()(forward_step_func=pipe_forward_step, data_iterator=data, model=[model],
+            get_forward_backward_func()(forward_step_func=pipe_forward_step, data_iterator=data, model=model,
                                         num_microbatches=a.microbatches, seq_length=SEQ,
                                         micro_batch_size=MICRO_BATCH)
-            timers = model.config.timers
+            timers = config.timers
             timers("optimizer", log_level=1).start(barrier=False)
             opt.step()
             timers("optimizer").stop()
@@ -62,7 +67,7 @@ def main() -> None:
     device = handle.engine.device
     kdvfs_megatron.uninstall()
     write_result(out, rank, recorder, device, fake, stage=parallel_state.get_pipeline_model_parallel_rank(),
-                 records=[r.step for r in handle.records], proxy_left=model.config.timers is not None)
+                 records=[r.step for r in handle.records], proxy_left=config.timers is not None)
     dist.barrier()
     parallel_state.destroy_model_parallel()
     dist.destroy_process_group()

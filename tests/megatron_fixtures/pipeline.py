@@ -30,11 +30,13 @@ def pipeline_cpu_shims() -> Iterator[None]:
         p2p.torch = saved
 
 
-def pipeline_config(stages: int):
+def pipeline_config(stages: int, virtual: int = 1):
+    """One layer per model chunk; ``virtual`` > 1: the interleaved schedule's chunks per stage."""
     from megatron.core.transformer.transformer_config import TransformerConfig
 
-    return TransformerConfig(num_layers=stages, hidden_size=HIDDEN, num_attention_heads=1,
+    return TransformerConfig(num_layers=stages * virtual, hidden_size=HIDDEN, num_attention_heads=1,
                              pipeline_model_parallel_size=stages, pipeline_dtype=torch.float32,
+                             virtual_pipeline_model_parallel_size=virtual if virtual > 1 else None,
                              batch_p2p_comm=False)
 
 
