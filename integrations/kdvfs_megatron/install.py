@@ -10,6 +10,10 @@ looks up its timers:
 - ``config.timers`` of the model config(s) given through ``model=`` or ``model_config=``, for
   loops written on megatron-core alone (a proxy with no Megatron timers behind it if it was None).
 
+With pipeline parallelism the same timers mark each instruction of the schedule, which becomes a
+region of its own with its microbatch (``forward/pipe.mb3``, ``communication/recv_forward.mb3``;
+table in ``timers.PIPE_INSTRUCTION_OF_TIMER``), and module groups are left out.
+
 A kdvfs step is one ``forward_backward_func`` call plus the optimizer step: the
 ``forward-backward`` timer's start begins it, the ``optimizer`` timer's stop ends it. Loops that
 do not time their optimizer step with ``optimizer`` call :func:`step_begin`/:func:`step_end`
