@@ -9,8 +9,8 @@ import pytest
 
 from kdvfs_plugins.clocks import ClockPair
 from kdvfs_plugins.errors import ConfigError
-from kdvfs_plugins.sim.cluster import (Chunk, InstructionWork, Links, StageWorkload, Straggler, VirtualCluster,
-                                       build_schedule, shipped_stage_workloads, wait_power_w)
+from kdvfs_plugins.sim.cluster import (Chunk, ClusterPlan, InstructionWork, Links, StageWorkload, Straggler,
+                                       VirtualCluster, build_schedule, shipped_stage_workloads, wait_power_w)
 
 NO_LINK = Links(p2p_latency_s=0.0, activation_bytes=0.0)
 
@@ -31,7 +31,7 @@ def test_sim_imports_no_core_policy():
     """sim/ is the virtual hardware only."""
     tree = ast.parse(Path("kdvfs_plugins/sim/cluster.py").read_text())
     mods = {n.module for n in ast.walk(tree) if isinstance(n, ast.ImportFrom)}
-    allowed = {"__future__", "dataclasses", "functools", "typing", "clocks", "data", "errors", "model", "trace"}
+    allowed = {"__future__", "dataclasses", "functools", "typing", "clocks", "data", "errors", "gpu", "model", "trace"}
     assert mods <= allowed, mods - allowed
 
 
@@ -110,7 +110,7 @@ def test_wait_power_is_the_measured_pair_at_the_ends():
 def test_waits_at_the_lowest_clock_cost_less_and_take_no_time():
     c = VirtualCluster(shipped_stage_workloads(2), 4, states=STATES)
     base = c.execute(noise=False)
-    low = c.execute(c.default_plan().__class__(c.default_plan().node_state, (3, 3)), noise=False)
+    low = c.execute(ClusterPlan(c.default_plan().node_state, (3, 3)), noise=False)
     assert low.time_s == base.time_s and low.energy_j < base.energy_j
 
 
@@ -162,12 +162,46 @@ def test_interleaved_follows_megatron_and_shrinks_the_bubble_by_the_chunks():
     inter = VirtualCluster(four, 4, schedule="interleaved", chunks=2, links=NO_LINK, states=STATES)
     plain = VirtualCluster((StageWorkload.merged(four[0], four[1]), StageWorkload.merged(four[2], four[3])), 4,
                            links=NO_LINK, states=STATES)
-    a, b = inter.execute(noise=False), plain.execute(noise=False)
+    # At a locked clock an instruction's cost is linear in its work, so merged stages cost the sum.
+    locked = [ClusterPlan((2,) * len(c.schedule.nodes), (None, None)) for c in (inter, plain)]
+    a, b = inter.execute(locked[0], noise=False), plain.execute(locked[1], noise=False)
     for ri, rp in zip(a.ranks, b.ranks):
         assert ri.busy_s == pytest.approx(rp.busy_s, rel=1e-9)
         assert ri.wait_s == pytest.approx(rp.wait_s / 2, rel=1e-9)  # (P-1)(tF+tB)/v
-    assert a.time_s == pytest.approx(_longest_path(inter), rel=1e-12)
+    assert inter.execute(noise=False).time_s == pytest.approx(_longest_path(inter), rel=1e-12)
     with pytest.raises(ConfigError, match="multiple of the 2 stages"):
         build_schedule(2, 3, schedule="interleaved", chunks=2)
     with pytest.raises(ConfigError, match="2 model chunks"):
         build_schedule(2, 4, schedule="interleaved", chunks=1)
+
+
+def test_chunk_costs_match_a_kernel_by_kernel_replay():
+    """The cached instruction costs against the virtual GPU replaying the recorded kernels (gaps
+    where they were), both settled on the instruction repeated: within 0.05%."""
+    import math
+
+    from kdvfs_plugins.sim.cluster import _instruction_costs, _phase_of
+    from kdvfs_plugins.sim.gpu import VirtualGPU
+    from kdvfs_plugins.sim.model import Work, default_model
+    from kdvfs_plugins.sim.trace import Trace
+
+    model = default_model()
+    ts = Trace.load("gpt1b-stage3-of4").steps[1]
+    w = shipped_stage_workloads(4)[3]
+    for kind in ("forward", "optimizer"):
+        kernels = [k for k in ts.kernels if _phase_of(k) == kind]
+        t, e, _ = _instruction_costs(w.work(kind), STATES, model)
+        for k_state, lock in enumerate(STATES[::2]):
+            gpu = VirtualGPU(switch_latency_ms=0.0, noise=False, params=model)
+            if lock is not None:
+                gpu.request_clocks(lock, 0.0)
+            period = sum(k.duration_s for k in kernels) + sum(k.gap_before_s for k in kernels[1:])
+            for _ in range(int(math.ceil(5 * model.params.power_window_s / period)) + 1):
+                t0, e0 = gpu.now_s, gpu.energy_j
+                for j, k in enumerate(kernels):
+                    if j:
+                        gpu.idle(k.gap_before_s)
+                    gpu.run(Work(k.category, k.duration_s))
+            s = 2 * k_state
+            assert t[s] == pytest.approx(gpu.now_s - t0, rel=5e-4), (kind, lock)
+            assert e[s] == pytest.approx(gpu.energy_j - e0, rel=5e-4), (kind, lock)
