@@ -365,7 +365,7 @@ class Explorer:
             return
         samples = self._samples()
         table = self._model.time_table(samples)
-        effects = self._model.step_effects(samples, reference)
+        effects = self._effects(samples, bool(self.incumbent))
         used = self.schedule.next_step - self.s.start_step
         if not self._early_checked and used >= EARLY_CHECK_SHARE * self.s.explore_max_steps:
             self._early_checked = True
@@ -499,8 +499,17 @@ class Explorer:
                 continue
             steady = b.time_ms[1:] or b.time_ms
             out.append(Sample(b.design, self.knob_map.times_ms(b.region_ms, self.baseline_detailed),
-                              b.energy_j, b.energy_steps, b.lane, float(np.mean(steady)), b.first_step))
+                              b.energy_j, b.energy_steps, b.lane, float(np.mean(steady)), b.first_step, b.kind))
         return out
+
+    def _effects(self, samples: Sequence[Sample], refined: bool = False):
+        """Each lock's measured effect: against the default blocks, from the blocks of single locks;
+        ``refined``: against the incumbent, from the blocks that refine it. Each stage against its
+        own reference blocks, never across (the incumbent's blocks, a single lock, lie far from the
+        default blocks of the first stage, and drift in between would enter)."""
+        kinds = ("reference", "refine") if refined else ("baseline", "default", "explore")
+        return self._model.step_effects([x for x in samples if x.kind in kinds],
+                                        self.incumbent if refined else None)
 
     def _time_table(self):
         return self._model.time_table(self._samples())
@@ -601,7 +610,7 @@ class Explorer:
     def _make_plan(self, slow_scale_factor: float = 1.0, early: bool = False, time_se: float = LOCK_TIME_SE) -> None:
         samples = self._samples()
         table = self._model.time_table(samples)
-        effects = self._model.step_effects(samples)
+        effects = self._effects(samples)
         if not effects:
             self._finish("rejected", "no lock was measured against default blocks; run more steps "
                          "(explore_max_steps) or use shorter windows (window_steps)")
@@ -671,7 +680,7 @@ class Explorer:
         # at the least energy is taken, whatever it saves.
         over = base_ms > budget_ms
         best = None
-        for k, by_state in self._model.step_effects(samples, self.incumbent).items():
+        for k, by_state in self._effects(samples, refined=True).items():
             for st, eff in by_state.items():
                 n = np.sqrt(eff.blocks)
                 slow_ms = eff.step_ms + LOCK_TIME_SE * se_t / n

@@ -23,6 +23,10 @@ import numpy as np
 
 from .clocks import ClockPair
 
+#: A reference block counts for a measured block only this many blocks away (one in four blocks
+#: of a stage is a reference: the nearest is at most three away).
+MAX_REFERENCE_GAP = 4
+
 #: knob -> state index -> mean ms per step (state 0: default clocks)
 TimeTable = dict[str, dict[int, float]]
 
@@ -38,6 +42,7 @@ class Sample:
     lane: int = 0
     step_ms: float = 0.0        # mean step time (steady steps)
     first_step: int = 0         # where the block lies in the run (its neighbours are the reference)
+    kind: str = ""              # the block's kind in the schedule
 
 
 @dataclass(frozen=True)
@@ -147,7 +152,11 @@ class ResponseModel:
                     continue
                 before = [j for j in ref if j < i][-1:]
                 after = [j for j in ref if j > i][:1]
-                near = before + after
+                # only neighbours: a reference block far away in the run carries the drift since
+                # (the incumbent's blocks, a single lock, are no measurement against the default)
+                near = [j for j in before + after if abs(j - i) <= MAX_REFERENCE_GAP]
+                if not near:
+                    continue
                 e_ref = float(np.mean([ss[j].energy_j / ss[j].energy_steps for j in near]))
                 t_ref = float(np.mean([ss[j].step_ms for j in near]))
                 acc.setdefault(moved[0], {}).setdefault(d.get(moved[0], 0), []).append(

@@ -249,3 +249,28 @@ def test_a_baseline_slowed_by_its_own_instrumentation_gives_way_to_the_default_b
     # blocks at default measured like the designs ran exactly at the default: no excess
     assert ex.excess_ms == pytest.approx(0.0, abs=1e-6)
     assert 0 not in ex._time_table()["forward"] or ex._time_table()["forward"][0] == pytest.approx(60.0)
+
+
+def test_effects_against_neighbouring_blocks_cancel_drift_and_follow_the_reference():
+    """A block that moves one knob is compared with the reference blocks next to it: a steady drift
+    of the card's power cancels, and against an incumbent design the effect is of the one change."""
+    from kdvfs_plugins.explore_model import ResponseModel, Sample
+
+    ex = Explorer(settings())
+    model = ResponseModel(ex.states, table().mem_mhz, ("forward", "optimizer"))
+    lock, low = 30, 40  # two state indices
+    # single locks against the default, then changes against the optimizer's lock
+    designs = [{}, {"optimizer": lock}, {}, {"forward": low}, {},
+               {"optimizer": lock}, {"optimizer": lock, "forward": low}, {"optimizer": lock}]
+    true_j = {"optimizer": -2.0, "forward": -1.0}
+    together_j = -4.0  # forward saves more once the optimizer is locked: the effects interact
+    samples = []
+    for i, d in enumerate(designs):
+        e = 100.0 + 0.5 * i  # the card's power drifts up by half a joule per block
+        e += together_j if len(d) == 2 else sum(true_j[k] for k in d)
+        samples.append(Sample(d, {}, e * 10, 10, 0, 200.0, first_step=10 * i))
+    alone = model.step_effects(samples[:5])
+    assert alone["optimizer"][lock].energy_j == pytest.approx(-2.0)
+    assert alone["forward"][low].energy_j == pytest.approx(-1.0)
+    refined = model.step_effects(samples[5:], {"optimizer": lock})
+    assert refined["forward"][low].energy_j == pytest.approx(-2.0)  # -4 together, -2 of it the optimizer's
