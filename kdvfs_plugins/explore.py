@@ -2,17 +2,20 @@
 
 The instruments decide the method. Region GPU times are precise every step (markers), so the time
 response of a region at a clock is known after one block of steps at that clock. Energy is not:
-the meter's windows are good to about a tenth of a second of power, so energy is attributed
-statistically, over blocks of steps, by a model of physically shaped terms fitted by least squares.
+the meter's windows are good to about a tenth of a second of power, so energy is measured over
+blocks of steps: each exploring block moves one knob, and is compared with the default blocks next
+to it. After the early look (which declines where no saving is there to resolve), the plan from
+single locks becomes the incumbent, and the last exploring blocks measure one more change at a
+time against it. The plan is then validated against the default clocks in pairs of blocks.
 
 This module is the facade the engine and the studies use: :class:`Explorer` with its hooks, its
 settings and its result. The parts, each in its own module:
 
 - :mod:`.explore_knobs`: which regions get a clock of their own (the knobs);
-- :mod:`.explore_blocks`: the block schedule, block lengths, and the designs drawn within the
-  exploration slowdown bound;
-- :mod:`.explore_model`: the response model (time table, energy fit, tables at every state);
-- :mod:`.explore_plan`: the planner on the fitted tables, and locks that do not pay dropped;
+- :mod:`.explore_blocks`: the block schedule, block lengths, and which lock each exploring block
+  measures within the exploration slowdown bound;
+- :mod:`.explore_model`: the response model (knob times, each lock's measured effect on the step);
+- :mod:`.explore_plan`: the planner on the measured tables, and locks that do not pay dropped;
 - :mod:`.explore_validate`: the plan against the default clocks in pairs of blocks, and the verdict.
 
 The explorer is fed exactly what the live engine measures: step records (``observe_step``: step
@@ -88,7 +91,7 @@ class ExploreSettings:
     #: latency hidden (False: changes land a latency late, priced as such)
     issue_ahead: bool = False
     #: data-parallel replicas exploring together: each block runs a design on every lane and the
-    #: measurements of all lanes feed one fit, so exploration needs about 1/lanes of the steps
+    #: measurements of all lanes feed one plan, so exploration needs about 1/lanes of the steps
     lanes: int = 1
     #: the lane this rank runs (its index among the replicas)
     lane: int = 0
@@ -133,7 +136,7 @@ class Explorer:
         self._outbox: list[tuple] = []
         self.exchanges = 0
         #: False once this replica's clocks cannot be set (its GPU refuses writes): what it measures
-        #: then is the default clocks, not its lane's design, and stays out of the shared fit.
+        #: then is the default clocks, not its lane's design, and stays out of the shared measurements.
         self.measuring = True
         #: Set by the engine: after the baseline, steps mark phase boundaries only (unless a module
         #: group becomes a knob). See :attr:`baseline_detailed`.
@@ -465,7 +468,7 @@ class Explorer:
         return [b for b in self.blocks if b.kind == "default" and b.time_ms]
 
     def _used_blocks(self) -> list[Block]:
-        """The blocks whose measurements enter the time table and the energy fit: all, but the
+        """The blocks whose measurements enter the time table and the effects: all, but the
         baseline where it was measured in more detail than the rest and default blocks stand in."""
         if not self.baseline_detailed or not self._anchor_blocks():
             return self.blocks
@@ -492,7 +495,7 @@ class Explorer:
     # ------------------------------------------------------------------ model
     def _samples(self) -> list[Sample]:
         """The measured blocks the model learns from (validation's plan blocks excluded: they
-        stand for the plan, which the fit must not be tuned to)."""
+        stand for the plan, which the choice of the plan must not be tuned to)."""
         out = []
         for b in self._used_blocks():
             if not b.time_ms or b.kind == "validate-plan":

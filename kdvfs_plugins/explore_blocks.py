@@ -5,8 +5,8 @@ it is attributed over *blocks* of several seconds: each block holds one design (
 knob) on every lane, and its energy is the sum of the meter's windows inside it (the reading error
 enters once per block, not once per window).
 
-Designs are drawn within the exploration slowdown bound: each knob takes its least explored state
-on the grid whose predicted cost fits what the bound still allows, or stays at default.
+Each exploring block moves one knob (see :func:`draw_single`), to a state whose predicted cost fits
+what the exploration slowdown bound still allows and that a plan could spend.
 """
 from __future__ import annotations
 
@@ -25,7 +25,7 @@ SM_FRACTIONS = (0.85, 0.76, 0.68, 0.6, 0.52, 0.44)
 NEAR_TOP_FRACTIONS = (0.97, 0.94)
 #: Seconds of GPU time per block: long blocks make the meter's reading error small.
 BLOCK_S = 6.0
-#: Blocks the step budget must hold at least (fit and validation); shorter blocks otherwise.
+#: Blocks the step budget must hold at least (exploration and validation); shorter blocks otherwise.
 MIN_BLOCKS = 24
 
 

@@ -4,7 +4,7 @@ A clock change lands milliseconds after it is asked for, so a region whose stret
 than the switch allows cannot usefully get its own clock. It is merged into its phase
 (``forward``, ``backward``, ...). A region is its own knob only where at least half of its time
 lies in stretches of ``OWN_KNOB_LATENCIES`` switch latencies or more; knobs under
-``MIN_KNOB_SHARE`` of the step stay at default (they would only add unknowns to the fit).
+``MIN_KNOB_SHARE`` of the step stay at default (they would only take blocks from the others).
 """
 from __future__ import annotations
 

@@ -1,10 +1,10 @@
-"""From the fitted tables to a plan: the planner on the step's stretches, and locks that do not pay dropped.
+"""From the measured tables to a plan: the planner on the step's stretches, and locks that do not pay dropped.
 
-The fitted tables (time and energy of every knob at every clock state) become a
+The tables (time and energy of every knob at every clock state) become a
 :class:`~kdvfs_plugins.planner.PlanningProblem` with one occurrence per stretch of the step, in
-order, and the switch as the actuator executes it. A lock that pays less than the fit resolves
-(``MIN_PREDICTED_SAVING`` of the step) goes back to default, so that similar data give one plan
-where the minimum is flat.
+order, and the switch as the actuator executes it. A lock that pays less than the measurements
+resolve (``drop_floor`` of the step, at most ``MIN_PREDICTED_SAVING``) goes back to default, so
+that similar data give one plan where the minimum is flat.
 """
 from __future__ import annotations
 
@@ -16,8 +16,8 @@ import numpy as np
 from .clocks import ClockPair
 from .planner import PlanningProblem, SwitchModel, plan as plan_step
 
-#: A plan is validated only if the fitted model predicts at least this energy saving (a fraction
-#: of the step): smaller predicted savings are within the fit's error and not worth the risk.
+#: A plan is validated only if it is predicted to save at least this much energy (a fraction of
+#: the step): smaller savings are within what block measurements resolve and not worth the risk.
 MIN_PREDICTED_SAVING = 0.002
 #: Plans the planner may enumerate exactly (knobs ^ front states); above, its heuristic search.
 EXACT_LIMIT = 300_000
@@ -25,7 +25,7 @@ EXACT_LIMIT = 300_000
 
 @dataclass(frozen=True)
 class PlanDraft:
-    """A plan made from the fit, before validation."""
+    """A plan made from the measurements, before validation."""
 
     design: Mapping[str, int]            # knob -> state index, locked knobs only
     time_change: float                   # predicted, a fraction of the default step
@@ -61,11 +61,11 @@ def front_states(T: np.ndarray, E: np.ndarray) -> list[int]:
 def make_plan(T: np.ndarray, E: np.ndarray, *, knobs: Sequence[str], states: Sequence[Optional[ClockPair]],
               occurrences: Sequence[tuple[str, float]], default_step_energy_j: float, max_slowdown: float,
               objective: str, switch: SwitchModel, drop_floor: float = MIN_PREDICTED_SAVING) -> PlanDraft:
-    """The planner's best plan on the fitted tables, without locks that pay less than ``drop_floor``.
+    """The planner's best plan on the tables, without locks that pay less than ``drop_floor``.
 
-    A state is usable for a knob only where that knob was measured at or below it (finite ``T``);
-    each knob keeps its own usable states (one knob explored less deeply must not take a low clock
-    away from the others). ``occurrences``: (knob, share of its time) per stretch in step order.
+    Cells that are not finite are never chosen; each knob keeps its own usable states (one knob
+    explored less deeply must not take a low clock away from the others). ``occurrences``: (knob,
+    share of its time) per stretch in step order.
     """
     finite = np.isfinite(T)
     finite[:, 0] = True
