@@ -286,8 +286,11 @@ def test_pipeline_instruction_map_is_per_instance(run_dir):
     assert adapter.pipeline and "_INSTRUCTION_MAP" in vars(ds)
     ds.train_batch()
     ds.train_batch()
+    # every instruction is a region of its own (forward/pipe.mb0, communication/reduce_grads), and
     # ReduceGrads calls allreduce_gradients: one communication region, not two nested ones.
-    assert rec.phases() == ["forward", "communication"] * 2
+    entered = [r for kind, r, s in rec.events if kind == "enter"]
+    assert [r.partition("/")[0] for r in entered] == ["forward", "communication"] * 2
+    assert entered[:2] == ["forward/pipe.mb0", "communication/reduce_grads"]
     assert [r.step for r in adapter.records] == [0, 1]
     assert FakePipe._INSTRUCTION_MAP == class_map  # the class is untouched
     kdvfs_deepspeed.close(ds)
