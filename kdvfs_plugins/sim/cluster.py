@@ -32,12 +32,14 @@ its waits take (``None``: keep the clock in force); waits shorter than ``min_wai
 Model (assumptions labelled)
 ----------------------------
 - **One power controller per instruction** (simplification): an instruction's kernels are merged
-  into chunks of consecutive same-category kernels, and the instruction is costed once per clock
-  state with the model's steady-state mix (:meth:`H100Model.mix_time_energy`): the controller
-  holds one SM clock for the instruction's mix, a lock caps it, host gaps inside the instruction
-  keep their recorded length. This replaces a kernel-by-kernel replay through
-  :class:`~kdvfs_plugins.sim.gpu.VirtualGPU` (~150 us of CPU per kernel) by one cached figure per
-  (stage, instruction, state). The controller's memory across instructions is not modelled.
+  into chunks of consecutive same-category kernels and the instruction is costed once per clock
+  state, then cached, instead of a kernel-by-kernel replay through
+  :class:`~kdvfs_plugins.sim.gpu.VirtualGPU` (~150 us of CPU per kernel). The default state: the
+  chunks replayed on a noise-free VirtualGPU until the controller's window has settled on them.
+  A locked state: the model's steady-state mix (:meth:`H100Model.mix_time_energy`: one controller
+  clock for the instruction, capped by the lock), host gaps at the locked clock. Both agree with a
+  kernel-by-kernel replay within 0.05%. The controller's memory across instructions (a window
+  that saw a wait or another instruction) is not modelled.
 - **Waits** (receives, bubbles, the end of the iteration) draw the measured wait power
   (``data/h100-wait-power.json``): 124 W at the default clock (the card holds 1980 MHz while a
   communication kernel spins) and 72 W idle at 345 MHz. At a locked clock in between, the wait

@@ -48,8 +48,9 @@ AT_THE_BOUNDARY = ("clock changes are requested at the boundary the GPU reaches 
                    "(the planners plan for that; waits keep the clock in force)")
 #: Printed with every result: what the figures rest on besides the calibrated H100 model.
 ASSUMPTIONS = (
-    "one power controller per instruction: each instruction is costed once per clock state as its "
-    "kernels' steady-state mix (consecutive same-category kernels merged), not replayed kernel by kernel",
+    "one power controller per instruction: each instruction is costed once per clock state (consecutive "
+    "same-category kernels merged; the default replayed until the controller settles, a lock as the "
+    "steady-state mix), with no memory of the instruction before it",
     "a wait draws the measured 124 W at the default clock and 72 W idle at 345 MHz; at a locked clock "
     "in between it is interpolated along the model's static power curve (not measured)",
     "point-to-point transfers at 329 GB/s (the measured all-reduce bus bandwidth of 2 x H100 of one "
