@@ -173,11 +173,13 @@ def test_deepspeed_third_arm_compares_two_settings_within_the_same_rounds(tmp_pa
     first_round = {arm: statistics.median(ms) for arm, ms in zip(result["block_arms"][:3], result["block_steps_ms"][:3])}
     assert alt["against_with"]["overhead_pct_per_round"][0] == pytest.approx(
         (first_round["alt"] / first_round["on"] - 1) * 100)
-    # every rank ran the third arm with its keys, and without module hooks its steps cost the
-    # host less than the kernel-granularity arm's, whose first step installs and profiles them
+    # every rank ran the third arm with its keys; without module hooks it profiled no step, where
+    # the kernel-granularity arm's first step installs and profiles them. (Host time in the hooks
+    # is no measure of kdvfs here: on the simulated GPU it includes costing the counted ops.)
     for r in result["ranks"]:
         assert r["alt"]["config"] == {"granularity": "iteration"}
-        assert 0 < r["alt"]["host_ms_per_step"] < r["host_ms_per_step"]
+        assert r["alt"]["host_ms_per_step"] > 0 and r["host_ms_per_step"] > 0
+        assert r["alt"]["profiled_steps"] == 0 < r["profiled_steps"]
     assert "third arm, kdvfs with {\"granularity\": \"iteration\"} too" in proc.stdout
     assert "overhead against kdvfs without those keys per round" in proc.stdout
     assert proc.stdout.count("third arm: median step time") == 2
