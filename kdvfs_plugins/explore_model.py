@@ -27,6 +27,12 @@ from .clocks import ClockPair
 #: of a stage is a reference: the nearest is at most three away).
 MAX_REFERENCE_GAP = 4
 
+#: The least share of the clock ratio a lock below the measured ones is taken to cost. A knob that
+#: did not slow down so far may still be held on the power cap's plateau: on the lanes test's
+#: matrix products, locks at 94% and 85% of the top clock cost nothing and one at 44% a third of
+#: the step (0.1 here let that block through).
+SENSITIVITY_FLOOR = 0.5
+
 #: knob -> state index -> mean ms per step (state 0: default clocks)
 TimeTable = dict[str, dict[int, float]]
 
@@ -97,9 +103,10 @@ class ResponseModel:
 
         From a measured state (f1, m1, t1) time grows at most like the clock ratio (a roofline
         bound). Where the knob's sensitivity to the clock is measured, the prediction uses twice
-        that sensitivity plus a margin instead (time is convex in 1/f, so a straight line would
-        under-predict). The default state is taken to run at the top clock (its own clock is not
-        read), which over-predicts the cost of a lock: safe for the exploration bound.
+        that sensitivity plus ``SENSITIVITY_FLOOR`` instead (time is convex in 1/f, so a straight
+        line would under-predict, and a knob on the power cap's plateau shows none). The default
+        state is taken to run at the top clock (its own clock is not read), which over-predicts
+        the cost of a lock: safe for the exploration bound.
         """
         d = table[knob]
         if st in d:
@@ -121,8 +128,8 @@ class ResponseModel:
             c2 = self.states[s2]
             f2 = self.f_max if c2 is None else c2.sm_mhz
             m2 = self.m_max if c2 is None else c2.mem_mhz
-            grow_sm = max(f2 / c.sm_mhz - 1.0, 0.0) * min(1.0, 2.0 * sens_sm + 0.1)
-            grow_mem = max(m2 / c.mem_mhz - 1.0, 0.0) * min(1.0, 2.0 * sens_mem + 0.1)
+            grow_sm = max(f2 / c.sm_mhz - 1.0, 0.0) * min(1.0, 2.0 * sens_sm + SENSITIVITY_FLOOR)
+            grow_mem = max(m2 / c.mem_mhz - 1.0, 0.0) * min(1.0, 2.0 * sens_mem + SENSITIVITY_FLOOR)
             best = min(best, ms * (1.0 + grow_sm + grow_mem))
         return best
 
