@@ -548,15 +548,12 @@ def plan_by_module(plan: Optional[Plan]) -> bool:
 
 
 def format_region_table(rows, step_ms: Optional[float] = None, simulated: bool = False) -> str:
-    """A plain-text table of GPU time per region."""
-    lines = []
-    if simulated:
-        lines.append("(model prediction: simulated H100)")
-    lines.append(f"{'region':<44} {'GPU ms/step':>12} {'share':>7}")
-    for region, ms, share in rows:
-        lines.append(f"{region:<44} {ms:>12.3f} {share:>6.1%}")
-    total = sum(r[1] for r in rows)
-    lines.append(f"{'total':<44} {total:>12.3f}")
+    """A plain-text table of GPU time per region (the shared table formatter)."""
+    from .tables import Table
+
+    cells = [[region, f"{ms:.3f}", f"{share:.1%}"] for region, ms, share in rows]
+    cells.append(["total", f"{sum(r[1] for r in rows):.3f}", ""])
     if step_ms:
-        lines.append(f"{'measured step time':<44} {step_ms:>12.3f}")
-    return "\n".join(lines)
+        cells.append(["measured step time", f"{step_ms:.3f}", ""])
+    title = "(model prediction: simulated H100)" if simulated else None
+    return Table(["region", "GPU ms/step", "share"], cells, title=title).text(indent="")
