@@ -97,3 +97,14 @@ def test_the_demo_shows_one_bar_on_a_terminal_and_none_off_it(monkeypatch, tmp_p
     assert main(argv + ["--run-dir", str(tmp_path / "b")]) == 0
     assert sys.stderr.getvalue() == ""
     assert "planned vs executed" in capsys.readouterr().out  # the tables go to stdout either way
+
+
+@pytest.mark.slow
+def test_simulate_explore_shows_its_seeds_on_a_terminal(monkeypatch, capsys):
+    from kdvfs_plugins.cli import main
+
+    argv = ["simulate", "--explore", "--seeds", "2", "--explore-max-steps", "200", "--json"]
+    monkeypatch.setattr(sys, "stderr", Terminal())
+    assert main(argv) == 0
+    assert "exploring seeds" in sys.stderr.getvalue() and "/2" in sys.stderr.getvalue()
+    assert '"seeds"' in capsys.readouterr().out  # the JSON alone on stdout
