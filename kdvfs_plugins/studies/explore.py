@@ -13,7 +13,9 @@ the device's true energy and time over the executed steps. Every figure is a mod
 """
 from __future__ import annotations
 
+import contextlib
 import json
+import logging
 import tempfile
 import time as _time
 from dataclasses import dataclass, field
@@ -83,12 +85,25 @@ def _engine(cfg: KdvfsConfig, device: TraceDevice) -> Engine:
     return Engine(cfg, framework="kdvfs simulate", device=device).start()
 
 
+@contextlib.contextmanager
+def _quiet_engines():
+    """The study's engines log as a training run's would (each result, a temporary plan file);
+    the study prints its own table instead."""
+    log = logging.getLogger("kdvfs")
+    level = log.level
+    log.setLevel(max(level, logging.WARNING))
+    try:
+        yield
+    finally:
+        log.setLevel(level)
+
+
 def _run_fixed(trace: Trace, clocks_by_name: Mapping[str, Optional[ClockPair]], *, seed: int, noise: bool,
                latency_ms: float, issue_ahead: bool, steps: int, model: Optional[H100Model]) -> tuple[float, float, int]:
     gpu = StretchGPU(trace, seed=seed, noise=noise, switch_latency_ms=latency_ms, model=model, issue_ahead=issue_ahead)
     dev = TraceDevice(gpu)
     regions = {k: v.to_dict() for k, v in clocks_by_name.items() if v is not None}
-    with tempfile.TemporaryDirectory() as run_dir:
+    with tempfile.TemporaryDirectory() as run_dir, _quiet_engines():
         cfg = _config(mode="apply" if regions else "observe", run_dir=run_dir, region_clocks=regions,
                       switch_latency_ms=latency_ms, issue_ahead=issue_ahead, energy_sample_period_ms=0)
         eng = _engine(cfg, dev)
@@ -145,7 +160,7 @@ def run_seed(trace: Trace, seed: int, *, max_steps: int = 1500, max_slowdown: fl
     gpu = StretchGPU(trace, seed=seed, noise=noise, switch_latency_ms=switch_latency_ms, model=model,
                      issue_ahead=issue_ahead)
     dev = TraceDevice(gpu)
-    with tempfile.TemporaryDirectory() as run_dir:
+    with tempfile.TemporaryDirectory() as run_dir, _quiet_engines():
         cfg = _config(mode="auto", run_dir=run_dir, max_slowdown=max_slowdown,
                       explore_max_slowdown=explore_max_slowdown, explore_max_steps=max_steps,
                       window_steps=window_steps, switch_latency_ms=switch_latency_ms, issue_ahead=issue_ahead,
