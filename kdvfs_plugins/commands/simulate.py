@@ -171,8 +171,9 @@ def format_table(r: SimulationResult) -> str:
         ("noise", f"seed {r.seed}" if r.noise else "off"),
         ("switch latency", f"{r.switch_latency_ms:g} ms"),
     ]
-    width = max(len(k) for k, _ in rows)
-    return "\n".join([LABEL] + [f"  {k:<{width}}  {v}" for k, v in rows])
+    from ..tables import Table
+
+    return Table(["quantity", "value"], rows, title=LABEL, align="ll").text()
 
 
 def run_single(args: argparse.Namespace) -> int:
