@@ -12,10 +12,17 @@ import subprocess
 import sys
 
 
-def kdvfs(*args: str) -> dict:
-    out = subprocess.run([sys.executable, "-m", "kdvfs_plugins.cli", "simulate", *args, "--json"],
-                         capture_output=True, text=True, check=True)
-    return json.loads(out.stdout)
+def start(*args: str) -> subprocess.Popen:
+    """``kdvfs simulate ARGS --json``, started: the three commands run side by side."""
+    return subprocess.Popen([sys.executable, "-m", "kdvfs_plugins.cli", "simulate", *args, "--json"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def result(proc: subprocess.Popen) -> dict:
+    out, err = proc.communicate()
+    if proc.returncode != 0:
+        raise SystemExit(f"{' '.join(proc.args)} failed:\n{err[-2000:]}")
+    return json.loads(out)
 
 
 def row(rows: list, granularity: str, objective: str) -> dict:
@@ -32,9 +39,8 @@ def span(values) -> str:
 
 
 def main() -> int:
-    compare = kdvfs("--compare")
-    instant = kdvfs("--compare", "--switch-latency-ms", "0")
-    explore = kdvfs("--explore", "--seeds", "5")
+    procs = [start("--explore", "--seeds", "5"), start("--compare"), start("--compare", "--switch-latency-ms", "0")]
+    explore, compare, instant = (result(p) for p in procs)
     strict, relaxed = row(compare["rows"], "kernel", "strict"), row(compare["rows"], "kernel", "relaxed")
     free = row(instant["rows"], "kernel", "strict")
     seeds = explore["seeds"]
