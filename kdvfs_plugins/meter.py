@@ -190,7 +190,8 @@ class VirtualEnergySampler(EnergySampler):
     instants (the device answers readings at past instants of its timeline)."""
 
     def __init__(self, device, series: EnergySeries, power_period_s: float = 0.1, counter_period_s: float = 5.0):
-        super().__init__(device, series, power_period_s, counter_period_s)
+        # readings are taken at step ends (catching up with the timeline), never by a thread
+        super().__init__(device, series, power_period_s, counter_period_s, power_on_steps=True)
         self._start_mj: Optional[float] = None
         self._next_power_s: Optional[float] = None
         self._next_anchor_s = 0.0
@@ -326,7 +327,7 @@ class Meter:
         st.end = marker
         with self._lock:
             self._pending.append(st)
-        if self.sampler is not None and (self.sampler.power_on_steps or isinstance(self.sampler, VirtualEnergySampler)):
+        if self.sampler is not None and self.sampler.power_on_steps:
             self.sampler.on_step_end()  # before the poll: a window that ends now finds a reading after it
         return st
 
@@ -449,7 +450,7 @@ class Meter:
         """Resolve everything left (end of training: waiting is allowed now)."""
         self.poll(wait=True)
         if self.sampler is not None:
-            if self.sampler.power_on_steps or isinstance(self.sampler, VirtualEnergySampler):
+            if self.sampler.power_on_steps:
                 self.sampler.read_power_now()  # no step end follows the last: its window needs a reading after it
             # a thread's readings may still come in; a virtual timeline has none to wait for
             deadline = time.perf_counter() + (0.0 if isinstance(self.sampler, VirtualEnergySampler) else 0.3)

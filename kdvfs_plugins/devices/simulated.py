@@ -134,9 +134,6 @@ class _VirtualReadings:
     def power_mw_at(self, t_s: float) -> int:
         return int(self._readings().instant_w(t_s) * 1000)
 
-    def power_usage_mw(self) -> int:
-        return int(self._readings().usage_w() * 1000)
-
 
 #: GPU idle per marker recorded: a CUDA event's record costs about 12 µs of CPU on an H100, which
 #: a loop the CPU paces pays in GPU time (a model assumption: a GPU-bound loop would hide it). So a

@@ -254,7 +254,3 @@ class StretchGPU:
         if len(sm):
             self.last_sm_mhz = float(sm[-1])
         return StepRun(li, start, t, e, sm, changes)
-
-    def default_step_s(self) -> float:
-        """The default clocks' noise-free step time, averaged over the trace's steps."""
-        return float(np.mean([self._steady((None, ()), li)[0].sum() for li in range(len(self.layouts))]))
