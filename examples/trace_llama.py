@@ -1,11 +1,15 @@
 """A Llama-class training step for ``kdvfs trace``: RMSNorm, SwiGLU, rotary embeddings, no biases.
 
     kdvfs trace --script examples/trace_llama.py --out llama.csv
+    KDVFS_LLAMA=gqa2b kdvfs trace --script examples/trace_llama.py --out llama-gqa2b.csv
 
-About 1.1 B parameters (16 layers, d_model 2048, 16 heads, SwiGLU hidden 5632, vocabulary 32000),
-sequence 2048, batch 4, bf16 autocast, fused AdamW. Regions are the ones KernelDVFS reports: the
-phases, and in forward and backward each layer's children and the siblings of the layer stack.
-It is the second architecture the explorer is checked on (``kdvfs_plugins/data/README.md``).
+``1b`` (default): about 1.1 B parameters (16 layers, d_model 2048, 16 heads, SwiGLU hidden 5632,
+vocabulary 32000), sequence 2048, batch 4. ``gqa2b``: the Llama-3 layout at about 2 B parameters
+(12 layers, d_model 3072, 24 query heads sharing 8 key/value heads, SwiGLU hidden 8192, vocabulary
+128256, so the LM head and the loss weigh more), sequence 4096, batch 2. Both bf16 autocast, fused
+AdamW. Regions are the ones KernelDVFS reports: the phases, and in forward and backward each
+layer's children and the siblings of the layer stack. These are the architectures the explorer is
+checked on besides the GPT (``kdvfs_plugins/data/README.md``).
 Without a GPU set ``KDVFS_TRACE_TINY=1`` and pass ``--cpu`` to check the script.
 """
 import os
@@ -17,10 +21,16 @@ from torch import nn
 from kdvfs_plugins.sim.capture import ModuleTagger, region
 
 TINY = os.environ.get("KDVFS_TRACE_TINY") == "1"
-CFG = (dict(vocab=256, d=64, layers=2, heads=4, hidden=172, seq=32) if TINY
-       else dict(vocab=32000, d=2048, layers=16, heads=16, hidden=5632, seq=2048))
+SIZE = os.environ.get("KDVFS_LLAMA", "1b")
+SIZES = {  # (model, batch)
+    "1b": (dict(vocab=32000, d=2048, layers=16, heads=16, kv_heads=16, hidden=5632, seq=2048), 4),
+    "gqa2b": (dict(vocab=128256, d=3072, layers=12, heads=24, kv_heads=8, hidden=8192, seq=4096), 2),
+}
+if SIZE not in SIZES:
+    raise SystemExit(f"KDVFS_LLAMA={SIZE!r}: choose one of {', '.join(SIZES)}")
+CFG, BATCH = ((dict(vocab=256, d=64, layers=2, heads=4, kv_heads=2 if SIZE == "gqa2b" else 4, hidden=172, seq=32), 2)
+              if TINY else SIZES[SIZE])
 DEVICE = "cuda" if torch.cuda.is_available() and not TINY else "cpu"
-BATCH = 2 if TINY else 4
 
 
 def rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
@@ -29,16 +39,23 @@ def rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tenso
 
 
 class Attention(nn.Module):
-    def __init__(self, d: int, heads: int):
+    def __init__(self, d: int, heads: int, kv_heads: int):
         super().__init__()
-        self.heads = heads
-        self.qkv = nn.Linear(d, 3 * d, bias=False)
+        self.heads, self.kv_heads = heads, kv_heads
+        self.qkv = nn.Linear(d, d + 2 * kv_heads * (d // heads), bias=False)
         self.o = nn.Linear(d, d, bias=False)
 
     def forward(self, x, cos, sin):
         b, t, d = x.shape
-        q, k, v = self.qkv(x).view(b, t, 3, self.heads, d // self.heads).permute(2, 0, 3, 1, 4)
-        y = F.scaled_dot_product_attention(rotary(q, cos, sin), rotary(k, cos, sin), v, is_causal=True)
+        hd = d // self.heads
+        if self.kv_heads == self.heads:
+            q, k, v = self.qkv(x).view(b, t, 3, self.heads, hd).permute(2, 0, 3, 1, 4)
+        else:  # grouped-query attention: key/value heads shared by heads // kv_heads query heads
+            q, k, v = self.qkv(x).split([d, self.kv_heads * hd, self.kv_heads * hd], dim=-1)
+            q = q.view(b, t, self.heads, hd).transpose(1, 2)
+            k, v = (z.view(b, t, self.kv_heads, hd).transpose(1, 2) for z in (k, v))
+        y = F.scaled_dot_product_attention(rotary(q, cos, sin), rotary(k, cos, sin), v, is_causal=True,
+                                           enable_gqa=self.kv_heads != self.heads)
         return self.o(y.transpose(1, 2).reshape(b, t, d))
 
 
@@ -54,10 +71,10 @@ class SwiGLU(nn.Module):
 
 
 class Layer(nn.Module):
-    def __init__(self, d: int, heads: int, hidden: int):
+    def __init__(self, d: int, heads: int, kv_heads: int, hidden: int):
         super().__init__()
         self.attn_norm = nn.RMSNorm(d)
-        self.attn = Attention(d, heads)
+        self.attn = Attention(d, heads, kv_heads)
         self.mlp_norm = nn.RMSNorm(d)
         self.mlp = SwiGLU(d, hidden)
 
@@ -67,10 +84,10 @@ class Layer(nn.Module):
 
 
 class Llama(nn.Module):
-    def __init__(self, vocab: int, d: int, layers: int, heads: int, hidden: int, seq: int):
+    def __init__(self, vocab: int, d: int, layers: int, heads: int, kv_heads: int, hidden: int, seq: int):
         super().__init__()
         self.embed = nn.Embedding(vocab, d)
-        self.layers = nn.ModuleList(Layer(d, heads, hidden) for _ in range(layers))
+        self.layers = nn.ModuleList(Layer(d, heads, kv_heads, hidden) for _ in range(layers))
         self.norm = nn.RMSNorm(d)
         self.head = nn.Linear(d, vocab, bias=False)
         half = d // heads // 2

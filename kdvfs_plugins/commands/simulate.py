@@ -36,7 +36,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help=f"measured steps (the trace's steps repeat; default {DEFAULT_STEPS})")
     parser.add_argument("--warmup-steps", type=int, default=DEFAULT_WARMUP_STEPS,
                         help=f"steps run before measuring (default {DEFAULT_WARMUP_STEPS})")
-    parser.add_argument("--seed", type=int, default=0, help="noise seed (default 0)")
+    parser.add_argument("--seed", type=int, default=0, help="noise seed (default 0); with --explore, the first of --seeds seeds")
     parser.add_argument("--no-noise", action="store_true", help="exact model values, no measurement noise")
     parser.add_argument("--switch-latency-ms", type=float, default=None,
                         help="clock switch latency of the virtual GPU (default 6 ms, published for H200)")

@@ -294,7 +294,7 @@ def run_command(args) -> int:
     from ..progress import progress
 
     with progress(args.seeds, "exploring seeds") as bar:
-        out = explore_report(args.trace, range(args.seeds), max_steps=args.explore_max_steps,
+        out = explore_report(args.trace, range(args.seed, args.seed + args.seeds), max_steps=args.explore_max_steps,
                              max_slowdown=args.explore_plan_slowdown, explore_max_slowdown=args.explore_max_slowdown,
                              noise=not args.no_noise, switch_latency_ms=_latency(args), progress=bar.update)
     fmt = "markdown" if getattr(args, "markdown", False) else "text"
