@@ -16,6 +16,9 @@ WORKLOAD_TRACES = {
     "gpt1b": (GPT1B_TRACE_CSV, "GPT, 1.0 B parameters, seq 2048, batch 8 (H100, measured)"),
     "llama1b": ("h200-llama1b-step-kernels.csv",
                 "Llama-class, 1.1 B parameters, RMSNorm, SwiGLU, rotary, seq 2048, batch 4 (H200, kdvfs trace)"),
+    "llama-gqa2b": ("h200-llama-gqa2b-step-kernels.csv",
+                    "Llama-3 layout, 2 B parameters, grouped-query attention, 128k vocabulary, seq 4096, batch 2 "
+                    "(H200, kdvfs trace)"),
     "gpt350m": ("h100-lightning-gpt350m-step-kernels.csv", "the Lightning GPT example, 350 M parameters (H100, kdvfs trace)"),
     **{f"gpt1b-stage{i}-of4": (f"h200-gpt1b-stage{i}-of4-kernels.csv",
                                f"stage {i} of 4 of the 1.0 B GPT, one microbatch of 2 x 2048 (H200, kdvfs trace)")
