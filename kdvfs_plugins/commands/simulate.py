@@ -297,6 +297,10 @@ def run_pipeline(args: argparse.Namespace) -> int:
     except (TypeError, ValueError):
         stages = args.pipeline
     traces = [p for p in args.stage_traces.split(",") if p] if args.stage_traces else None
+    if getattr(args, "explore", False):
+        from ..studies.pipeline_explore import run_command
+
+        return run_command(args, stages, parse_straggler(args.straggler), traces, _latency(args))
     study = pipeline_compare(stages, args.microbatches, schedule=args.schedule, replicas=args.dp,
                              straggler=parse_straggler(args.straggler), stage_traces=traces,
                              switch_latency_ms=_latency(args), issue_ahead=not args.no_issue_ahead,

@@ -646,8 +646,13 @@ class VirtualCluster:
 
     # --- execution -----------------------------------------------------------------------------
     def execute(self, plan: Optional[ClusterPlan] = None, *, noise: bool = True, seed: int = 0,
-                switch_latency_s: float = 0.0, issue_ahead: bool = True) -> ClusterRun:
+                switch_latency_s: float = 0.0, issue_ahead: bool = True,
+                iteration: Optional[int] = None) -> ClusterRun:
         """One iteration of ``plan`` (default clocks if None), event by event.
+
+        ``iteration``: one of many iterations run with the same ``seed``: the cards (their
+        persistent factors) stay, each instruction's jitter is drawn anew (None: the seed's one
+        draw, as a single comparison uses).
 
         The run is first made noise-free with every change landing on its boundary: the timeline
         an actuator predicts from the previous iteration. Then the run that counts: with noise,
@@ -662,7 +667,7 @@ class VirtualCluster:
         if not noise and (switch_latency_s == 0 or issue_ahead):
             return predicted.result()
         return _Run(g, plan, predicted, noise="full" if noise else "off", seed=seed, latency_s=switch_latency_s,
-                    issue_ahead=issue_ahead).go().result()
+                    issue_ahead=issue_ahead, iteration=iteration).go().result()
 
 
 def card_factors(noise: dict, seed: int, rank: int) -> tuple[float, float]:
@@ -682,7 +687,7 @@ class _Run:
     says."""
 
     def __init__(self, g: ClusterGraph, plan: ClusterPlan, predicted: Optional["_Run"], *, noise: str,
-                 seed: int, latency_s: float = 0.0, issue_ahead: bool = True):
+                 seed: int, latency_s: float = 0.0, issue_ahead: bool = True, iteration: Optional[int] = None):
         self.g, self.plan, self.predicted = g, plan, predicted
         self.latency_s, self.issue_ahead = latency_s, issue_ahead
         sch = g.schedule
@@ -697,7 +702,8 @@ class _Run:
                         continue
                     jt = jp = 1.0
                     if noise == "full":
-                        rng = random.Random(f"cluster-{seed}-{r}-{i}")
+                        rng = random.Random(f"cluster-{seed}-{r}-{i}" if iteration is None
+                                            else f"cluster-{seed}-it{iteration}-{r}-{i}")
                         k = math.sqrt(max(1, g.n_kernels[i]))
                         jt = max(0.5, 1.0 + rng.gauss(0.0, sig["kernel_time_sigma"] / k))
                         jp = max(0.5, 1.0 + rng.gauss(0.0, sig["kernel_power_sigma"] / k))

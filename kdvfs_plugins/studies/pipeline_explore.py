@@ -1,0 +1,309 @@
+"""Online exploration across pipeline stages on the virtual cluster: ``kdvfs simulate --pipeline P --explore``.
+
+Per seed, every rank of the virtual cluster gets its own
+:class:`~kdvfs_plugins.pipeline_explore.PipelineExplorer`, and the explorers exchange through an
+all-gather over threads (one per rank, as the ranks of a training run call theirs). Each
+iteration, every rank asks its explorer for its clocks, the cluster runs the iteration with all
+ranks' requests (a rank that cannot write clocks runs the default), and each explorer is fed what
+its stage would measure: its instructions' GPU times and the iteration time every iteration, and
+its energy once per window (the meter's window, with an error: see ``METER_ERROR_S``). The study
+drives the explorers directly with those records, not through an engine per rank.
+
+When every explorer is done (or the step budget is spent) the applied plan and the oracle's plan
+(the critical-path planner on the true tables of each card, strict) run on the cluster beside the
+default clocks, over ``EXECUTE_ITERATIONS`` iterations of the same seed. Every figure is a model
+prediction of the simulated H100 cluster.
+"""
+from __future__ import annotations
+
+import json
+import random
+import threading
+import time as _time
+from concurrent.futures import ThreadPoolExecutor
+from typing import Optional, Sequence
+
+import numpy as np
+
+from ..clocks import ClockTable
+from ..data import h100_clock_lists
+from ..errors import ConfigError
+from ..pipeline_explore import PipelineExploreSettings, PipelineExplorer, default_grid
+from ..pipeline_explore_fit import PipelineShape
+from ..pipeline_planner import plan_critical_path
+from ..regions import BACKWARD, COMMUNICATION, FORWARD, OPTIMIZER, PIPE, instruction_region
+from ..sim.cluster import ClusterPlan, Straggler, VirtualCluster
+from ..switching import DEFAULT_SWITCH_LATENCY_MS, ISSUE_AHEAD_MIN_INTERVAL_MS, check_latency_ms, switch_model
+from .pipeline import LABEL, _graph, stage_workloads
+
+__all__ = ["LocalAllGather", "cluster_shape", "explore_seed", "pipeline_explore_report", "format_report",
+           "run_command", "METER_ERROR_S", "EXECUTE_ITERATIONS"]
+
+SOURCE = "kdvfs simulate --pipeline --explore"
+#: Iterations each plan (and the default) is executed for, after exploration.
+EXECUTE_ITERATIONS = 20
+#: Iterations per block and per meter window.
+BLOCK_STEPS = 10
+#: The meter's window energy error (1 sd) as this long at the window's mean power: the counter
+#: refreshes every 100 ms and the meter anchors integrated power readings to it (a model
+#: assumption; on a 2 s window, about 1%).
+METER_ERROR_S = 0.02
+#: How long a rank waits for the others in an exchange before it gives up (seconds).
+EXCHANGE_TIMEOUT_S = 120.0
+
+
+class LocalAllGather:
+    """An all-gather among threads of one process, one thread per rank (a collective's semantics:
+    each rank gets every rank's items in rank order, once all have called)."""
+
+    def __init__(self, ranks: int, timeout_s: float = EXCHANGE_TIMEOUT_S):
+        self._barrier = threading.Barrier(ranks, timeout=timeout_s)
+        self._slots: list = [None] * ranks
+        self.calls = 0
+
+    def for_rank(self, rank: int):
+        def exchange(items: list) -> list:
+            self._slots[rank] = items
+            self._barrier.wait()
+            out = list(self._slots)
+            self._barrier.wait()  # nobody writes the next round before everyone has read this one
+            if rank == 0:
+                self.calls += 1
+            return out
+
+        return exchange
+
+
+def _region(kind: str, microbatch: int, chunk: int) -> str:
+    """The live pipeline adapters' region of an instruction (``forward/pipe.mb3``)."""
+    group = PIPE if chunk == 0 else f"{PIPE}.c{chunk}"
+    if kind == "forward":
+        return instruction_region(FORWARD, group, microbatch)
+    if kind == "backward":
+        return instruction_region(BACKWARD, group, microbatch)
+    if kind == "allreduce":
+        return instruction_region(COMMUNICATION, "reduce_grads")
+    return OPTIMIZER
+
+
+def cluster_shape(cluster: VirtualCluster) -> PipelineShape:
+    """The schedule as the pipeline adapters know it (transfer delays from the link model)."""
+    g = cluster.graph()
+    nodes = g.schedule.nodes
+    return PipelineShape(g.schedule.order, g.preds, tuple(n.kind for n in nodes),
+                         tuple(_region(n.kind, n.microbatch, n.chunk) for n in nodes))
+
+
+def _state_map(cluster: VirtualCluster, clocks) -> list[int]:
+    index = {c: k for k, c in enumerate(cluster.states)}
+    return [index[c] for c in clocks]
+
+
+def _execute(cluster: VirtualCluster, plan: Optional[ClusterPlan], seed: int, noise: bool, switch,
+             issue_ahead: bool, iterations: int, first: int) -> tuple[float, float]:
+    """Mean iteration time and energy of ``plan`` over ``iterations`` iterations of ``seed``."""
+    t = e = 0.0
+    for it in range(iterations):
+        run = cluster.execute(plan, noise=noise, seed=seed, switch_latency_s=switch.latency_s,
+                              issue_ahead=issue_ahead, iteration=first + it)
+        t += run.time_s
+        e += run.energy_j
+    return t / iterations, e / iterations
+
+
+def explore_seed(cluster: VirtualCluster, seed: int, *, max_steps: int = 1500, max_slowdown: float = 0.0,
+                 explore_max_slowdown: float = 0.02, noise: bool = True,
+                 switch_latency_ms: float = DEFAULT_SWITCH_LATENCY_MS, issue_ahead: bool = True,
+                 cannot_write: Sequence[int] = (), block_steps: int = BLOCK_STEPS,
+                 meter_error_s: float = METER_ERROR_S) -> dict:
+    """One seed: every rank explores with its own explorer until all are done or ``max_steps``.
+
+    Returns the ranks' results, the iterations run and the exchanges (for the report and tests).
+    ``cannot_write``: ranks whose GPU refuses clock writes (they run the default clocks)."""
+    floor_ms = ISSUE_AHEAD_MIN_INTERVAL_MS if issue_ahead and switch_latency_ms > 0 else 0.0
+    switch = switch_model(switch_latency_ms, issue_ahead=issue_ahead, min_interval_ms=floor_ms)
+    shape = cluster_shape(cluster)
+    ranks = shape.ranks
+    table = ClockTable.from_lists(*h100_clock_lists())
+    clocks = default_grid(table)
+    to_cluster = _state_map(cluster, clocks)
+    gather = LocalAllGather(ranks)
+    explorers = []
+    for r in range(ranks):
+        settings = PipelineExploreSettings(shape=shape, rank=r, clocks=clocks, switch=switch,
+                                           max_slowdown=max_slowdown, explore_max_slowdown=explore_max_slowdown,
+                                           explore_max_steps=max_steps, block_steps=block_steps, seed=seed)
+        ex = PipelineExplorer(settings, exchange=gather.for_rank(r))
+        ex.measuring = r not in cannot_write
+        explorers.append(ex)
+    meter = random.Random(f"pipeline-meter-{seed}")
+    energy = np.zeros(ranks)
+    first_of_window = 0
+    steps = 0
+    with ThreadPoolExecutor(ranks) as pool:
+        for step in range(max_steps + 2 * block_steps):
+            if step % block_steps == 0:  # a boundary: the ranks exchange, each on its own thread
+                for f in [pool.submit(ex.begin_step, step) for ex in explorers]:
+                    f.result()
+            if all(ex.done for ex in explorers):
+                break
+            node_state = [0] * len(shape.kinds)
+            wait_state: list[Optional[int]] = [None] * ranks
+            for r, ex in enumerate(explorers):
+                if r in cannot_write:
+                    continue  # the driver's clocks: its requests are refused
+                a = ex.assignment(step)
+                for i in shape.order[r]:
+                    node_state[i] = to_cluster[a.node_state[i]]
+                w = a.wait_state[r]
+                wait_state[r] = None if w is None else to_cluster[w]
+            run = cluster.execute(ClusterPlan(tuple(node_state), tuple(wait_state), switch.effective_min_interval_s),
+                                  noise=noise, seed=seed, switch_latency_s=switch.latency_s, issue_ahead=issue_ahead,
+                                  iteration=step)
+            steps += 1
+            for r, ex in enumerate(explorers):
+                regions = {shape.regions[i]: (run.node_end_s[i] - run.node_start_s[i]) * 1e3 for i in shape.order[r]}
+                ex.observe_step(step, run.time_s * 1e3, regions)
+                energy[r] += run.ranks[r].energy_j
+            if (step + 1) % block_steps == 0:
+                duration_s = (step + 1 - first_of_window) * run.time_s
+                for r, ex in enumerate(explorers):
+                    err = meter.gauss(0.0, meter_error_s / duration_s) if noise else 0.0
+                    ex.observe_window(first_of_window, step, float(energy[r]) * (1.0 + err))
+                energy[:] = 0.0
+                first_of_window = step + 1
+    return {"explorers": explorers, "steps_run": steps, "exchanges": gather.calls, "to_cluster": to_cluster}
+
+
+def _stats(values: Sequence[float]) -> Optional[dict]:
+    if not len(values):
+        return None
+    v = np.array(values, dtype=float)
+    return {"min": float(v.min()), "median": float(np.median(v)), "max": float(v.max())}
+
+
+def _agree(explorers) -> bool:
+    results = [ex.result for ex in explorers]
+    return all(r is not None for r in results) and all(
+        (r.status, r.assignment, r.steps) == (results[0].status, results[0].assignment, results[0].steps)
+        for r in results)
+
+
+def pipeline_explore_report(stages: int = 4, microbatches: int = 8, seeds: Sequence[int] = range(5), *,
+                            schedule: str = "1f1b", replicas: int = 1, straggler: Optional[Straggler] = None,
+                            stage_traces: Optional[Sequence[str]] = None, max_steps: int = 1500,
+                            max_slowdown: float = 0.0, explore_max_slowdown: float = 0.02, noise: bool = True,
+                            switch_latency_ms: float = DEFAULT_SWITCH_LATENCY_MS, issue_ahead: bool = True,
+                            progress=None) -> dict:
+    """Explore on each seed, execute the applied plans and the oracle's; the one-GPU contract."""
+    t0 = _time.process_time()
+    latency_ms = check_latency_ms(switch_latency_ms, "--switch-latency-ms", source=SOURCE)
+    if not issue_ahead:
+        raise ConfigError("--no-issue-ahead", True, "changes issued ahead for --explore on a pipeline (the "
+                          "explorer plans with the latency hidden); drop --no-issue-ahead", source=SOURCE)
+    workloads, chunks = stage_workloads(stages, stage_traces, schedule)
+    cluster = VirtualCluster(workloads, microbatches, replicas=replicas, schedule=schedule, straggler=straggler,
+                             chunks=chunks)
+    floor_ms = ISSUE_AHEAD_MIN_INTERVAL_MS if latency_ms > 0 else 0.0
+    switch = switch_model(latency_ms, issue_ahead=True, min_interval_ms=floor_ms)
+    rows, orc_e, orc_t = [], [], []
+    for seed in seeds:
+        out = explore_seed(cluster, seed, max_steps=max_steps, max_slowdown=max_slowdown,
+                           explore_max_slowdown=explore_max_slowdown, noise=noise, switch_latency_ms=latency_ms)
+        exs = out["explorers"]
+        res = exs[0].result
+        first = 10 ** 6  # executed iterations draw jitter apart from the exploration's
+        t_def, e_def = _execute(cluster, None, seed, noise, switch, True, EXECUTE_ITERATIONS, first)
+        applied = res is not None and res.status == "applied"
+        de = dt = 0.0
+        if applied:
+            to_c = out["to_cluster"]
+            plan = ClusterPlan(tuple(to_c[s] for s in res.assignment.node_state),
+                               tuple(None if w is None else to_c[w] for w in res.assignment.wait_state),
+                               switch.effective_min_interval_s)
+            t, e = _execute(cluster, plan, seed, noise, switch, True, EXECUTE_ITERATIONS, first)
+            de, dt = e / e_def - 1.0, t / t_def - 1.0
+        orc = plan_critical_path(_graph(cluster, seed if noise else None), max_slowdown=max_slowdown, switch=switch)
+        t, e = _execute(cluster, ClusterPlan(orc.node_state, orc.wait_state, orc.min_wait_s), seed, noise, switch,
+                        True, EXECUTE_ITERATIONS, first)
+        orc_e.append(e / e_def - 1.0)
+        orc_t.append(t / t_def - 1.0)
+        rows.append({"seed": seed, "energy_change": de, "time_change": dt,
+                     "steps": int(res.steps) if res is not None else out["steps_run"],
+                     "exploration_time_change": float(res.exploration_time_change if res is not None
+                                                      else exs[0].exploration_time_change),
+                     "applied": applied, "status": res.status if res is not None else "unfinished",
+                     "message": res.message if res is not None else "",
+                     "predicted": dict(res.predicted) if res is not None else {},
+                     "validated": dict(res.validated) if res is not None else {},
+                     "exchanges": out["exchanges"], "ranks_agree": _agree(exs)})
+        if progress is not None:
+            progress(1)
+    oe, ot = float(np.median(orc_e)), float(np.median(orc_t))
+    for r in rows:
+        r["share_of_oracle_saving"] = (r["energy_change"] / oe) if oe < 0 else None
+    shares = [r["share_of_oracle_saving"] for r in rows if r["share_of_oracle_saving"] is not None]
+    return {
+        "label": LABEL, "model_prediction": True,
+        "path": "one pipeline explorer per rank, driven directly by the study with the records a stage measures "
+                "(instruction times every iteration, window energies), exchanging through an all-gather",
+        "stages": cluster.schedule.stages, "chunks": chunks, "microbatches": microbatches, "schedule": schedule,
+        "replicas": replicas, "ranks": cluster.ranks, "stage_traces": [w.name for w in workloads],
+        "straggler": None if straggler is None else {"rank": straggler.rank, "factor": straggler.factor},
+        "max_slowdown": max_slowdown, "explore_max_slowdown": explore_max_slowdown, "explore_max_steps": max_steps,
+        "switch_latency_ms": latency_ms, "issue_ahead": True, "noise": noise,
+        "meter": f"window energy error {METER_ERROR_S * 1e3:g} ms at the window's mean power (1 sd, an assumption)",
+        "oracle": "critical_path " + ("strict" if max_slowdown == 0 else f"relaxed {max_slowdown:.0%}")
+                  + " on each card's true tables, executed",
+        "oracle_energy_change": oe, "oracle_time_change": ot,
+        "seeds": rows,
+        "summary": {
+            "energy_change": _stats([r["energy_change"] for r in rows]),
+            "time_change": _stats([r["time_change"] for r in rows]),
+            "steps": _stats([r["steps"] for r in rows]),
+            "exploration_time_change": _stats([r["exploration_time_change"] for r in rows]),
+            "share_of_oracle_saving": _stats(shares),
+        },
+        "cpu_s": _time.process_time() - t0,
+    }
+
+
+def format_report(out: dict, fmt: str = "text") -> str:
+    """The seeds as a table (``fmt``: ``text`` or ``markdown``), the oracle in a note."""
+    from ..tables import Table
+
+    rows = []
+    for r in out["seeds"]:
+        share = r.get("share_of_oracle_saving")
+        rows.append([r["seed"], f"{r['energy_change']:+.2%}", f"{r['time_change']:+.2%}",
+                     "applied" if r["applied"] else f"none ({r['status']})", r["steps"],
+                     f"{r['exploration_time_change']:+.2%}", "-" if share is None else f"{share:.0%}"])
+    chunks = f" x {out['chunks']} model chunks" if out.get("chunks", 1) > 1 else ""
+    table = Table(["seed", "energy", "time", "plan", "iterations", "exploration slowdown", "share of oracle"], rows,
+                  align="lrrlrrr",
+                  title=(f"{out['label']}: online exploration across stages, {out['stages']} stages{chunks} x "
+                         f"{out['replicas']} replicas, {out['microbatches']} microbatches, {out['schedule']}, "
+                         f"switch latency {out['switch_latency_ms']:g} ms"),
+                  notes=[f"oracle plan ({out['oracle']}): energy {out['oracle_energy_change']:+.2%}, "
+                         f"time {out['oracle_time_change']:+.2%}", out["meter"]])
+    return table.render(fmt)
+
+
+def run_command(args, stages: int, straggler: Optional[Straggler], traces: Optional[Sequence[str]],
+                latency_ms: float) -> int:
+    """``kdvfs simulate --pipeline P --explore``."""
+    from ..progress import progress
+
+    if args.seeds < 1:
+        raise ConfigError("--seeds", args.seeds, "at least 1", source=SOURCE)
+    with progress(args.seeds, "exploring seeds") as bar:
+        out = pipeline_explore_report(stages, args.microbatches, range(args.seed, args.seed + args.seeds),
+                                      schedule=args.schedule, replicas=args.dp, straggler=straggler,
+                                      stage_traces=traces, max_steps=args.explore_max_steps,
+                                      max_slowdown=args.explore_plan_slowdown,
+                                      explore_max_slowdown=args.explore_max_slowdown, noise=not args.no_noise,
+                                      switch_latency_ms=latency_ms, issue_ahead=not args.no_issue_ahead,
+                                      progress=bar.update)
+    fmt = "markdown" if getattr(args, "markdown", False) else "text"
+    print(json.dumps(out, indent=1) if args.json else format_report(out, fmt))
+    return 0
