@@ -30,11 +30,11 @@ from typing import Callable, Mapping, Optional, Sequence
 import numpy as np
 
 from .clocks import ClockPair, ClockTable
-from .explore_blocks import Block, Schedule, block_steps, build_grid, draw_single
+from .explore_blocks import Block, Schedule, block_steps, build_grid, draw_single, steps_for_noise
 from .explore_knobs import Knobs, Occurrence
 from .explore_model import ResponseModel, Sample
 from .explore_plan import MIN_PREDICTED_SAVING, PlanDraft, make_plan, time_penalised
-from .explore_validate import PairedBlock, judge, pair_changes, slow_scale
+from .explore_validate import SIGNIFICANCE_SE, PairedBlock, judge, pair_changes, slow_scale
 from .hookspecs import hookimpl
 from .planner import SwitchModel
 from .policy import DEFAULT_CLOCKS
@@ -54,10 +54,20 @@ RELEVANT_MARGIN = 0.01
 #: Share of the exploration steps spent on single locks against the default; the rest measures one
 #: more change at a time against the plan they give (the incumbent).
 REFINE_SHARE = 0.6
+#: Refine blocks per knob measured around an incumbent before the best change may replace it.
+REFINE_ROUND = 2
 #: The early look: once this share of the step budget is spent, a plan from what was measured so
 #: far must clear the floor, or exploration declines there (the saving is below what the
 #: measurements resolve, and more blocks of the same kind would not change that).
 EARLY_CHECK_SHARE = 0.25
+#: Blocks are shortened once the default-design blocks show how much their energy scatters: to
+#: where one lock's measured effect scatters by this share of the step's energy (half the
+#: smallest saving a plan is validated for, so resolution is never what shortening costs), but
+#: never below two windows. Long steps make few, long blocks; where the card is quiet, more blocks
+#: explore more clocks in the same step budget.
+TARGET_EFFECT_SE = 0.5 * MIN_PREDICTED_SAVING
+#: Blocks of one design (the default) whose scatter is measured before blocks are shortened.
+NOISE_BLOCKS = 3
 #: Energy (J per step, above default) given to a state a knob was not measured at.
 UNMEASURED_PENALTY_J = 1.0
 #: A plan goes to validation only if its predicted saving is this many standard errors of its
@@ -168,6 +178,9 @@ class Explorer:
         self._draft: Optional[PlanDraft] = None
         self._explore_target = 1
         self._early_checked = False
+        self._first_block_steps = 1
+        #: the first block measured around the current incumbent
+        self._incumbent_since = 0
         #: the plan from single locks, once exploration refines around it (knob -> state)
         self.incumbent: Optional[dict] = None
         self._early_draft: Optional[PlanDraft] = None
@@ -328,6 +341,8 @@ class Explorer:
             return
         if self.phase == "baseline":
             self._setup_after_baseline()
+        if self.phase == "explore":
+            self._fit_block_steps()
         left = self.s.explore_max_steps - (self.schedule.next_step - self.s.start_step)
         bs = self.block_steps
         self._refresh_default()
@@ -357,12 +372,19 @@ class Explorer:
         if left < bs:
             self._finish("rejected", "the step budget ran out before a plan could be validated")
             return
+        if self.incumbent and self._promote():
+            self.schedule.add_slot(bs, "reference", lambda lane: dict(self.incumbent))
+            return
         reference = self.incumbent or {}
         ref_kind, kind = ("reference", "refine") if self.incumbent else ("default", "explore")
-        ndef = sum(1 for b in self._used_blocks() if b.kind in (ref_kind, "baseline" if not self.incumbent else ""))
-        nexp = sum(1 for b in self.blocks if b.kind == kind)
+        since = self._incumbent_since if self.incumbent else 0
+        ndef = sum(1 for b in self._used_blocks()[since:] if b.kind in (ref_kind, "baseline" if not self.incumbent else ""))
+        nexp = sum(1 for b in self.blocks[since:] if b.kind == kind)
         anchored = not self.baseline_detailed or any(b.kind == "default" for b in self.blocks)
-        if not anchored or not self.knobs or ndef < DEFAULT_SHARE * (ndef + nexp + 1) \
+        # Until the blocks are fitted to the scatter, every other block is a default one: three of
+        # them show the scatter early, while most of the step budget is still to be spent.
+        share = DEFAULT_SHARE if self._unit_sd is not None or self.s.block_steps is not None else 0.5
+        if not anchored or not self.knobs or ndef < share * (ndef + nexp + 1) \
                 or (self.incumbent and not self.blocks[-1].kind == ref_kind and nexp == 0):
             self.schedule.add_slot(bs, ref_kind, lambda lane: dict(reference))
             return
@@ -387,6 +409,7 @@ class Explorer:
             # a plan that does not clear what the measurements resolve is no incumbent
             resolved = draft.energy_change <= -self._resolvable(draft, effects)
             self.incumbent = dict(draft.design) if resolved else {}
+            self._incumbent_since = len(self.blocks)
             if self.incumbent:
                 self.schedule.add_slot(bs, "reference", lambda lane: dict(self.incumbent))
                 return
@@ -403,8 +426,19 @@ class Explorer:
         allowance_ms /= lane_steps
         top_sub = self._first_step_down()
 
+        # An incumbent measured slower than the budget allows, as validation would find it
+        # (significantly), is refined upwards only: the changes that give time back are the ones
+        # its plan needs.
+        upwards = bool(self.incumbent) and self._incumbent_ms(-SIGNIFICANCE_SE) > \
+            max(0.0, self.s.max_slowdown) * self.default_step_ms
+
         def affordable(k: str, st: int) -> bool:
             if st == reference.get(k, 0):
+                return False
+            if upwards and reference.get(k, 0) and (self.states[st].sm_mhz, self.states[st].mem_mhz) <= (
+                    self.states[reference[k]].sm_mhz, self.states[reference[k]].mem_mhz):
+                return False
+            if upwards and not reference.get(k, 0):
                 return False
             cost = max(0.0, self._model.predict_ms(k, st, table) - table[k].get(0, 0.0))
             # the first lock below the top clock is always worth a look: where the power controller
@@ -419,11 +453,11 @@ class Explorer:
             promising[k] = {st for t, e, st in pts if st != reference.get(k, 0) and not any(
                 t2 <= t and e2 < e or t2 < t and e2 <= e for t2, e2, _ in pts)}
         changes = []
-        for b in self.blocks:
+        for b in self.blocks[since:]:
             if b.kind == kind:
                 moved = [(k, st) for k, st in b.design.items() if st != reference.get(k, 0)]
                 changes += moved[:1]
-        grid = self.grid
+        grid = self.grid + self._between(reference) if self.incumbent else self.grid
 
         def design(lane: int) -> dict:
             change = draw_single(self.knobs, grid, self.states, changes, self._rng, affordable, promising,
@@ -451,6 +485,7 @@ class Explorer:
         reserve = 2 * 2 * self.s.validation_pairs * alone
         room = self.s.explore_max_steps - base[0].steps - reserve
         self._explore_target = max(1, (room // alone) * alone // self.block_steps)
+        self._first_block_steps = self.block_steps
         region_ms: dict[str, list[float]] = {}
         for b in base:
             for r, v in b.region_ms.items():
@@ -460,6 +495,36 @@ class Explorer:
         self._model = ResponseModel(self.states, self.s.clock_table.mem_mhz, self.knobs, self.s.lanes)
         self.grid = build_grid(self.s.clock_table, self.states)
         self.phase = "explore"
+
+    def _fit_block_steps(self) -> None:
+        """Blocks as short as the measured scatter allows (``TARGET_EFFECT_SE``), never longer than
+        the first ones nor shorter than two windows: re-fitted at every exploring slot, as blocks
+        of repeated designs (the default, the incumbent) show the scatter better."""
+        if self.s.block_steps is None and self._unit_sd is not None:
+            self.block_steps = steps_for_noise(self._first_block_steps, self.s.window_steps,
+                                               self._unit_sd, TARGET_EFFECT_SE)
+
+    @property
+    def _unit_sd(self) -> Optional[float]:
+        """The scatter of one effect (a block against the mean of two) for a block of one counted
+        step, from blocks of repeated designs, each deviation scaled by the square root of its
+        counted steps (blocks differ in length once they are fitted); None before
+        ``NOISE_BLOCKS`` blocks of one design were measured."""
+        groups: dict[tuple, list[tuple[float, int]]] = {}
+        for b in self._used_blocks():
+            if b.energy_steps and b.time_ms and b.kind in ("default", "explore", "reference", "refine"):
+                key = (b.lane, tuple(sorted((k, v) for k, v in b.design.items() if v)))
+                groups.setdefault(key, []).append((b.energy_j / b.energy_steps, b.energy_steps))
+        dev = []
+        for v in groups.values():
+            if len(v) >= NOISE_BLOCKS:
+                e = np.array([x[0] for x in v])
+                n = np.array([x[1] for x in v], dtype=float)
+                mean = float(np.average(e, weights=n))
+                dev.extend((e / mean - 1.0) * np.sqrt(n) * np.sqrt(len(v) / (len(v) - 1)))
+        if not dev:
+            return None
+        return float(np.sqrt(np.mean(np.square(dev)) * 1.5))
 
     def _anchor_blocks(self) -> list[Block]:
         """Default-clock blocks measured as the designs are (see ``baseline_detailed``)."""
@@ -489,8 +554,8 @@ class Explorer:
         if self.s.lanes == 1:
             return False  # one lane stops on its step budget, which is the same count
         # blocks without measurements (a lane whose GPU refuses writes) do not count
-        n = sum(1 for b in self.blocks if b.kind in ("default", "explore") and b.time_ms)
-        return n >= self._explore_target
+        n = sum(b.steps for b in self.blocks if b.kind in ("default", "explore") and b.time_ms)
+        return n >= self._explore_target * self._first_block_steps
 
     # ------------------------------------------------------------------ model
     def _samples(self) -> list[Sample]:
@@ -572,19 +637,26 @@ class Explorer:
         """Standard error of one measured effect, a fraction of the step's energy (``time``: of the
         step time): the scatter of blocks that ran one design on one lane (the default, the
         incumbent), for a block against the mean of two."""
-        groups: dict[tuple, list[float]] = {}
-        for b in self._used_blocks():
-            if b.energy_steps and b.time_ms and b.kind in ("baseline", "default", "explore", "reference", "refine"):
-                key = (b.lane, tuple(sorted((k, v) for k, v in b.design.items() if v)))
-                groups.setdefault(key, []).append(
-                    float(np.mean(b.time_ms[1:] or b.time_ms)) if time else b.energy_j / b.energy_steps)
-        rel = []
-        for v in groups.values():
-            if len(v) >= 3:
-                rel.extend(np.asarray(v) / np.mean(v) - 1.0)
+        rel = self._scatter(time)
         if len(rel) < 3:
             return MIN_PREDICTED_SAVING / LOCK_FLOOR_SE
         return float(np.std(rel, ddof=1) * np.sqrt(1.5))
+
+    def _scatter(self, time: bool = False,
+                 kinds: Sequence[str] = ("baseline", "default", "explore", "reference", "refine")) -> list[float]:
+        """Relative deviations of blocks that ran one design on one lane from their design's mean,
+        in energy per step (``time``: in step time), for designs run in three blocks or more."""
+        groups: dict[tuple, list[float]] = {}
+        for b in self._used_blocks():
+            if b.energy_steps and b.time_ms and b.kind in kinds:
+                key = (b.lane, tuple(sorted((k, v) for k, v in b.design.items() if v)))
+                groups.setdefault(key, []).append(
+                    float(np.mean(b.time_ms[1:] or b.time_ms)) if time else b.energy_j / b.energy_steps)
+        rel: list[float] = []
+        for v in groups.values():
+            if len(v) >= 3:
+                rel.extend(np.asarray(v) / np.mean(v) - 1.0)
+        return rel
 
     def _plan_draft(self, samples, table, *, time_se: float, slow_scale_factor: float = 1.0,
                max_slowdown: Optional[float] = None) -> PlanDraft:
@@ -657,6 +729,56 @@ class Explorer:
         self.plan_clocks = {k: self.states[st] for k, st in draft.design.items()}
         self.phase = "validate"
 
+    def _incumbent_ms(self, margin_se: float = LOCK_TIME_SE) -> float:
+        """The incumbent's time against the default (ms per step), ``margin_se`` standard errors
+        on the slow side: measured by its reference blocks against the default blocks where there
+        are some (where locks interact, that is the slack there really is to spend), else predicted."""
+        step_ms = self.default_step_ms or 0.0
+        inc = {k: v for k, v in self.incumbent.items() if v}
+        ref_ms = [float(np.mean(b.time_ms[1:] or b.time_ms)) for b in self.blocks
+                  if b.kind == "reference" and b.time_ms and {k: v for k, v in b.design.items() if v} == inc]
+        def_ms = [float(np.mean(b.time_ms[1:] or b.time_ms)) for b in self.blocks
+                  if b.kind == "default" and b.time_ms and not any(b.design.values())]
+        if ref_ms and def_ms:
+            se_t = self._effect_se(time=True) * step_ms
+            return float(np.mean(ref_ms) - np.mean(def_ms)) + margin_se * se_t / np.sqrt(len(ref_ms))
+        return self._early_draft.time_change * step_ms
+
+    def _between(self, design: Mapping[str, int]) -> list[int]:
+        """The clocks halfway between each locked state of ``design`` and its neighbours on the
+        grid (at its memory clock): the grid is coarse, and refining a plan is where a finer step
+        still pays (a lock one grid step lower may cost the time a strict plan does not have)."""
+        index = {c: i for i, c in enumerate(self.states)}
+        out: list[int] = []
+        for st in set(design.values()):
+            c = self.states[st] if st else None
+            if c is None:
+                continue
+            allowed = self.s.clock_table.sm_mhz_by_mem[c.mem_mhz]
+            same = sorted({self.states[g].sm_mhz for g in self.grid if self.states[g].mem_mhz == c.mem_mhz})
+            lower = [f for f in same if f < c.sm_mhz][-1:]
+            upper = [f for f in same if f > c.sm_mhz][:1]
+            for f in lower + upper:
+                mid = ClockPair(min(allowed, key=lambda a: abs(a - (f + c.sm_mhz) / 2)), c.mem_mhz)
+                if mid in index and index[mid] not in self.grid and index[mid] not in out:
+                    out.append(index[mid])
+        return out
+
+    def _promote(self) -> bool:
+        """After a round of changes measured around the incumbent, the best one that pays becomes
+        the incumbent (True): refinement then goes on from there, a change at a time, as far as
+        the step budget allows, instead of stopping at the first."""
+        n = sum(1 for b in self.blocks[self._incumbent_since:] if b.kind == "refine")
+        if n < REFINE_ROUND * len(self.knobs):
+            return False
+        draft = self._refined(self._samples())
+        if draft.design == {k: v for k, v in self.incumbent.items() if v}:
+            return False  # nothing pays yet: measure on
+        self._early_draft = draft
+        self.incumbent = dict(draft.design)
+        self._incumbent_since = len(self.blocks)
+        return True
+
     def _refined(self, samples) -> PlanDraft:
         """The incumbent with the one measured change against it that saves most within the budget.
 
@@ -669,16 +791,7 @@ class Explorer:
         e_step = self._default_step_energy()
         se_e, se_t = self._effect_se() * e_step, self._effect_se(time=True) * step_ms
         budget_ms = max(0.0, self.s.max_slowdown) * step_ms
-        # The incumbent's time is measured (its reference blocks against the default's), not only
-        # predicted: where the locks interact, that is what the slack to spend really is.
-        inc = {k: v for k, v in self.incumbent.items() if v}
-        ref_ms = [float(np.mean(b.time_ms[1:] or b.time_ms)) for b in self.blocks
-                  if b.kind == "reference" and b.time_ms and {k: v for k, v in b.design.items() if v} == inc]
-        base_ms = base.time_change * step_ms
-        def_ms = [float(np.mean(b.time_ms[1:] or b.time_ms)) for b in self.blocks
-                  if b.kind == "default" and b.time_ms and not any(b.design.values())]
-        if ref_ms and def_ms:
-            base_ms = float(np.mean(ref_ms) - np.mean(def_ms)) + LOCK_TIME_SE * se_t / np.sqrt(len(ref_ms))
+        base_ms = self._incumbent_ms()
         # Where the incumbent itself measured over the budget, the change that brings it within
         # at the least energy is taken, whatever it saves.
         over = base_ms > budget_ms

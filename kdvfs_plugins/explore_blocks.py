@@ -104,6 +104,18 @@ def block_steps(default_step_ms: float, window_steps: int, max_steps: int, lanes
     return shared, alone
 
 
+def steps_for_noise(steps: int, window_steps: int, unit_sd: float, target_se: float) -> int:
+    """Steps per block that bring one measured effect's scatter to ``target_se`` (``unit_sd``: its
+    scatter with one counted step; the error of a mean of steps, falling as one over the square
+    root of the steps counted), never more than ``steps`` nor fewer than two windows (a block's
+    first window is not counted where the design before it differs)."""
+    ws = max(1, window_steps)
+    if unit_sd <= 0 or target_se <= 0:
+        return max(2 * ws, min(steps, 2 * ws))
+    want = (unit_sd / target_se) ** 2 + ws
+    return int(min(steps, max(2 * ws, int(math.ceil(want / ws)) * ws)))
+
+
 def build_grid(table: ClockTable, states: Sequence[Optional[ClockPair]]) -> list[int]:
     """State indices explored: the top SM clock and ``SM_FRACTIONS`` of it at each memory clock, and
     ``NEAR_TOP_FRACTIONS`` of it at the top memory clock."""
