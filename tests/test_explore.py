@@ -274,3 +274,48 @@ def test_effects_against_neighbouring_blocks_cancel_drift_and_follow_the_referen
     assert alone["forward"][low].energy_j == pytest.approx(-1.0)
     refined = model.step_effects(samples[5:], {"optimizer": lock})
     assert refined["forward"][low].energy_j == pytest.approx(-2.0)  # -4 together, -2 of it the optimizer's
+
+
+def test_steps_for_noise_shortens_to_the_target_but_never_below_two_windows():
+    from kdvfs_plugins.explore_blocks import steps_for_noise
+
+    # unit scatter 0.4% per counted step: 0.05% per effect needs 64 counted steps, 10 uncounted
+    assert steps_for_noise(200, 10, 0.004, 0.0005) == 80
+    assert steps_for_noise(50, 10, 0.004, 0.0005) == 50     # never longer than the first blocks
+    assert steps_for_noise(200, 10, 1e-6, 0.0005) == 20     # a quiet card: two windows
+    assert steps_for_noise(7, 10, 0.0, 0.0005) == 20        # a window is the least a block counts
+
+
+@pytest.mark.parametrize("window_error_j, shorter", [(0.2, True), (30.0, False)])
+def test_blocks_are_shortened_only_where_the_readings_are_quiet(window_error_j, shorter):
+    """The first blocks are long (about 6 s of GPU time); once default blocks show the scatter,
+    blocks are as short as it allows: more exploring blocks where the card reads quietly."""
+    world = World(seed=3, window_error_j=window_error_j)
+    s = settings(block_steps=None, window_steps=5, explore_max_steps=3000)
+    ex = Explorer(s)
+    ex.set_layout([Occurrence("forward", 80.0), Occurrence("optimizer", 20.0)])
+    win_e, win_first = 0.0, 0
+    for step in range(900):
+        ex.begin_step(step)
+        clocks = {k: as_clocks(ex.clocks_for(k, step)) for k in ("forward", "optimizer")}
+        region_ms, step_ms, e = world.step(clocks)
+        ex.observe_step(step, step_ms, region_ms)
+        win_e += e
+        if (step + 1) % 5 == 0:
+            ex.observe_window(win_first, step, win_e + world.rng.normal(0, world.err))
+            win_e, win_first = 0.0, step + 1
+    first = ex._first_block_steps
+    assert first >= 40
+    assert (ex.block_steps < first) == shorter, (first, ex.block_steps)
+    if shorter:
+        assert ex.block_steps == 10  # two windows
+        assert max(b.steps for b in ex.blocks[-5:]) == 10
+
+
+def test_refinement_goes_on_from_the_change_that_paid():
+    """A change measured around the incumbent that pays replaces it, and the next round refines
+    around the new one (one change in all before)."""
+    ex = drive(World(seed=2), settings(explore_max_steps=2400), 2600)
+    designs = [tuple(sorted(b.design.items())) for b in ex.blocks if b.kind == "reference"]
+    assert ex.result.status == "applied", ex.result.message
+    assert len(set(designs)) >= 2, designs
