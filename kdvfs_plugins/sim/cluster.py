@@ -515,6 +515,8 @@ class Segment:
     state: int
     sm_mhz: float
     chunk: int = 0
+    #: what the rank's card drew over the stretch (a per-rank device reads its power from these)
+    energy_j: float = 0.0
 
 
 @dataclass(frozen=True)
@@ -756,7 +758,8 @@ class _Run:
         ch.append((land_s, state))
 
     # --- timeline -------------------------------------------------------------------------------
-    def _seg(self, rank: int, t0: float, t1: float, kind: str, mb: int, st: int, node: Optional[int]) -> None:
+    def _seg(self, rank: int, t0: float, t1: float, kind: str, mb: int, st: int, node: Optional[int],
+             energy_j: float) -> None:
         if t1 <= t0:
             return
         if node is not None:
@@ -767,9 +770,9 @@ class _Run:
         segs = self.segments[rank]
         if segs and segs[-1].kind == kind and segs[-1].microbatch == mb and segs[-1].state == st \
                 and segs[-1].chunk == chunk and abs(segs[-1].end_s - t0) < 1e-12:
-            segs[-1] = Segment(segs[-1].start_s, t1, kind, mb, st, f, chunk)
+            segs[-1] = Segment(segs[-1].start_s, t1, kind, mb, st, f, chunk, segs[-1].energy_j + energy_j)
         else:
-            segs.append(Segment(t0, t1, kind, mb, st, f, chunk))
+            segs.append(Segment(t0, t1, kind, mb, st, f, chunk, energy_j))
 
     def _wait(self, rank: int, t0: float, t1: float, fixed_state: Optional[int]) -> None:
         if t1 <= t0:
@@ -784,7 +787,7 @@ class _Run:
                 st, nxt = self._state_at(rank, now)
                 stop = min(t1, nxt)
             e += wp[st] * (stop - now)
-            self._seg(rank, now, stop, "wait", -1, st, None)
+            self._seg(rank, now, stop, "wait", -1, st, None, float(wp[st] * (stop - now)))
             now = stop
         self.energy[rank] += e
         self.wait_energy[rank] += e
@@ -803,13 +806,13 @@ class _Run:
                 break
             if now + left * full <= nxt:
                 self.energy[rank] += left * E[st]
-                self._seg(rank, now, now + left * full, node.kind, node.microbatch, st, i)
+                self._seg(rank, now, now + left * full, node.kind, node.microbatch, st, i, float(left * E[st]))
                 now += left * full
                 left = 0.0
             else:
                 frac = (nxt - now) / full
                 self.energy[rank] += frac * E[st]
-                self._seg(rank, now, nxt, node.kind, node.microbatch, st, i)
+                self._seg(rank, now, nxt, node.kind, node.microbatch, st, i, float(frac * E[st]))
                 left -= frac
                 now = nxt
         self.busy[rank] += now - t0
