@@ -62,8 +62,12 @@ class Engine:
 
     def __init__(self, config: KdvfsConfig, *, framework: str = "custom", rank: int = 0, local_rank: int = 0,
                  world_size: int = 1, plugin_manager=None, device=None, plugins=(), plan_group=None,
-                 replicas: Optional[Replicas] = None):
+                 replicas: Optional[Replicas] = None, explorer_factory=None):
         self.config = config
+        #: Builds the explorer of mode auto/explore in place of the one-GPU Explorer, called as
+        #: ``factory(engine, start_step, on_done)``: a pipeline's stages explore together
+        #: (:func:`kdvfs_plugins.pipeline_explore.stage_explorer`). None: the one-GPU Explorer.
+        self.explorer_factory = explorer_factory
         #: Ranks that must share one plan (a tensor-parallel group, or "world"); None: this rank alone.
         self.plan_group = plan_group
         #: Ranks that explore together (config ``explore_across_ranks``); None: this rank alone.
@@ -214,27 +218,16 @@ class Engine:
 
     def _start_explorer(self) -> None:
         """Mode auto/explore without a plan: explore from the first window boundary after warm-up."""
-        from .explore import ExploreSettings, Explorer
         from .progress import ProgressLine, wants_progress
 
-        cfg, info = self.config, self.device.info()
+        cfg = self.config
         ws = cfg.window_steps
         # the meter's windows count from the first step; blocks must start on a window boundary
         first = self.step + ws * (-(-cfg.warmup_steps // ws))
-        latency = self._switch_latency_ms()
-        shared = self.replicas if cfg.explore_across_ranks else None
-        settings = ExploreSettings(
-            clock_table=info.clocks, max_slowdown=cfg.max_slowdown, objective=cfg.effective_objective,
-            explore_max_slowdown=cfg.explore_max_slowdown,
-            explore_max_steps=cfg.explore_max_steps, window_steps=ws, switch_latency_ms=float(latency),
-            min_switch_interval_ms=cfg.min_switch_interval_ms, start_step=first,
-            # replicas must draw the same designs: one seed for all of them
-            seed=cfg.sim_seed + (0 if shared else self.rank),
-            issue_ahead=cfg.issue_ahead,
-            lanes=shared.lanes if shared else 1, lane=shared.lane if shared else 0,
-        )
-        exchange = (lambda items, group=shared.group: all_gather(group, items)) if shared else None
-        self.explorer = Explorer(settings, on_done=self._explore_done, apply=cfg.mode == "auto", exchange=exchange)
+        if self.explorer_factory is not None:
+            self.explorer = self.explorer_factory(self, first, self._explore_done)
+        else:
+            self.explorer = self._one_gpu_explorer(first)
         self.explorer.measuring = self.device.can_write_clocks
         # plugins that watch every region keep module boundaries on for the whole exploration
         self.explorer.phase_level_after_baseline = not self._region_hooks
@@ -250,6 +243,25 @@ class Engine:
         self.meter.want_layout_from = first
         self.meter.on_layout = self._on_layout
         self._progress = ProgressLine(wants_progress(cfg.progress))
+
+    def _one_gpu_explorer(self, first: int):
+        from .explore import ExploreSettings, Explorer
+
+        cfg, info = self.config, self.device.info()
+        latency = self._switch_latency_ms()
+        shared = self.replicas if cfg.explore_across_ranks else None
+        settings = ExploreSettings(
+            clock_table=info.clocks, max_slowdown=cfg.max_slowdown, objective=cfg.effective_objective,
+            explore_max_slowdown=cfg.explore_max_slowdown,
+            explore_max_steps=cfg.explore_max_steps, window_steps=cfg.window_steps, switch_latency_ms=float(latency),
+            min_switch_interval_ms=cfg.min_switch_interval_ms, start_step=first,
+            # replicas must draw the same designs: one seed for all of them
+            seed=cfg.sim_seed + (0 if shared else self.rank),
+            issue_ahead=cfg.issue_ahead,
+            lanes=shared.lanes if shared else 1, lane=shared.lane if shared else 0,
+        )
+        exchange = (lambda items, group=shared.group: all_gather(group, items)) if shared else None
+        return Explorer(settings, on_done=self._explore_done, apply=cfg.mode == "auto", exchange=exchange)
 
     def _on_layout(self, step: int, layout) -> None:
         from .explore import Occurrence

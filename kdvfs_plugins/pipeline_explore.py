@@ -39,10 +39,11 @@ from .hookspecs import hookimpl
 from .pipeline_explore_fit import EXCLUDED_S, WAIT, PipelineShape, StageBlock, Tables, fit_powers, measured_graph
 from .pipeline_planner import PipelineGraph, plan_critical_path, schedule_times
 from .policy import DEFAULT_CLOCKS
+from .regions import STEP
 from .switching import SwitchModel
 
-__all__ = ["PipelineExploreSettings", "PipelineExploreResult", "PipelineExplorer", "Assignment", "default_grid",
-           "EXPLORED_KINDS"]
+__all__ = ["PipelineExploreSettings", "PipelineExploreResult", "StageExploreResult", "PipelineExplorer", "Assignment",
+           "default_grid", "stage_explorer", "EXPLORED_KINDS"]
 
 #: Instruction kinds that get a clock of their own in a design (the all-reduce is link-bound).
 EXPLORED_KINDS = ("forward", "backward", "optimizer")
@@ -134,6 +135,29 @@ class PipelineExploreResult:
         """One rank's plan by region name (what its plan file holds)."""
         return {shape.regions[i]: self.node_clocks[i] for i in shape.order[rank]}
 
+    def for_rank(self, shape: PipelineShape, rank: int) -> "StageExploreResult":
+        """What one rank's engine keeps of the result: its own regions' clocks, its waits under
+        ``step`` (receives and bubbles fall back to it)."""
+        clocks = {**self.region_clocks(shape, rank), STEP: self.wait_clocks[rank]}
+        return StageExploreResult(self.status, clocks, tuple(clocks), dict(self.predicted), dict(self.validated),
+                                  self.steps, self.exploration_time_change, self.message, self)
+
+
+@dataclass(frozen=True)
+class StageExploreResult:
+    """One rank's view of a :class:`PipelineExploreResult`, in the shape the engine reports and
+    saves an exploration's result (frozen: it crosses the engine's ``on_done``)."""
+
+    status: str
+    clocks_by_name: Mapping[str, Optional[ClockPair]]
+    knobs: tuple[str, ...]
+    predicted: Mapping[str, float]
+    validated: Mapping[str, float]
+    steps: int
+    exploration_time_change: float
+    message: str
+    pipeline: PipelineExploreResult
+
 
 @dataclass
 class _Block:
@@ -143,6 +167,11 @@ class _Block:
     assignment: Assignment
     #: per rank, once exchanged
     data: dict = field(default_factory=dict)
+    steps: int = 10
+
+    @property
+    def last_step(self) -> int:
+        return self.first_step + self.steps - 1
 
 
 class _Outgoing:
@@ -201,6 +230,7 @@ class PipelineExplorer:
         self._low_wait = int(np.argmin(self._sm_mhz))
         self.blocks: list[_Block] = []
         self._out: dict[int, _Outgoing] = {}
+        self._sent: set[int] = set()  # blocks whose measurements went out in an exchange
         self._total_blocks = max(1, s.explore_max_steps // s.block_steps)
         # room kept for two validation rounds, each followed by a default block
         self._reserve = 2 * (2 * s.validation_pairs + 1) + 1
@@ -248,7 +278,7 @@ class PipelineExplorer:
     # ------------------------------------------------------------------ measurements
     def observe_step(self, step: int, gpu_time_ms: float, region_time_ms: Mapping[str, float]) -> None:
         b = self._block_at(step)
-        if b is None or self.done:
+        if b is None or self.done or b.index in self._sent:
             return
         out = self._out.setdefault(b.index, _Outgoing())
         out.step_ms.append(float(gpu_time_ms))
@@ -261,8 +291,8 @@ class PipelineExplorer:
 
     def observe_window(self, first_step: int, last_step: int, energy_j: float) -> None:
         b = self._block_at(first_step)
-        if b is None or self.done or self._block_at(last_step) is not b:
-            return  # a window across a block boundary mixes two designs
+        if b is None or self.done or self._block_at(last_step) is not b or b.index in self._sent:
+            return  # a window across a block boundary mixes two designs; a block sent is closed
         out = self._out.setdefault(b.index, _Outgoing())
         out.energy_j += float(energy_j)
         out.energy_steps += last_step - first_step + 1
@@ -277,12 +307,19 @@ class PipelineExplorer:
         k = (step - s.start_step) // s.block_steps
         if k < len(self.blocks):
             return
+        # A block goes out once its window's energy is in, or a block later: a live meter closes a
+        # window only once a power reading after its end has come in (up to 100 ms later), so the
+        # last block's energy usually arrives just after the boundary. Whatever of a block arrives
+        # after it went out is dropped (a second item would replace the first on every rank).
+        ready = [i for i, o in sorted(self._out.items())
+                 if i < k - 1 or (i == k - 1 and (o.energy_steps >= s.block_steps or not self.measuring))]
         outbox = [StageBlock(s.rank, i, self.measuring,
-                             tuple((n, a[0], a[1]) for n, a in sorted(o.node_ms.items())),
-                             tuple(o.step_ms), o.energy_j, o.energy_steps)
-                  for i, o in sorted(self._out.items()) if i < k]
-        for i in [i for i in self._out if i < k]:
+                             tuple((n, a[0], a[1]) for n, a in sorted(self._out[i].node_ms.items())),
+                             tuple(self._out[i].step_ms), self._out[i].energy_j, self._out[i].energy_steps)
+                  for i in ready]
+        for i in ready:
             del self._out[i]
+            self._sent.add(i)
         gathered = self._exchange(outbox) if self._exchange is not None else [outbox]
         self.exchanges += 1
         for items in gathered:
@@ -318,7 +355,7 @@ class PipelineExplorer:
 
     # ------------------------------------------------------------------ decisions
     def _add(self, k: int, step: int, kind: str, a: Assignment) -> None:
-        self.blocks.append(_Block(k, step, kind, a))
+        self.blocks.append(_Block(k, step, kind, a, steps=self.s.block_steps))
 
     def _next_block(self, k: int, step: int) -> None:
         validating = [b for b in self.blocks if b.kind.startswith("validate")]
@@ -494,6 +531,23 @@ class PipelineExplorer:
         if self.on_done is not None:
             self.on_done(self.result)
 
+    # ------------------------------------------------------------------ the engine's explorer surface
+    #: the pipeline adapters report instructions, never module boundaries: exploration needs none
+    wants_module_regions = False
+    #: set by the engine (the one-GPU explorer's switch to phase level); nothing to switch here
+    phase_level_after_baseline = False
+
+    @property
+    def phase(self) -> str:
+        """For the engine's progress line."""
+        if self.done:
+            return "done"
+        return "validating" if self._plan is not None else "exploring"
+
+    def set_layout(self, occurrences) -> None:
+        """The meter's first profiled step: the schedule (``shape``) already says what runs."""
+        return None
+
     # ------------------------------------------------------------------ hooks (engine)
     @hookimpl(trylast=True)
     def kdvfs_choose_clocks(self, region, step):
@@ -506,3 +560,30 @@ class PipelineExplorer:
     @hookimpl
     def kdvfs_window_measured(self, window):
         self.observe_window(window.first_step, window.last_step, window.energy_j)
+
+
+def stage_explorer(shape: PipelineShape, rank: int, exchange: Optional[Callable[[list], Sequence[list]]],
+                   clocks: Optional[Sequence[Optional[ClockPair]]] = None, block_steps: Optional[int] = None):
+    """An engine's ``explorer_factory`` for one pipeline rank: the engine calls it with itself, the
+    first exploring step and its ``on_done``, and registers the :class:`PipelineExplorer` it gets.
+
+    The settings come from the engine's config (budgets, step budget, seed, switch latency and
+    floor), blocks are the meter's windows (``window_steps``) unless ``block_steps`` is given; the
+    clock grid is :func:`default_grid` of the device's table unless ``clocks`` is given.
+    ``exchange``: the all-gather over the pipeline's ranks."""
+    from .switching import switch_model
+
+    def make(engine, start_step: int, on_done) -> PipelineExplorer:
+        cfg, info = engine.config, engine.device.info()
+        latency_ms = engine._switch_latency_ms()
+        floor_ms = cfg.min_switch_interval_ms if latency_ms > 0 and cfg.issue_ahead else 0.0
+        switch = switch_model(latency_ms, issue_ahead=cfg.issue_ahead, min_interval_ms=floor_ms)
+        settings = PipelineExploreSettings(
+            shape=shape, rank=rank, clocks=tuple(clocks) if clocks is not None else default_grid(info.clocks),
+            switch=switch, max_slowdown=cfg.max_slowdown, explore_max_slowdown=cfg.explore_max_slowdown,
+            explore_max_steps=cfg.explore_max_steps, block_steps=block_steps or cfg.window_steps,
+            start_step=start_step, seed=cfg.sim_seed)  # one seed on every rank: the same draws
+        return PipelineExplorer(settings, exchange=exchange, apply=cfg.mode == "auto",
+                                on_done=lambda result: on_done(result.for_rank(shape, rank)))
+
+    return make
