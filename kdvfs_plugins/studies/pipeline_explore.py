@@ -1,13 +1,22 @@
 """Online exploration across pipeline stages on the virtual cluster: ``kdvfs simulate --pipeline P --explore``.
 
-Per seed, every rank of the virtual cluster gets its own
-:class:`~kdvfs_plugins.pipeline_explore.PipelineExplorer`, and the explorers exchange through an
-all-gather over threads (one per rank, as the ranks of a training run call theirs). Each
-iteration, every rank asks its explorer for its clocks, the cluster runs the iteration with all
-ranks' requests (a rank that cannot write clocks runs the default), and each explorer is fed what
-its stage would measure: its instructions' GPU times and the iteration time every iteration, and
-its energy once per window (the meter's window, with an error: see ``METER_ERROR_S``). The study
-drives the explorers directly with those records, not through an engine per rank.
+Each seed runs a training run's own path on every rank: an :class:`~kdvfs_plugins.engine.Engine`
+in mode ``auto`` with its plugin manager, actuator and meter (energy from power readings anchored
+to the counter, as on a real card), which registers a
+:class:`~kdvfs_plugins.pipeline_explore.PipelineExplorer` (:func:`~kdvfs_plugins.pipeline_explore.stage_explorer`)
+on a :class:`~kdvfs_plugins.devices.cluster_rank.ClusterRankDevice`, one rank of the virtual
+cluster. The explorers exchange through an all-gather over threads (one per rank, as the ranks of
+a training run call theirs). :class:`PipelineDriver` plays the pipeline adapters: per iteration,
+each rank's engine gets ``step_begin``, then each instruction of the rank's program order as its
+region (``forward/pipe.mb3``, ``backward/pipe.mb3``, ``optimizer``), each receive before it as a
+``communication/recv_activation.mbN`` or ``communication/recv_grad.mbN`` region (DeepSpeed's
+names); once every rank has gone through the iteration the cluster executes it with every rank's
+clock requests, each device dates its markers and energy from its rank's timeline, and each
+engine's ``step_end`` hands the meter's records to its explorer through the normal hooks.
+
+:func:`explore_seed` drives the explorers directly with the records a stage would measure (the
+explorer's own tests use it: fast, and with an assumed meter error); the report runs
+:func:`explore_seed_engines`.
 
 When every explorer is done (or the step budget is spent) the applied plan and the oracle's plan
 (the critical-path planner on the true tables of each card, strict) run on the cluster beside the
@@ -18,17 +27,21 @@ from __future__ import annotations
 
 import json
 import random
+import tempfile
 import threading
 import time as _time
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import FIRST_EXCEPTION, ThreadPoolExecutor, wait
 from typing import Optional, Sequence
 
 import numpy as np
 
 from ..clocks import ClockTable
+from ..config import KdvfsConfig
 from ..data import h100_clock_lists
+from ..devices.cluster_rank import ClusterPipeline
+from ..engine import Engine
 from ..errors import ConfigError
-from ..pipeline_explore import PipelineExploreSettings, PipelineExplorer, default_grid
+from ..pipeline_explore import PipelineExploreSettings, PipelineExplorer, default_grid, stage_explorer
 from ..pipeline_explore_fit import PipelineShape
 from ..pipeline_planner import plan_critical_path
 from ..regions import BACKWARD, COMMUNICATION, FORWARD, OPTIMIZER, PIPE, instruction_region
@@ -36,18 +49,22 @@ from ..sim.cluster import ClusterPlan, Straggler, VirtualCluster
 from ..switching import DEFAULT_SWITCH_LATENCY_MS, ISSUE_AHEAD_MIN_INTERVAL_MS, check_latency_ms, switch_model
 from .pipeline import LABEL, _graph, stage_workloads
 
-__all__ = ["LocalAllGather", "cluster_shape", "explore_seed", "pipeline_explore_report", "format_report",
-           "run_command", "METER_ERROR_S", "EXECUTE_ITERATIONS"]
+__all__ = ["LocalAllGather", "PipelineDriver", "cluster_shape", "explore_seed", "explore_seed_engines",
+           "pipeline_explore_report", "format_report", "run_command", "METER_ERROR_S", "EXECUTE_ITERATIONS"]
 
 SOURCE = "kdvfs simulate --pipeline --explore"
 #: Iterations each plan (and the default) is executed for, after exploration.
 EXECUTE_ITERATIONS = 20
 #: Iterations per block and per meter window.
 BLOCK_STEPS = 10
-#: The meter's window energy error (1 sd) as this long at the window's mean power: the counter
-#: refreshes every 100 ms and the meter anchors integrated power readings to it (a model
-#: assumption; on a 2 s window, about 1%).
+#: :func:`explore_seed` only (the engines' meter reads the devices' power itself): the meter's
+#: window energy error (1 sd) as this long at the window's mean power: the counter refreshes
+#: every 100 ms and the meter anchors integrated power readings to it (a model assumption; on a
+#: 2 s window, about 1%).
 METER_ERROR_S = 0.02
+#: Steps each engine runs before exploring (allocator and autotuning warm-up in a live run); the
+#: explorer starts at the next window boundary.
+WARMUP_STEPS = 3
 #: How long a rank waits for the others in an exchange before it gives up (seconds).
 EXCHANGE_TIMEOUT_S = 120.0
 
@@ -73,6 +90,10 @@ class LocalAllGather:
 
         return exchange
 
+    def abort(self) -> None:
+        """Release every rank waiting in an exchange (one rank failed: the others must not hang)."""
+        self._barrier.abort()
+
 
 def _region(kind: str, microbatch: int, chunk: int) -> str:
     """The live pipeline adapters' region of an instruction (``forward/pipe.mb3``)."""
@@ -92,6 +113,104 @@ def cluster_shape(cluster: VirtualCluster) -> PipelineShape:
     nodes = g.schedule.nodes
     return PipelineShape(g.schedule.order, g.preds, tuple(n.kind for n in nodes),
                          tuple(_region(n.kind, n.microbatch, n.chunk) for n in nodes))
+
+
+class PipelineDriver:
+    """Reports every rank's iteration to its engine the way the pipeline adapters report a
+    training loop's (see the module docstring), then has the cluster run it.
+
+    Each rank plays on its own thread of ``pool`` (an exchange inside ``step_begin`` waits for
+    every rank); the cluster then runs the iteration and every engine's ``step_end`` follows."""
+
+    def __init__(self, pipeline: ClusterPipeline, engines: Sequence[Engine], pool: ThreadPoolExecutor,
+                 gather: Optional[LocalAllGather] = None):
+        self.pipeline, self.engines, self.pool, self.gather = pipeline, list(engines), pool, gather
+        sch = pipeline.cluster.schedule
+        shape = cluster_shape(pipeline.cluster)
+        self._regions = shape.regions
+        self._recv: list[Optional[str]] = []
+        for node, deps in zip(sch.nodes, sch.deps):
+            p2p = any(kind == "p2p" for _, kind in deps)
+            group = "recv_activation" if node.kind == "forward" else "recv_grad"
+            self._recv.append(instruction_region(COMMUNICATION, group, node.microbatch) if p2p else None)
+        self.iterations = 0
+
+    def _play(self, rank: int) -> None:
+        eng, dev = self.engines[rank], self.pipeline.devices[rank]
+        dev.at(0)
+        eng.step_begin()
+        for k, i in enumerate(self.pipeline.cluster.schedule.order[rank]):
+            recv = self._recv[i]
+            if recv is not None:  # the wait for the previous stage's activation or the next one's gradient
+                dev.at(2 * k)
+                eng.region_enter(recv)
+                dev.at(2 * k + 1)
+                eng.region_exit(recv)
+            dev.at(2 * k + 1)
+            eng.region_enter(self._regions[i])
+            dev.at(2 * k + 2)
+            eng.region_exit(self._regions[i])
+
+    def iteration(self) -> None:
+        futures = [self.pool.submit(self._play, r) for r in range(len(self.engines))]
+        done, _ = wait(futures, return_when=FIRST_EXCEPTION)
+        failed = [f for f in done if f.exception() is not None]
+        if failed:
+            if self.gather is not None:
+                self.gather.abort()
+            raise failed[0].exception()
+        self.pipeline.run()
+        for eng in self.engines:
+            eng.step_end()
+        self.iterations += 1
+
+
+def _engine_config(run_dir: str, seed: int, *, max_steps: int, max_slowdown: float, explore_max_slowdown: float,
+                   block_steps: int, switch_latency_ms: float, issue_ahead: bool) -> KdvfsConfig:
+    return KdvfsConfig.from_dict({
+        "device": "simulated", "progress": False, "mode": "auto", "run_dir": run_dir, "warmup_steps": WARMUP_STEPS,
+        "max_slowdown": max_slowdown, "explore_max_slowdown": explore_max_slowdown,
+        "explore_max_steps": max_steps, "window_steps": block_steps, "switch_latency_ms": switch_latency_ms,
+        "issue_ahead": issue_ahead, "sim_seed": seed}, source=SOURCE)
+
+
+def explore_seed_engines(cluster: VirtualCluster, seed: int, *, max_steps: int = 1500, max_slowdown: float = 0.0,
+                         explore_max_slowdown: float = 0.02, noise: bool = True,
+                         switch_latency_ms: float = DEFAULT_SWITCH_LATENCY_MS, issue_ahead: bool = True,
+                         cannot_write: Sequence[int] = (), block_steps: int = BLOCK_STEPS) -> dict:
+    """One seed through an engine per rank (mode ``auto``) until every rank's exploration has
+    ended or the step budget is spent. Returns what :func:`explore_seed` does, plus the engines
+    (closed) and the iterations run before exploration started."""
+    from .explore import _quiet_engines
+
+    floor_ms = ISSUE_AHEAD_MIN_INTERVAL_MS if issue_ahead and switch_latency_ms > 0 else 0.0
+    switch = switch_model(switch_latency_ms, issue_ahead=issue_ahead, min_interval_ms=floor_ms)
+    shape = cluster_shape(cluster)
+    ranks = shape.ranks
+    pipeline = ClusterPipeline(cluster, seed=seed, noise=noise, switch_latency_s=switch.latency_s,
+                               issue_ahead=issue_ahead, min_wait_s=switch.effective_min_interval_s,
+                               cannot_write=cannot_write)
+    gather = LocalAllGather(ranks)
+    with tempfile.TemporaryDirectory() as run_dir, _quiet_engines(), ThreadPoolExecutor(ranks) as pool:
+        cfg = _engine_config(run_dir, seed, max_steps=max_steps, max_slowdown=max_slowdown,
+                             explore_max_slowdown=explore_max_slowdown, block_steps=block_steps,
+                             switch_latency_ms=switch_latency_ms, issue_ahead=issue_ahead)
+        engines = [Engine(cfg, framework="kdvfs simulate", rank=r, world_size=ranks, device=pipeline.devices[r],
+                          explorer_factory=stage_explorer(shape, r, gather.for_rank(r))).start()
+                   for r in range(ranks)]
+        drive = PipelineDriver(pipeline, engines, pool, gather)
+        # the exploration starts at the first window boundary after warm-up; a block's energy can
+        # reach the exchange one block late
+        limit = block_steps * (-(-WARMUP_STEPS // block_steps)) + max_steps + 3 * block_steps
+        try:
+            while drive.iterations < limit and not all(e.explore_result is not None for e in engines):
+                drive.iteration()
+        finally:
+            for eng in engines:
+                eng.close()
+    explorers = [eng.explorer for eng in engines]
+    return {"explorers": explorers, "engines": engines, "steps_run": drive.iterations,
+            "exchanges": gather.calls, "to_cluster": _state_map(cluster, explorers[0].s.clocks)}
 
 
 def _state_map(cluster: VirtualCluster, clocks) -> list[int]:
@@ -208,8 +327,9 @@ def pipeline_explore_report(stages: int = 4, microbatches: int = 8, seeds: Seque
     switch = switch_model(latency_ms, issue_ahead=True, min_interval_ms=floor_ms)
     rows, orc_e, orc_t = [], [], []
     for seed in seeds:
-        out = explore_seed(cluster, seed, max_steps=max_steps, max_slowdown=max_slowdown,
-                           explore_max_slowdown=explore_max_slowdown, noise=noise, switch_latency_ms=latency_ms)
+        out = explore_seed_engines(cluster, seed, max_steps=max_steps, max_slowdown=max_slowdown,
+                                   explore_max_slowdown=explore_max_slowdown, noise=noise,
+                                   switch_latency_ms=latency_ms)
         exs = out["explorers"]
         res = exs[0].result
         first = 10 ** 6  # executed iterations draw jitter apart from the exploration's
@@ -245,14 +365,15 @@ def pipeline_explore_report(stages: int = 4, microbatches: int = 8, seeds: Seque
     shares = [r["share_of_oracle_saving"] for r in rows if r["share_of_oracle_saving"] is not None]
     return {
         "label": LABEL, "model_prediction": True,
-        "path": "one pipeline explorer per rank, driven directly by the study with the records a stage measures "
-                "(instruction times every iteration, window energies), exchanging through an all-gather",
+        "path": "live engine per rank (mode auto: actuator, meter, pipeline explorer) on a simulated rank of the "
+                "virtual cluster, the pipeline adapters' regions per instruction, explorers exchanging through an "
+                "all-gather",
         "stages": cluster.schedule.stages, "chunks": chunks, "microbatches": microbatches, "schedule": schedule,
         "replicas": replicas, "ranks": cluster.ranks, "stage_traces": [w.name for w in workloads],
         "straggler": None if straggler is None else {"rank": straggler.rank, "factor": straggler.factor},
         "max_slowdown": max_slowdown, "explore_max_slowdown": explore_max_slowdown, "explore_max_steps": max_steps,
         "switch_latency_ms": latency_ms, "issue_ahead": True, "noise": noise,
-        "meter": f"window energy error {METER_ERROR_S * 1e3:g} ms at the window's mean power (1 sd, an assumption)",
+        "meter": "the engine's meter: instant power readings (100 ms field) integrated and anchored to the counter",
         "oracle": "critical_path " + ("strict" if max_slowdown == 0 else f"relaxed {max_slowdown:.0%}")
                   + " on each card's true tables, executed",
         "oracle_energy_change": oe, "oracle_time_change": ot,
