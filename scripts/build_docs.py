@@ -22,10 +22,11 @@ output of the command the first one names::
     ...the command's output, exactly...
     <!-- end of output -->
 
-The build runs each command once (however many blocks name it), in a temporary directory, and
-fails when a block differs from its output. ``kdvfs ...`` runs this checkout's ``kdvfs``,
-``python ...`` this interpreter; an argument naming a file of the repository is taken from the
-repository. ``python scripts/build_docs.py --update`` writes the commands' output into the blocks.
+The build runs each command once (however many blocks name it), in a temporary directory, two
+commands at a time (``--jobs N``: N), and fails when a block differs from its output. ``kdvfs ...``
+runs this checkout's ``kdvfs``, ``python ...`` this interpreter; an argument naming a file of the
+repository is taken from the repository. ``python scripts/build_docs.py --update`` writes the
+commands' output into the blocks.
 """
 from __future__ import annotations
 
@@ -36,6 +37,7 @@ import shlex
 import subprocess
 import sys
 import tempfile
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -50,6 +52,8 @@ EXAMPLE_TIMEOUT_S = 300
 OUTPUT_BLOCK = re.compile(r"^<!-- output of: (?P<cmd>.+?) -->\n(?P<body>.*?)^<!-- end of output -->[ \t]*$",
                           re.S | re.M)
 COMMAND_TIMEOUT_S = 600
+#: Commands run side by side by default: they are independent (each in its own temporary directory).
+DEFAULT_JOBS = 2
 
 
 def pages() -> list[Path]:
@@ -168,16 +172,27 @@ class CommandOutputs:
 
     def __call__(self, command: str) -> tuple[int, str, str]:
         if command not in self._seen:
-            with tempfile.TemporaryDirectory() as tmp:  # plots and run directories go there, not into the checkout
-                try:
-                    out = subprocess.run(command_argv(command), cwd=tmp, capture_output=True, text=True,
-                                         timeout=COMMAND_TIMEOUT_S)
-                    self._seen[command] = (out.returncode, out.stdout, out.stderr)
-                except subprocess.TimeoutExpired:
-                    self._seen[command] = (-1, "", f"ran past {COMMAND_TIMEOUT_S} s")
-                except (OSError, ValueError) as exc:
-                    self._seen[command] = (-1, "", str(exc))
+            self._seen[command] = self._run(command)
         return self._seen[command]
+
+    def run_all(self, commands, jobs: int = DEFAULT_JOBS) -> None:
+        """Run the commands not run yet, ``jobs`` at a time (each is a process of its own)."""
+        todo = list(dict.fromkeys(c for c in commands if c not in self._seen))
+        with ThreadPoolExecutor(max_workers=max(1, jobs)) as pool:
+            for command, result in zip(todo, pool.map(self._run, todo)):
+                self._seen[command] = result
+
+    @staticmethod
+    def _run(command: str) -> tuple[int, str, str]:
+        with tempfile.TemporaryDirectory() as tmp:  # plots and run directories go there, not into the checkout
+            try:
+                out = subprocess.run(command_argv(command), cwd=tmp, capture_output=True, text=True,
+                                     timeout=COMMAND_TIMEOUT_S)
+                return out.returncode, out.stdout, out.stderr
+            except subprocess.TimeoutExpired:
+                return -1, "", f"ran past {COMMAND_TIMEOUT_S} s"
+            except (OSError, ValueError) as exc:
+                return -1, "", str(exc)
 
 
 def output_blocks(path: Path) -> list[tuple[int, str, str, re.Match]]:
@@ -187,12 +202,21 @@ def output_blocks(path: Path) -> list[tuple[int, str, str, re.Match]]:
             for m in OUTPUT_BLOCK.finditer(text)]
 
 
-def check_outputs(path: Path, outputs: CommandOutputs, update: bool = False) -> list[str]:
-    """Warnings for blocks that differ from their command's output (with ``update``: rewrite them)."""
+def block_commands(paths=None) -> list[str]:
+    """Every command that a command-output block names, once each, in page order."""
+    return list(dict.fromkeys(cmd for path in (pages() if paths is None else paths)
+                              for _, cmd, _, _ in output_blocks(path)))
+
+
+def check_outputs(path: Path, outputs: CommandOutputs, update: bool = False, only: str | None = None) -> list[str]:
+    """Warnings for blocks that differ from their command's output (with ``update``: rewrite them);
+    with ``only``, the blocks of that one command."""
     warnings = []
     text = path.read_text(encoding="utf-8")
     new_text, last = [], 0
     for lineno, command, body, m in output_blocks(path):
+        if only is not None and command != only:
+            continue
         where = f"{_rel(path)}:{lineno}"
         rc, stdout, stderr = outputs(command)
         if rc != 0:
@@ -222,9 +246,11 @@ def check_api_page() -> list[str]:
     return [] if out.returncode == 0 else [f"docs/api.md: {out.stderr.strip().splitlines()[0]}"]
 
 
-def build(run: bool = True, commands: bool = True, update: bool = False) -> list[str]:
+def build(run: bool = True, commands: bool = True, update: bool = False, jobs: int = DEFAULT_JOBS) -> list[str]:
     warnings = []
     outputs = CommandOutputs()
+    if commands or update:
+        outputs.run_all(block_commands(), jobs=jobs)
     for path in pages():
         warnings += check_fences(path) + check_links(path) + check_python(path, run)
         if commands or update:
@@ -239,8 +265,10 @@ def main(argv=None) -> int:
                     help="do not run the commands of the command-output blocks (figures, generated tables)")
     ap.add_argument("--update", action="store_true",
                     help="write each command's output into its blocks instead of checking them")
+    ap.add_argument("--jobs", type=int, default=DEFAULT_JOBS, metavar="N",
+                    help=f"run N of those commands at a time (default {DEFAULT_JOBS})")
     args = ap.parse_args(argv)
-    warnings = build(run=not args.no_run, commands=not args.no_commands, update=args.update)
+    warnings = build(run=not args.no_run, commands=not args.no_commands, update=args.update, jobs=args.jobs)
     for w in warnings:
         print(f"warning: {w}", file=sys.stderr)
     if warnings:

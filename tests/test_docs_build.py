@@ -32,10 +32,30 @@ def test_api_page_covers_the_public_modules():
 
 
 def test_docs_build_without_warnings():
-    out = subprocess.run([sys.executable, str(ROOT / "scripts" / "build_docs.py")], capture_output=True, text=True,
-                         timeout=900)
+    """The docs build's links, anchors, fences, the examples' syntax and the API page. Its other checks
+    are tests of their own, so that the test workers share them out: each command-output block
+    below, one command per test, and running each example (tests/test_docs.py runs every
+    ```python block of docs/*.md, as the build does)."""
+    out = subprocess.run([sys.executable, str(ROOT / "scripts" / "build_docs.py"), "--no-commands", "--no-run"],
+                         capture_output=True, text=True, timeout=900)
     assert out.returncode == 0, out.stderr[-3000:]
     assert "docs build ok" in out.stdout
+
+
+#: Every command a block of README.md or docs/*.md names (test_figure_tables_name_the_commands_that_print_them
+#: below makes sure the list is not empty).
+BLOCK_COMMANDS = _script("build_docs").block_commands()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("command", BLOCK_COMMANDS)
+def test_docs_blocks_are_their_commands_output(command):
+    """What ``python scripts/build_docs.py`` checks for each command: it is run now, and every
+    block naming it, on any page, is its output."""
+    bd = _script("build_docs")
+    outputs = bd.CommandOutputs()
+    warnings = [w for path in bd.pages() for w in bd.check_outputs(path, outputs, only=command)]
+    assert warnings == [], "\n".join(warnings)
 
 
 def test_checker_reports_broken_links_anchors_fences_and_examples(tmp_path, monkeypatch):
@@ -82,6 +102,28 @@ def test_a_block_that_names_its_command_is_checked_against_its_output(tmp_path, 
     assert not bd.check_outputs(page, outputs)
     page.write_text("<!-- output of: python -c \"raise SystemExit(3)\" -->\nx\n<!-- end of output -->\n")
     assert "failed (exit status 3)" in bd.check_outputs(page, bd.CommandOutputs())[0]
+
+
+def test_the_build_runs_each_command_once_and_checks_one_commands_blocks_alone(tmp_path, monkeypatch):
+    bd = _script("build_docs")
+    monkeypatch.setattr(bd, "ROOT", tmp_path)
+    counter = tmp_path / "runs.txt"
+
+    def command(tag):
+        return f"python -c \"open({str(counter)!r}, 'a').write('{tag}'); print('{tag}')\""
+
+    page = tmp_path / "page.md"
+    page.write_text("".join(f"<!-- output of: {command(t)} -->\n{t}\n<!-- end of output -->\n\n" for t in "aba"))
+    assert bd.block_commands([page]) == [command("a"), command("b")]
+    outputs = bd.CommandOutputs()
+    outputs.run_all(bd.block_commands([page]), jobs=2)
+    assert sorted(counter.read_text()) == ["a", "b"]
+    assert bd.check_outputs(page, outputs) == []
+    assert sorted(counter.read_text()) == ["a", "b"]  # not run again for the blocks
+    page.write_text(page.read_text().replace("\nb\n", "\nc\n"))
+    assert bd.check_outputs(page, outputs, only=command("a")) == []
+    [warning] = bd.check_outputs(page, outputs, only=command("b"))
+    assert "page.md:5: differs from the output of" in warning and "-c" in warning and "+b" in warning
 
 
 def test_flag_table_of_megatron_md_comes_from_the_parser():
