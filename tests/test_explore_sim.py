@@ -113,3 +113,45 @@ def test_simulate_explore_json_has_the_keys():
     assert s["steps"] <= 300 + 30
     for key in ("energy_change", "time_change", "steps", "exploration_time_change"):
         assert set(d["summary"][key]) == {"min", "median", "max"}
+
+
+def _small_step_trace():
+    """Two steps of a small training step: compute-bound matrix products (forward, backward) and a
+    long memory-bound optimizer, as the GPT's kernels but few of them (fast to replay)."""
+    from kdvfs_plugins.sim.trace import Trace
+
+    rows, t = [], 0.0
+    for step in range(2):
+        for phase, category, n, dur_us in (("forward", "gemm", 20, 900.0), ("backward", "gemm", 40, 900.0),
+                                           ("optimizer", "optimizer", 30, 400.0)):
+            for i in range(n):
+                rows.append({"step": str(step), "phase": phase, "category": category, "kernel": f"{category}_{i}",
+                             "start_us": f"{t:.3f}", "dur_us": str(dur_us)})
+                t += dur_us + 5.0
+    return Trace.from_rows(rows, source="small")
+
+
+def test_the_phase_search_finds_what_replays_confirm_and_the_oracle_keeps_it():
+    from kdvfs_plugins.studies.explore import oracle
+    from kdvfs_plugins.studies.planning import PHASE_SEARCH_FRACTIONS, PlanningContext, phase_search
+
+    trace = _small_step_trace()
+    ctx = PlanningContext(trace)
+    found = phase_search(ctx, switch_latency_ms=6.0)
+    default = ctx.default_observation()
+    # strict: not slower than the default within the replay's resolution, and it saves
+    assert found.time_change <= 1e-4 and found.energy_change < -0.002, found
+    assert found.clocks_by_name["optimizer"].sm_mhz < 1980
+    # its figures are a replay's, not a prediction's
+    again = ctx.observe(found.clocks_by_name, 6.0, True)
+    assert again.step_energy_j == pytest.approx(found.energy_j) and again.step_time_s == pytest.approx(found.time_s)
+    # no single lock of the search's grid within the budget does better
+    sm_mhz = sorted(c.sm_mhz for c in ctx.clocks if c is not None and c.mem_mhz == 2619)
+    for fr in PHASE_SEARCH_FRACTIONS:
+        lock = ClockPair(min(sm_mhz, key=lambda f: abs(f - fr * sm_mhz[-1])), 2619)
+        for phase in ("forward", "backward", "optimizer"):
+            ob = ctx.observe({phase: lock}, 6.0, True)
+            if ob.step_time_s <= default.step_time_s * (1 + 1e-4):
+                assert ob.step_energy_j >= found.energy_j - 1e-9
+    best = oracle(trace, max_slowdown=0.0, switch_latency_ms=6.0)
+    assert best.executed_energy_change <= found.energy_change + 1e-9

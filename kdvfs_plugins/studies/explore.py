@@ -192,14 +192,20 @@ def run_seed(trace: Trace, seed: int, *, max_steps: int = 1500, max_slowdown: fl
 def oracle(trace: Trace, *, max_slowdown: float, switch_latency_ms: float, issue_ahead: bool = True):
     """The planner given the true model (noise-free tables, fitted to the power controller), with
     the actuation the explorer's plan gets: kernel granularity (finer than the explorer's knobs,
-    so never easier to reach), the live actuator's floor between changes, issued ahead or late.
-    The cost of a switch is :func:`kdvfs_plugins.switching.switch_model`'s, as the explorer's."""
+    so never easier to reach), the live actuator's floor between changes, issued ahead or late,
+    and never worse than the best one-lock-per-phase plan that noise-free replays find
+    (:func:`~.planning.phase_search`: the fixed point can miss plans that spend the power a
+    memory-bound phase's low clock frees). The cost of a switch is
+    :func:`kdvfs_plugins.switching.switch_model`'s, as the explorer's."""
     from ..switching import ISSUE_AHEAD_MIN_INTERVAL_MS
-    from .planning import plan_on_trace
+    from .planning import PlanningContext, phase_search, plan_on_trace
 
     objective = "strict" if max_slowdown == 0 else "relaxed"
-    return plan_on_trace(trace, objective=objective, max_slowdown=max_slowdown, switch_latency_ms=switch_latency_ms,
-                         issue_ahead=issue_ahead, min_interval_ms=ISSUE_AHEAD_MIN_INTERVAL_MS)
+    ctx = PlanningContext(trace)
+    phases = phase_search(ctx, objective=objective, max_slowdown=max_slowdown, switch_latency_ms=switch_latency_ms,
+                          issue_ahead=issue_ahead)
+    return plan_on_trace(ctx, objective=objective, max_slowdown=max_slowdown, switch_latency_ms=switch_latency_ms,
+                         issue_ahead=issue_ahead, min_interval_ms=ISSUE_AHEAD_MIN_INTERVAL_MS, candidates=[phases])
 
 
 def _stats(values: Sequence[float]) -> Optional[dict]:
