@@ -17,10 +17,12 @@ Positions in one rank's iteration (``n`` instructions in program order):
   instruction's end (the iteration's start for ``k = 0``);
 - ``2k + 1``: instruction ``k`` runs; dated at its start;
 - ``2n``: the tail wait after the last instruction; dated at its end;
-- ``2n + 1``: the iteration's end (every rank's tail wait lasts until the slowest rank is done).
+- ``2n + 1``: the iteration's end (every rank's tail wait lasts until the slowest rank is done);
+  the step's end marker, and a request made there holds from the next iteration's start.
 
 The clocks a rank asked for are read as the cluster's plan: an instruction runs at the clocks in
-force at its position, and the rank's waits at the clocks in force at the wait positions. The
+force at its position, and the rank's waits at the clocks in force at its start, its tail and
+its receives (see :meth:`ClusterRankDevice._plan`). The
 cluster runs all waits of a rank at one clock (or at the clock in force); a rank whose waits ask
 for different clocks is refused with :class:`~kdvfs_plugins.errors.ConfigError`.
 """
@@ -78,14 +80,20 @@ class ClusterPipeline:
         order = self.cluster.schedule.order
         node_state = [0] * len(self.cluster.schedule.nodes)
         wait_state: list[Optional[int]] = []
-        for r, dev in enumerate(self.devices):
-            nodes, wait = dev._plan(len(order[r]))
-            for i, st in zip(order[r], nodes):
-                node_state[i] = st
-            wait_state.append(wait)
-        plan = ClusterPlan(tuple(node_state), tuple(wait_state), self.min_wait_s)
-        run = self.cluster.execute(plan, noise=self.noise, seed=self.seed, switch_latency_s=self.switch_latency_s,
-                                   issue_ahead=self.issue_ahead, iteration=self.iteration)
+        try:
+            for r, dev in enumerate(self.devices):
+                nodes, wait = dev._plan(len(order[r]))
+                for i, st in zip(order[r], nodes):
+                    node_state[i] = st
+                wait_state.append(wait)
+            plan = ClusterPlan(tuple(node_state), tuple(wait_state), self.min_wait_s)
+            run = self.cluster.execute(plan, noise=self.noise, seed=self.seed,
+                                       switch_latency_s=self.switch_latency_s, issue_ahead=self.issue_ahead,
+                                       iteration=self.iteration)
+        except BaseException:
+            for dev in self.devices:  # the iteration never ran: it took no time (the engines can close)
+                dev._abandon()
+            raise
         self.iteration += 1
         self.last_run = run
         for dev in self.devices:
@@ -111,6 +119,11 @@ class ClusterRankDevice(_VirtualReadings, Device):
         self._markers: list[StretchMarker] = []
         self._requests: dict[int, Optional[ClockPair]] = {}
         self._in_force: Optional[ClockPair] = None  # carried from one iteration to the next
+        sch = pipeline.cluster.schedule
+        order = sch.order[rank]
+        #: wait positions the rank always waits at: start, tail, and before each receive
+        self._receives = {0, 2 * len(order)} | {2 * k for k, i in enumerate(order)
+                                                if any(kind == "p2p" for _, kind in sch.deps[i])}
         #: True between the cluster's run and the next iteration's first marker: markers are dated at once
         self._ran_last = False
 
@@ -137,7 +150,7 @@ class ClusterRankDevice(_VirtualReadings, Device):
         self._cursor = position
 
     def marker(self) -> Marker:
-        if self._ran_last:  # after the run (the step's end marker): dated now
+        if self._ran_last:  # after the run, before the next iteration (closing): now
             return VirtualMarker(self.now_s)
         m = StretchMarker(self._cursor)
         self._markers.append(m)
@@ -166,29 +179,45 @@ class ClusterRankDevice(_VirtualReadings, Device):
         self._request(None, marker)
 
     def _plan(self, n: int) -> tuple[list[int], Optional[int]]:
-        """(state of each instruction in program order, the rank's wait state) from the requests."""
+        """(state of each instruction in program order, the rank's wait state) from the requests.
+
+        The rank's waits are the iteration's start and tail and each receive (an instruction that
+        needs another stage's output); the cluster runs them at the clocks in force there, and
+        any other wait position a request was made at. Other wait positions last no time in the
+        schedules modelled (a stage-0 forward after a backward, the optimizer after the last
+        backward) or are the all-reduce's (the cluster runs its wait at the rank's wait clock)."""
         state = self.pipeline.state_of
         in_force = self._in_force
-        at = []
+        nodes: list[int] = []
+        waits: dict[int, int] = {}
         for p in range(2 * n + 2):
-            if p in self._requests:
+            asked = p in self._requests
+            if asked:
                 in_force = self._requests[p]
-            at.append(state(in_force))
+            if p % 2:
+                nodes.append(state(in_force))
+            elif asked or p in self._receives:
+                waits[p] = state(in_force)
         self._in_force = in_force
         self._requests = {}
-        nodes = [at[2 * k + 1] for k in range(n)]
-        waits = [at[2 * k] for k in range(n + 1)]
-        if len(set(waits)) == 1:
-            return nodes, waits[0]
-        if all(waits[k] == nodes[k - 1] for k in range(1, n + 1)):
-            return nodes, None  # every wait keeps the clock of the instruction before it
-        common = Counter(waits).most_common(2)
-        raise ConfigError("clocks", f"rank {self.rank} waits at {len(set(waits))} clocks",
+        nodes = nodes[:n]
+        distinct = set(waits.values())
+        if len(distinct) <= 1:
+            return nodes, next(iter(distinct), None)
+        common = Counter(waits.values()).most_common(2)
+        raise ConfigError("clocks", f"rank {self.rank} waits at {len(distinct)} clocks",
                           "one clock for all of a rank's waits (the virtual cluster runs them at one clock): "
                           f"give the step and its communication/recv_* regions the same clocks (states "
                           f"{common[0][0]} and {common[1][0]} were asked for)", source=SOURCE)
 
     # ------------------------------------------------------------------ after the run
+    def _abandon(self) -> None:
+        markers, self._markers = self._markers, []
+        for m in markers:
+            m.date(self.now_s)
+        self._requests = {}
+        self._ran_last = True
+
     def _ran(self, run: ClusterRun) -> None:
         sch = self.pipeline.cluster.schedule
         order = sch.order[self.rank]

@@ -11,8 +11,10 @@ each rank's engine gets ``step_begin``, then each instruction of the rank's prog
 region (``forward/pipe.mb3``, ``backward/pipe.mb3``, ``optimizer``), each receive before it as a
 ``communication/recv_activation.mbN`` or ``communication/recv_grad.mbN`` region (DeepSpeed's
 names); once every rank has gone through the iteration the cluster executes it with every rank's
-clock requests, each device dates its markers and energy from its rank's timeline, and each
-engine's ``step_end`` hands the meter's records to its explorer through the normal hooks.
+clock requests, and each device dates its markers and energy from its rank's timeline. Each
+rank's ``step_end`` comes before the run, as a live step ends before the GPU gets there, and the
+meter resolves the step at the next poll: the meter's records reach the explorer through the
+normal hooks.
 
 :func:`explore_seed` drives the explorers directly with the records a stage would measure (the
 explorer's own tests use it: fast, and with an assumed meter error); the report runs
@@ -119,8 +121,9 @@ class PipelineDriver:
     """Reports every rank's iteration to its engine the way the pipeline adapters report a
     training loop's (see the module docstring), then has the cluster run it.
 
-    Each rank plays on its own thread of ``pool`` (an exchange inside ``step_begin`` waits for
-    every rank); the cluster then runs the iteration and every engine's ``step_end`` follows."""
+    Each rank plays its iteration, ``step_end`` included, on its own thread of ``pool`` (an
+    exchange inside ``step_begin`` waits for every rank); the cluster then runs the iteration, and
+    each engine's meter resolves its steps at its next ``step_end`` (or when it closes)."""
 
     def __init__(self, pipeline: ClusterPipeline, engines: Sequence[Engine], pool: ThreadPoolExecutor,
                  gather: Optional[LocalAllGather] = None):
@@ -150,6 +153,11 @@ class PipelineDriver:
             eng.region_enter(self._regions[i])
             dev.at(2 * k + 2)
             eng.region_exit(self._regions[i])
+        dev.at(2 * len(self.pipeline.cluster.schedule.order[rank]) + 1)
+        # The step ends before the iteration has run, as a live step ends before the GPU gets
+        # there: the engine puts in what it still holds (the last exit's restore) at its own marker,
+        # and the meter resolves the step at a later poll, once the device has dated its markers.
+        eng.step_end()
 
     def iteration(self) -> None:
         futures = [self.pool.submit(self._play, r) for r in range(len(self.engines))]
@@ -160,8 +168,6 @@ class PipelineDriver:
                 self.gather.abort()
             raise failed[0].exception()
         self.pipeline.run()
-        for eng in self.engines:
-            eng.step_end()
         self.iterations += 1
 
 
