@@ -19,6 +19,8 @@ WORKLOAD_TRACES = {
     "llama-gqa2b": ("h200-llama-gqa2b-step-kernels.csv",
                     "Llama-3 layout, 2 B parameters, grouped-query attention, 128k vocabulary, seq 4096, batch 2 "
                     "(H200, kdvfs trace)"),
+    "vit-l16": ("h200-vit-l16-step-kernels.csv",
+                "Vision Transformer ViT-L/16, 0.3 B parameters, 224 px, batch 64 (H200, kdvfs trace)"),
     "gpt350m": ("h100-lightning-gpt350m-step-kernels.csv", "the Lightning GPT example, 350 M parameters (H100, kdvfs trace)"),
     **{f"gpt1b-stage{i}-of4": (f"h200-gpt1b-stage{i}-of4-kernels.csv",
                                f"stage {i} of 4 of the 1.0 B GPT, one microbatch of 2 x 2048 (H200, kdvfs trace)")
