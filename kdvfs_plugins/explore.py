@@ -35,7 +35,7 @@ from .explore_knobs import Knobs, Occurrence
 from .explore_model import ResponseModel, Sample
 from .explore_plan import MIN_PREDICTED_SAVING, PlanDraft, make_plan, time_penalised
 from .explore_validate import SIGNIFICANCE_SE, PairedBlock, judge, pair_changes, slow_scale
-from .hookspecs import hookimpl
+from .explore_hooks import ExplorerHooks
 from .planner import SwitchModel
 from .policy import DEFAULT_CLOCKS
 from .switching import DEFAULT_SWITCH_LATENCY_MS
@@ -125,7 +125,7 @@ class ExploreResult:
     message: str = ""
 
 
-class Explorer:
+class Explorer(ExplorerHooks):
     """Chooses clocks while exploring; fed by step and window records from any source.
 
     ``clocks_for(region, step)`` answers what each region gets; ``observe_step`` and
@@ -863,18 +863,3 @@ class Explorer:
                                     steps, float(self.exploration_time_change), self.knobs, message)
         if self.on_done is not None:
             self.on_done(self.result)
-
-    # ------------------------------------------------------------------ hooks (engine)
-    # trylast, registered after the plan policy: it answers before the policy, while a third-party
-    # policy (a plain hookimpl) still answers first.
-    @hookimpl(trylast=True)
-    def kdvfs_choose_clocks(self, region, step):
-        return self.clocks_for(region, step)
-
-    @hookimpl
-    def kdvfs_step_measured(self, record):
-        self.observe_step(record.step, record.gpu_time_ms, record.region_time_ms)
-
-    @hookimpl
-    def kdvfs_window_measured(self, window):
-        self.observe_window(window.first_step, window.last_step, window.energy_j)

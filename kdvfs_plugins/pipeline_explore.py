@@ -35,7 +35,7 @@ import numpy as np
 
 from .clocks import ClockPair, ClockTable
 from .explore_validate import PairedBlock, judge, pair_changes
-from .hookspecs import hookimpl
+from .explore_hooks import ExplorerHooks
 from .pipeline_explore_fit import EXCLUDED_S, WAIT, PipelineShape, StageBlock, Tables, fit_powers, measured_graph
 from .pipeline_planner import PipelineGraph, plan_critical_path, schedule_times
 from .policy import DEFAULT_CLOCKS
@@ -184,7 +184,7 @@ class _Outgoing:
         self.energy_steps = 0
 
 
-class PipelineExplorer:
+class PipelineExplorer(ExplorerHooks):
     """One rank's explorer: answers its regions' clocks, takes its measurements, exchanges them.
 
     The engine registers it as a plugin (``kdvfs_choose_clocks``, ``kdvfs_step_measured``,
@@ -547,19 +547,6 @@ class PipelineExplorer:
     def set_layout(self, occurrences) -> None:
         """The meter's first profiled step: the schedule (``shape``) already says what runs."""
         return None
-
-    # ------------------------------------------------------------------ hooks (engine)
-    @hookimpl(trylast=True)
-    def kdvfs_choose_clocks(self, region, step):
-        return self.clocks_for(region, step)
-
-    @hookimpl
-    def kdvfs_step_measured(self, record):
-        self.observe_step(record.step, record.gpu_time_ms, record.region_time_ms)
-
-    @hookimpl
-    def kdvfs_window_measured(self, window):
-        self.observe_window(window.first_step, window.last_step, window.energy_j)
 
 
 def stage_explorer(shape: PipelineShape, rank: int, exchange: Optional[Callable[[list], Sequence[list]]],

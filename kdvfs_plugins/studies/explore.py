@@ -215,6 +215,13 @@ def _stats(values: Sequence[float]) -> Optional[dict]:
     return {"min": float(v.min()), "median": float(np.median(v)), "max": float(v.max())}
 
 
+def seeds_summary(rows: Sequence[Mapping], shares: Sequence[float]) -> dict:
+    """min, median and max over the seeds of each figure of the exploration contract."""
+    return {**{key: _stats([r[key] for r in rows])
+               for key in ("energy_change", "time_change", "steps", "exploration_time_change")},
+            "share_of_oracle_saving": _stats(shares)}
+
+
 def explore_report(trace_name: str = "gpt1b", seeds: Sequence[int] = range(5), *, max_steps: int = 1500,
                    max_slowdown: float = 0.0, explore_max_slowdown: float = 0.02, noise: bool = True,
                    switch_latency_ms: float = DEFAULT_SWITCH_LATENCY_MS, issue_ahead: bool = True,
@@ -257,13 +264,7 @@ def explore_report(trace_name: str = "gpt1b", seeds: Sequence[int] = range(5), *
         "oracle_time_change": ot,
         "oracle_clocks": {k: str(v) for k, v in orc_clocks.items()},
         "seeds": [{**r.to_dict(), "share_of_oracle_saving": s} for r, s in zip(rows, share)],
-        "summary": {
-            "energy_change": _stats([r.energy_change for r in rows]),
-            "time_change": _stats([r.time_change for r in rows]),
-            "steps": _stats([r.steps for r in rows]),
-            "exploration_time_change": _stats([r.exploration_time_change for r in rows]),
-            "share_of_oracle_saving": _stats(shares),
-        },
+        "summary": seeds_summary([r.to_dict() for r in rows], shares),
         "cpu_s": _time.perf_counter() - t0,
     }
 

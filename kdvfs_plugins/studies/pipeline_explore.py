@@ -48,6 +48,7 @@ from ..pipeline_explore_fit import PipelineShape
 from ..pipeline_planner import plan_critical_path
 from ..regions import BACKWARD, COMMUNICATION, FORWARD, OPTIMIZER, PIPE, instruction_region
 from ..sim.cluster import ClusterPlan, Straggler, VirtualCluster
+from .explore import seeds_summary
 from ..switching import DEFAULT_SWITCH_LATENCY_MS, ISSUE_AHEAD_MIN_INTERVAL_MS, check_latency_ms, switch_model
 from .pipeline import LABEL, _graph, stage_workloads
 
@@ -300,13 +301,6 @@ def explore_seed(cluster: VirtualCluster, seed: int, *, max_steps: int = 1500, m
     return {"explorers": explorers, "steps_run": steps, "exchanges": gather.calls, "to_cluster": to_cluster}
 
 
-def _stats(values: Sequence[float]) -> Optional[dict]:
-    if not len(values):
-        return None
-    v = np.array(values, dtype=float)
-    return {"min": float(v.min()), "median": float(np.median(v)), "max": float(v.max())}
-
-
 def _agree(explorers) -> bool:
     results = [ex.result for ex in explorers]
     return all(r is not None for r in results) and all(
@@ -384,13 +378,7 @@ def pipeline_explore_report(stages: int = 4, microbatches: int = 8, seeds: Seque
                   + " on each card's true tables, executed",
         "oracle_energy_change": oe, "oracle_time_change": ot,
         "seeds": rows,
-        "summary": {
-            "energy_change": _stats([r["energy_change"] for r in rows]),
-            "time_change": _stats([r["time_change"] for r in rows]),
-            "steps": _stats([r["steps"] for r in rows]),
-            "exploration_time_change": _stats([r["exploration_time_change"] for r in rows]),
-            "share_of_oracle_saving": _stats(shares),
-        },
+        "summary": seeds_summary(rows, shares),
         "cpu_s": _time.process_time() - t0,
     }
 
