@@ -109,13 +109,15 @@ def test_a_cpu_run_labels_its_overhead_as_saying_nothing_about_a_gpu():
 
 
 @pytest.mark.slow
-def test_megatron_cpu_smoke_run_prints_the_label_beside_the_figure():
+def test_megatron_cpu_smoke_run_prints_the_label_beside_the_figure(tmp_path):
     pytest.importorskip("megatron.core")
     import subprocess
 
     bench = Path(__file__).resolve().parents[1] / "benchmarks" / "bench_megatron_overhead.py"
+    # in a directory of its own: the run writes kdvfs_runs/ where it starts, never into the checkout
     out = subprocess.run([sys.executable, str(bench), "--tiny", "--steps", "8", "--kernel-dvfs", "--kernel-dvfs-mode",
-                          "observe", "--kernel-dvfs-device", "simulated"], capture_output=True, text=True, timeout=300)
+                          "observe", "--kernel-dvfs-device", "simulated"], capture_output=True, text=True, timeout=300,
+                         cwd=tmp_path)
     assert out.returncode == 0, out.stderr[-3000:]
     line = next(x for x in out.stdout.splitlines() if x.startswith("overhead:"))
     assert line.endswith("(CPU smoke run: this figure says nothing about kdvfs's overhead on a GPU)")
