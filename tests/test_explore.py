@@ -319,3 +319,25 @@ def test_refinement_goes_on_from_the_change_that_paid():
     designs = [tuple(sorted(b.design.items())) for b in ex.blocks if b.kind == "reference"]
     assert ex.result.status == "applied", ex.result.message
     assert len(set(designs)) >= 2, designs
+
+
+def test_steps_that_alternate_are_no_exploration_slowdown():
+    """A step that alternates between two lengths (two different trace steps, gradient
+    accumulation) at every clock: the exploration costs nothing, and the explorer says so (a
+    median default step landed on the shorter one and counted the difference as slowdown)."""
+    # a baseline of one 10-step window: nine steady steps, five of one length, four of the other
+    ex = Explorer(settings(block_steps=None, window_steps=10, explore_max_steps=1500))
+    ex.set_layout([Occurrence("forward", 80.0), Occurrence("optimizer", 20.0)])
+    rng = np.random.default_rng(0)
+    for step in range(400):
+        ex.begin_step(step)
+        if ex.done:
+            break
+        for k in ("forward", "optimizer"):
+            ex.clocks_for(k, step)
+        long = step % 2 == 1
+        ex.observe_step(step, 110.0 if long else 100.0, {"forward": 90.0 if long else 80.0, "optimizer": 20.0})
+        if (step + 1) % 10 == 0:
+            ex.observe_window(step - 9, step, 10 * 600.0 + rng.normal(0, 1.0))
+    assert ex.explore_steps > 100
+    assert abs(ex.exploration_time_change) < 0.005, ex.exploration_time_change
