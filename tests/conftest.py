@@ -43,3 +43,21 @@ def kdvfs_log():
     finally:
         log.removeHandler(handler)
         log.setLevel(level)
+
+
+@pytest.fixture(scope="session")
+def pipeline_cluster():
+    """A small virtual pipeline: the shipped GPT stage traces as 2 stages, 3 microbatches."""
+    from kdvfs_plugins.sim.cluster import VirtualCluster
+    from kdvfs_plugins.studies.pipeline import stage_workloads
+
+    workloads, _ = stage_workloads(2)
+    return VirtualCluster(workloads, 3)
+
+
+@pytest.fixture(scope="session")
+def pipeline_explored(pipeline_cluster):
+    """One seed of exploration across its stages through an engine per rank (read, never changed)."""
+    from kdvfs_plugins.studies.pipeline_explore import explore_seed_engines
+
+    return explore_seed_engines(pipeline_cluster, 0, max_steps=400)

@@ -7,34 +7,21 @@ import threading
 import pytest
 
 from kdvfs_plugins.pipeline_explore import PipelineExploreSettings, PipelineExplorer, default_grid
-from kdvfs_plugins.sim.cluster import VirtualCluster
-from kdvfs_plugins.studies.pipeline import stage_workloads
-from kdvfs_plugins.studies.pipeline_explore import (LocalAllGather, cluster_shape, explore_seed,
+from kdvfs_plugins.studies.pipeline_explore import (LocalAllGather, cluster_shape, explore_seed_engines,
                                                      pipeline_explore_report)
 
 
-@pytest.fixture(scope="module")
-def cluster():
-    w, _ = stage_workloads(2)
-    return VirtualCluster(w, 3)
-
-
-@pytest.fixture(scope="module")
-def explored(cluster):
-    return explore_seed(cluster, 0, max_steps=400)
-
-
-def test_every_rank_ends_with_the_same_plan_at_the_same_iteration(explored):
-    results = [ex.result for ex in explored["explorers"]]
+def test_every_rank_ends_with_the_same_plan_at_the_same_iteration(pipeline_explored):
+    results = [ex.result for ex in pipeline_explored["explorers"]]
     assert all(r is not None for r in results)
     assert len({(r.status, r.assignment, r.steps, r.node_clocks) for r in results}) == 1
     assert results[0].status == "applied", results[0].message
     assert results[0].validated["energy_change"] < 0
-    assert explored["exchanges"] >= 10
+    assert pipeline_explored["exchanges"] >= 10
 
 
-def test_exchange_carries_every_ranks_measurements(explored):
-    ex = explored["explorers"][0]
+def test_exchange_carries_every_ranks_measurements(pipeline_explored):
+    ex = pipeline_explored["explorers"][0]
     measured = [b for b in ex.blocks if b.data]
     assert measured and all(set(b.data) == {0, 1} for b in measured)
     # rank 0 holds rank 1's times and energies, which it never measured itself
@@ -43,8 +30,8 @@ def test_exchange_carries_every_ranks_measurements(explored):
     assert len(ex.tables.rows[1]) > 10
 
 
-def test_a_plan_that_is_too_slow_is_refused(cluster):
-    out = explore_seed(cluster, 0, max_steps=400)
+def test_a_plan_that_is_too_slow_is_refused(pipeline_cluster):
+    out = explore_seed_engines(pipeline_cluster, 0, max_steps=400)
     ex = out["explorers"][0]
     # the same measurements judged against a budget the plan cannot meet
     vb = [b for b in ex.blocks if b.kind.startswith("validate")]
@@ -58,19 +45,8 @@ def test_a_plan_that_is_too_slow_is_refused(cluster):
     assert all(e.result.assignment is None for e in out["explorers"])
 
 
-def test_a_rank_that_cannot_write_clocks_is_left_out_and_nothing_deadlocks(cluster):
-    out = explore_seed(cluster, 1, max_steps=400, cannot_write=(1,))
-    results = [ex.result for ex in out["explorers"]]
-    assert all(r is not None for r in results) and len({r.steps for r in results}) == 1
-    ex = out["explorers"][0]
-    assert 1 not in ex.tables.rows  # its energies are left out
-    a = results[0].assignment
-    if a is not None:
-        assert all(a.node_state[i] == 0 for i in ex.s.shape.order[1]) and a.wait_state[1] is None
-
-
-def test_several_ranks_need_an_exchange(cluster):
-    shape = cluster_shape(cluster)
+def test_several_ranks_need_an_exchange(pipeline_cluster):
+    shape = cluster_shape(pipeline_cluster)
     from kdvfs_plugins.clocks import ClockTable
     from kdvfs_plugins.data import h100_clock_lists
 
@@ -94,7 +70,7 @@ def test_local_all_gather_gives_every_rank_all_items_in_rank_order():
     assert all(v == [[0], [10], [20]] for v in got.values())
 
 
-def test_report_contract(cluster):
+def test_report_contract(pipeline_cluster):
     out = pipeline_explore_report(2, 3, seeds=[0], max_steps=400)
     json.dumps(out)
     assert out["model_prediction"] is True and out["oracle_energy_change"] < 0

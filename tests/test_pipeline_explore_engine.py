@@ -18,17 +18,6 @@ from kdvfs_plugins.studies.pipeline import stage_workloads
 from kdvfs_plugins.studies.pipeline_explore import PipelineDriver, cluster_shape, explore_seed_engines
 
 
-@pytest.fixture(scope="module")
-def cluster():
-    w, _ = stage_workloads(2)
-    return VirtualCluster(w, 3)
-
-
-@pytest.fixture(scope="module")
-def explored(cluster):
-    return explore_seed_engines(cluster, 0, max_steps=400)
-
-
 def _fixed_engines(cluster, region_clocks_by_rank, tmp, **pipeline_kw):
     pipeline = ClusterPipeline(cluster, **pipeline_kw)
     engines = []
@@ -40,42 +29,42 @@ def _fixed_engines(cluster, region_clocks_by_rank, tmp, **pipeline_kw):
     return pipeline, engines
 
 
-def test_every_engine_explores_with_a_pipeline_explorer_and_all_end_with_one_plan(explored):
-    engines = explored["engines"]
+def test_every_engine_explores_with_a_pipeline_explorer_and_all_end_with_one_plan(pipeline_explored):
+    engines = pipeline_explored["engines"]
     assert all(isinstance(e.explorer, PipelineExplorer) for e in engines)
     results = [e.explore_result for e in engines]
     assert all(isinstance(r, StageExploreResult) for r in results)
     assert len({(r.status, r.pipeline.assignment, r.steps) for r in results}) == 1
     assert results[0].status == "applied", results[0].message
     assert results[0].validated["energy_change"] < 0
-    assert explored["exchanges"] >= 10
+    assert pipeline_explored["exchanges"] >= 10
     # each engine keeps its own regions' clocks, its waits under the step
     shape = engines[0].explorer.s.shape
     for r, res in enumerate(results):
         assert set(res.clocks_by_name) == {shape.regions[i] for i in shape.order[r]} | {STEP}
 
 
-def test_the_meter_windows_reach_every_rank_through_the_exchange(explored):
-    ex = explored["explorers"][0]
+def test_the_meter_windows_reach_every_rank_through_the_exchange(pipeline_explored):
+    ex = pipeline_explored["explorers"][0]
     # every rank's window energies became rows of the power fit on rank 0
     assert set(ex.tables.rows) == {0, 1} and all(len(rows) > 10 for rows in ex.tables.rows.values())
     measured = [b for b in ex.blocks if b.data]
     assert measured and all(set(b.data) == {0, 1} for b in measured)
     # the engines' records are the meter's: instruction times from markers, windows from power readings
-    eng = explored["engines"][1]
+    eng = pipeline_explored["engines"][1]
     assert eng.meter.windows and eng.meter.sampler is not None and eng.meter.sampler.reads > 100
 
 
-def test_instruction_times_and_energy_are_the_clusters(cluster):
+def test_instruction_times_and_energy_are_the_clusters(pipeline_cluster):
     with tempfile.TemporaryDirectory() as tmp, ThreadPoolExecutor(2) as pool:
-        pipeline, engines = _fixed_engines(cluster, {}, tmp, seed=3)
+        pipeline, engines = _fixed_engines(pipeline_cluster, {}, tmp, seed=3)
         drive = PipelineDriver(pipeline, engines, pool)
         drive.iteration()  # the first step is profiled
         run = pipeline.last_run
         assert not engines[1].meter.steps  # resolved at the next poll, as a live step
         drive.iteration()
         rec = engines[1].meter.steps[0]
-        shape = cluster_shape(cluster)
+        shape = cluster_shape(pipeline_cluster)
         for i in shape.order[1]:
             assert rec.region_time_ms[shape.regions[i]] == pytest.approx((run.node_end_s[i] - run.node_start_s[i]) * 1e3)
         assert rec.gpu_time_ms == pytest.approx(run.time_s * 1e3)
@@ -86,16 +75,16 @@ def test_instruction_times_and_energy_are_the_clusters(cluster):
             e.close()
 
 
-def test_requested_clocks_become_the_clusters_plan(cluster):
+def test_requested_clocks_become_the_clusters_plan(pipeline_cluster):
     low = ClockPair(990, 2619)
     wait = ClockPair(345, 1593)
-    shape = cluster_shape(cluster)
+    shape = cluster_shape(pipeline_cluster)
     fwd = [shape.regions[i] for i in shape.order[0] if shape.kinds[i] == "forward"]
     with tempfile.TemporaryDirectory() as tmp, ThreadPoolExecutor(2) as pool:
-        pipeline, engines = _fixed_engines(cluster, {0: {**{r: low for r in fwd}, STEP: wait}}, tmp, noise=False)
+        pipeline, engines = _fixed_engines(pipeline_cluster, {0: {**{r: low for r in fwd}, STEP: wait}}, tmp, noise=False)
         drive = PipelineDriver(pipeline, engines, pool)
         drive.iteration()
-        states = {c: k for k, c in enumerate(cluster.states)}
+        states = {c: k for k, c in enumerate(pipeline_cluster.states)}
         run = pipeline.last_run
         segs = run.segments[0]
         assert {s.state for s in segs if s.kind == "forward"} == {states[low]}
@@ -107,18 +96,18 @@ def test_requested_clocks_become_the_clusters_plan(cluster):
             e.close()
 
 
-def test_a_rank_whose_waits_ask_for_two_clocks_is_refused_with_what_to_do(cluster):
+def test_a_rank_whose_waits_ask_for_two_clocks_is_refused_with_what_to_do(pipeline_cluster):
     with tempfile.TemporaryDirectory() as tmp, ThreadPoolExecutor(2) as pool:
         regions = {STEP: ClockPair(345, 1593), "communication": ClockPair(990, 2619)}
-        pipeline, engines = _fixed_engines(cluster, {1: regions}, tmp, noise=False)
+        pipeline, engines = _fixed_engines(pipeline_cluster, {1: regions}, tmp, noise=False)
         with pytest.raises(ConfigError, match="one clock for all of a rank's waits"):
             PipelineDriver(pipeline, engines, pool).iteration()
         for e in engines:
             e.close()
 
 
-def test_a_rank_that_cannot_write_clocks_is_left_out_and_nothing_deadlocks(cluster):
-    out = explore_seed_engines(cluster, 1, max_steps=400, cannot_write=(1,))
+def test_a_rank_that_cannot_write_clocks_is_left_out_and_nothing_deadlocks(pipeline_cluster):
+    out = explore_seed_engines(pipeline_cluster, 1, max_steps=400, cannot_write=(1,))
     results = [e.explore_result for e in out["engines"]]
     assert all(r is not None for r in results) and len({r.steps for r in results}) == 1
     assert out["explorers"][1].measuring is False

@@ -16,10 +16,6 @@ rank's ``step_end`` comes before the run, as a live step ends before the GPU get
 meter resolves the step at the next poll: the meter's records reach the explorer through the
 normal hooks.
 
-:func:`explore_seed` drives the explorers directly with the records a stage would measure (the
-explorer's own tests use it: fast, and with an assumed meter error); the report runs
-:func:`explore_seed_engines`.
-
 When every explorer is done (or the step budget is spent) the applied plan and the oracle's plan
 (the critical-path planner on the true tables of each card, strict) run on the cluster beside the
 default clocks, over ``EXECUTE_ITERATIONS`` iterations of the same seed. Every figure is a model
@@ -28,7 +24,6 @@ prediction of the simulated H100 cluster.
 from __future__ import annotations
 
 import json
-import random
 import tempfile
 import threading
 import time as _time
@@ -37,13 +32,11 @@ from typing import Optional, Sequence
 
 import numpy as np
 
-from ..clocks import ClockTable
 from ..config import KdvfsConfig
-from ..data import h100_clock_lists
 from ..devices.cluster_rank import ClusterPipeline
 from ..engine import Engine
 from ..errors import ConfigError
-from ..pipeline_explore import PipelineExploreSettings, PipelineExplorer, default_grid, stage_explorer
+from ..pipeline_explore import stage_explorer
 from ..pipeline_explore_fit import PipelineShape
 from ..pipeline_planner import plan_critical_path
 from ..regions import BACKWARD, COMMUNICATION, FORWARD, OPTIMIZER, PIPE, instruction_region
@@ -52,19 +45,14 @@ from .explore import seeds_summary
 from ..switching import DEFAULT_SWITCH_LATENCY_MS, ISSUE_AHEAD_MIN_INTERVAL_MS, check_latency_ms, switch_model
 from .pipeline import LABEL, _graph, stage_workloads
 
-__all__ = ["LocalAllGather", "PipelineDriver", "cluster_shape", "explore_seed", "explore_seed_engines",
-           "pipeline_explore_report", "format_report", "run_command", "METER_ERROR_S", "EXECUTE_ITERATIONS"]
+__all__ = ["LocalAllGather", "PipelineDriver", "cluster_shape", "explore_seed_engines",
+           "pipeline_explore_report", "format_report", "run_command", "EXECUTE_ITERATIONS"]
 
 SOURCE = "kdvfs simulate --pipeline --explore"
 #: Iterations each plan (and the default) is executed for, after exploration.
 EXECUTE_ITERATIONS = 20
 #: Iterations per block and per meter window.
 BLOCK_STEPS = 10
-#: :func:`explore_seed` only (the engines' meter reads the devices' power itself): the meter's
-#: window energy error (1 sd) as this long at the window's mean power: the counter refreshes
-#: every 100 ms and the meter anchors integrated power readings to it (a model assumption; on a
-#: 2 s window, about 1%).
-METER_ERROR_S = 0.02
 #: Steps each engine runs before exploring (allocator and autotuning warm-up in a live run); the
 #: explorer starts at the next window boundary.
 WARMUP_STEPS = 3
@@ -186,8 +174,8 @@ def explore_seed_engines(cluster: VirtualCluster, seed: int, *, max_steps: int =
                          switch_latency_ms: float = DEFAULT_SWITCH_LATENCY_MS, issue_ahead: bool = True,
                          cannot_write: Sequence[int] = (), block_steps: int = BLOCK_STEPS) -> dict:
     """One seed through an engine per rank (mode ``auto``) until every rank's exploration has
-    ended or the step budget is spent. Returns what :func:`explore_seed` does, plus the engines
-    (closed) and the iterations run before exploration started."""
+    ended or the step budget is spent. Returns the ranks' explorers and engines (closed), the
+    iterations run, the exchanges, and the map from the explorers' clock states to the cluster's."""
     from .explore import _quiet_engines
 
     floor_ms = ISSUE_AHEAD_MIN_INTERVAL_MS if issue_ahead and switch_latency_ms > 0 else 0.0
@@ -235,70 +223,6 @@ def _execute(cluster: VirtualCluster, plan: Optional[ClusterPlan], seed: int, no
         t += run.time_s
         e += run.energy_j
     return t / iterations, e / iterations
-
-
-def explore_seed(cluster: VirtualCluster, seed: int, *, max_steps: int = 1500, max_slowdown: float = 0.0,
-                 explore_max_slowdown: float = 0.02, noise: bool = True,
-                 switch_latency_ms: float = DEFAULT_SWITCH_LATENCY_MS, issue_ahead: bool = True,
-                 cannot_write: Sequence[int] = (), block_steps: int = BLOCK_STEPS,
-                 meter_error_s: float = METER_ERROR_S) -> dict:
-    """One seed: every rank explores with its own explorer until all are done or ``max_steps``.
-
-    Returns the ranks' results, the iterations run and the exchanges (for the report and tests).
-    ``cannot_write``: ranks whose GPU refuses clock writes (they run the default clocks)."""
-    floor_ms = ISSUE_AHEAD_MIN_INTERVAL_MS if issue_ahead and switch_latency_ms > 0 else 0.0
-    switch = switch_model(switch_latency_ms, issue_ahead=issue_ahead, min_interval_ms=floor_ms)
-    shape = cluster_shape(cluster)
-    ranks = shape.ranks
-    table = ClockTable.from_lists(*h100_clock_lists())
-    clocks = default_grid(table)
-    to_cluster = _state_map(cluster, clocks)
-    gather = LocalAllGather(ranks)
-    explorers = []
-    for r in range(ranks):
-        settings = PipelineExploreSettings(shape=shape, rank=r, clocks=clocks, switch=switch,
-                                           max_slowdown=max_slowdown, explore_max_slowdown=explore_max_slowdown,
-                                           explore_max_steps=max_steps, block_steps=block_steps, seed=seed)
-        ex = PipelineExplorer(settings, exchange=gather.for_rank(r))
-        ex.measuring = r not in cannot_write
-        explorers.append(ex)
-    meter = random.Random(f"pipeline-meter-{seed}")
-    energy = np.zeros(ranks)
-    first_of_window = 0
-    steps = 0
-    with ThreadPoolExecutor(ranks) as pool:
-        for step in range(max_steps + 2 * block_steps):
-            if step % block_steps == 0:  # a boundary: the ranks exchange, each on its own thread
-                for f in [pool.submit(ex.begin_step, step) for ex in explorers]:
-                    f.result()
-            if all(ex.done for ex in explorers):
-                break
-            node_state = [0] * len(shape.kinds)
-            wait_state: list[Optional[int]] = [None] * ranks
-            for r, ex in enumerate(explorers):
-                if r in cannot_write:
-                    continue  # the driver's clocks: its requests are refused
-                a = ex.assignment(step)
-                for i in shape.order[r]:
-                    node_state[i] = to_cluster[a.node_state[i]]
-                w = a.wait_state[r]
-                wait_state[r] = None if w is None else to_cluster[w]
-            run = cluster.execute(ClusterPlan(tuple(node_state), tuple(wait_state), switch.effective_min_interval_s),
-                                  noise=noise, seed=seed, switch_latency_s=switch.latency_s, issue_ahead=issue_ahead,
-                                  iteration=step)
-            steps += 1
-            for r, ex in enumerate(explorers):
-                regions = {shape.regions[i]: (run.node_end_s[i] - run.node_start_s[i]) * 1e3 for i in shape.order[r]}
-                ex.observe_step(step, run.time_s * 1e3, regions)
-                energy[r] += run.ranks[r].energy_j
-            if (step + 1) % block_steps == 0:
-                duration_s = (step + 1 - first_of_window) * run.time_s
-                for r, ex in enumerate(explorers):
-                    err = meter.gauss(0.0, meter_error_s / duration_s) if noise else 0.0
-                    ex.observe_window(first_of_window, step, float(energy[r]) * (1.0 + err))
-                energy[:] = 0.0
-                first_of_window = step + 1
-    return {"explorers": explorers, "steps_run": steps, "exchanges": gather.calls, "to_cluster": to_cluster}
 
 
 def _agree(explorers) -> bool:
