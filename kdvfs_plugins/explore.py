@@ -439,11 +439,9 @@ class Explorer(ExplorerHooks):
         def affordable(k: str, st: int) -> bool:
             if st == reference.get(k, 0):
                 return False
-            if upwards and reference.get(k, 0) and (self.states[st].sm_mhz, self.states[st].mem_mhz) <= (
-                    self.states[reference[k]].sm_mhz, self.states[reference[k]].mem_mhz):
-                return False
-            if upwards and not reference.get(k, 0):
-                return False
+            if upwards and (not reference.get(k, 0) or (self.states[st].sm_mhz, self.states[st].mem_mhz) <= (
+                    self.states[reference[k]].sm_mhz, self.states[reference[k]].mem_mhz)):
+                return False  # only a locked knob can give time back, and only by going up
             cost = max(0.0, self._model.predict_ms(k, st, table) - table[k].get(0, 0.0))
             # the first lock below the top clock is always worth a look: where the power controller
             # holds a knob lower, it costs nothing, which no roofline bound can tell beforehand
@@ -513,18 +511,12 @@ class Explorer(ExplorerHooks):
         step, from blocks of repeated designs, each deviation scaled by the square root of its
         counted steps (blocks differ in length once they are fitted); None before
         ``NOISE_BLOCKS`` blocks of one design were measured."""
-        groups: dict[tuple, list[tuple[float, int]]] = {}
-        for b in self._used_blocks():
-            if b.energy_steps and b.time_ms and b.kind in ("default", "explore", "reference", "refine"):
-                key = (b.lane, tuple(sorted((k, v) for k, v in b.design.items() if v)))
-                groups.setdefault(key, []).append((b.energy_j / b.energy_steps, b.energy_steps))
         dev = []
-        for v in groups.values():
-            if len(v) >= NOISE_BLOCKS:
-                e = np.array([x[0] for x in v])
-                n = np.array([x[1] for x in v], dtype=float)
-                mean = float(np.average(e, weights=n))
-                dev.extend((e / mean - 1.0) * np.sqrt(n) * np.sqrt(len(v) / (len(v) - 1)))
+        for blocks in self._repeated_designs(("default", "explore", "reference", "refine"), NOISE_BLOCKS):
+            e = np.array([b.energy_j / b.energy_steps for b in blocks])
+            n = np.array([b.energy_steps for b in blocks], dtype=float)
+            mean = float(np.average(e, weights=n))
+            dev.extend((e / mean - 1.0) * np.sqrt(n) * np.sqrt(len(blocks) / (len(blocks) - 1)))
         if not dev:
             return None
         return float(np.sqrt(np.mean(np.square(dev)) * 1.5))
@@ -657,26 +649,24 @@ class Explorer(ExplorerHooks):
         """Standard error of one measured effect, a fraction of the step's energy (``time``: of the
         step time): the scatter of blocks that ran one design on one lane (the default, the
         incumbent), for a block against the mean of two."""
-        rel = self._scatter(time)
+        rel: list[float] = []
+        for blocks in self._repeated_designs(("baseline", "default", "explore", "reference", "refine"), 3):
+            v = np.array([float(np.mean(b.time_ms[1:] or b.time_ms)) if time else b.energy_j / b.energy_steps
+                          for b in blocks])
+            rel.extend(v / v.mean() - 1.0)
         if len(rel) < 3:
             return MIN_PREDICTED_SAVING / LOCK_FLOOR_SE
         return float(np.std(rel, ddof=1) * np.sqrt(1.5))
 
-    def _scatter(self, time: bool = False,
-                 kinds: Sequence[str] = ("baseline", "default", "explore", "reference", "refine")) -> list[float]:
-        """Relative deviations of blocks that ran one design on one lane from their design's mean,
-        in energy per step (``time``: in step time), for designs run in three blocks or more."""
-        groups: dict[tuple, list[float]] = {}
+    def _repeated_designs(self, kinds: Sequence[str], at_least: int) -> list[list[Block]]:
+        """Measured blocks of these kinds grouped by lane and design, the designs run in at least
+        ``at_least`` blocks: their scatter about their mean is the measurements' noise."""
+        groups: dict[tuple, list[Block]] = {}
         for b in self._used_blocks():
             if b.energy_steps and b.time_ms and b.kind in kinds:
                 key = (b.lane, tuple(sorted((k, v) for k, v in b.design.items() if v)))
-                groups.setdefault(key, []).append(
-                    float(np.mean(b.time_ms[1:] or b.time_ms)) if time else b.energy_j / b.energy_steps)
-        rel: list[float] = []
-        for v in groups.values():
-            if len(v) >= 3:
-                rel.extend(np.asarray(v) / np.mean(v) - 1.0)
-        return rel
+                groups.setdefault(key, []).append(b)
+        return [v for v in groups.values() if len(v) >= at_least]
 
     def _plan_draft(self, samples, table, *, time_se: float, slow_scale_factor: float = 1.0,
                max_slowdown: Optional[float] = None) -> PlanDraft:

@@ -111,7 +111,7 @@ def steps_for_noise(steps: int, window_steps: int, unit_sd: float, target_se: fl
     first window is not counted where the design before it differs)."""
     ws = max(1, window_steps)
     if unit_sd <= 0 or target_se <= 0:
-        return max(2 * ws, min(steps, 2 * ws))
+        return 2 * ws
     want = (unit_sd / target_se) ** 2 + ws
     return int(min(steps, max(2 * ws, int(math.ceil(want / ws)) * ws)))
 

@@ -222,6 +222,15 @@ def seeds_summary(rows: Sequence[Mapping], shares: Sequence[float]) -> dict:
             "share_of_oracle_saving": _stats(shares)}
 
 
+def seed_row(r: Mapping) -> list:
+    """One seed of the exploration contract as a table row: seed, energy, time, plan, steps,
+    exploration slowdown, share of the oracle's saving."""
+    share = r.get("share_of_oracle_saving")
+    return [r["seed"], f"{r['energy_change']:+.2%}", f"{r['time_change']:+.2%}",
+            "applied" if r["applied"] else f"none ({r['status']})", r["steps"],
+            f"{r['exploration_time_change']:+.2%}", "-" if share is None else f"{abs(share) if share == 0 else share:.0%}"]
+
+
 def explore_report(trace_name: str = "gpt1b", seeds: Sequence[int] = range(5), *, max_steps: int = 1500,
                    max_slowdown: float = 0.0, explore_max_slowdown: float = 0.02, noise: bool = True,
                    switch_latency_ms: float = DEFAULT_SWITCH_LATENCY_MS, issue_ahead: bool = True,
@@ -273,13 +282,8 @@ def format_report(out: dict, fmt: str = "text") -> str:
     """The seeds as a table (``fmt``: ``text`` or ``markdown``), the oracle in a note."""
     from ..tables import Table
 
-    rows = []
-    for r in out["seeds"]:
-        share = r.get("share_of_oracle_saving")
-        rows.append([r["seed"], f"{r['energy_change']:+.2%}", f"{r['time_change']:+.2%}",
-                     "applied" if r["applied"] else f"none ({r['status']})", r["steps"],
-                     f"{r['exploration_time_change']:+.2%}", "-" if share is None else f"{abs(share) if share == 0 else share:.0%}"])
-    table = Table(["seed", "energy", "time", "plan", "steps", "exploration slowdown", "share of oracle"], rows,
+    table = Table(["seed", "energy", "time", "plan", "steps", "exploration slowdown", "share of oracle"],
+                  [seed_row(r) for r in out["seeds"]],
                   align="lrrlrrr",
                   title=(f"model prediction (simulated H100): online exploration through the live engine, "
                          f"trace {out['trace']}, switch latency {out['switch_latency_ms']:g} ms"),

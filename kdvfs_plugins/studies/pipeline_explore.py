@@ -41,7 +41,7 @@ from ..pipeline_explore_fit import PipelineShape
 from ..pipeline_planner import plan_critical_path
 from ..regions import BACKWARD, COMMUNICATION, FORWARD, OPTIMIZER, PIPE, instruction_region
 from ..sim.cluster import ClusterPlan, Straggler, VirtualCluster
-from .explore import seeds_summary
+from .explore import seed_row, seeds_summary
 from ..switching import DEFAULT_SWITCH_LATENCY_MS, ISSUE_AHEAD_MIN_INTERVAL_MS, check_latency_ms, switch_model
 from .pipeline import LABEL, _graph, stage_workloads
 
@@ -311,14 +311,9 @@ def format_report(out: dict, fmt: str = "text") -> str:
     """The seeds as a table (``fmt``: ``text`` or ``markdown``), the oracle in a note."""
     from ..tables import Table
 
-    rows = []
-    for r in out["seeds"]:
-        share = r.get("share_of_oracle_saving")
-        rows.append([r["seed"], f"{r['energy_change']:+.2%}", f"{r['time_change']:+.2%}",
-                     "applied" if r["applied"] else f"none ({r['status']})", r["steps"],
-                     f"{r['exploration_time_change']:+.2%}", "-" if share is None else f"{share:.0%}"])
     chunks = f" x {out['chunks']} model chunks" if out.get("chunks", 1) > 1 else ""
-    table = Table(["seed", "energy", "time", "plan", "iterations", "exploration slowdown", "share of oracle"], rows,
+    table = Table(["seed", "energy", "time", "plan", "iterations", "exploration slowdown", "share of oracle"],
+                  [seed_row(r) for r in out["seeds"]],
                   align="lrrlrrr",
                   title=(f"{out['label']}: online exploration across stages, {out['stages']} stages{chunks} x "
                          f"{out['replicas']} replicas, {out['microbatches']} microbatches, {out['schedule']}, "

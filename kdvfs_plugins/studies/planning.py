@@ -426,6 +426,13 @@ def _as_context(trace_or_context: Union[Trace, PlanningContext]) -> PlanningCont
     return trace_or_context if isinstance(trace_or_context, PlanningContext) else PlanningContext(trace_or_context)
 
 
+def _score(ob: StepObservation, objective: str, budget_s: float) -> tuple[float, float]:
+    """A replayed plan's rank, lowest best: the time over the budget (none for edp), then energy
+    (energy x time for edp)."""
+    obj = ob.step_energy_j * ob.step_time_s if objective == "edp" else ob.step_energy_j
+    return (0.0 if objective == "edp" else max(0.0, ob.step_time_s - budget_s), obj)
+
+
 def plan_on_trace(trace_or_context: Union[Trace, PlanningContext], *, granularity: str = "kernel",
                   objective: str = "strict", max_slowdown: float = 0.0, switch_latency_ms: Optional[float] = None,
                   issue_ahead: bool = True, min_interval_ms: float = DEFAULT_MIN_INTERVAL_MS,
@@ -451,18 +458,13 @@ def plan_on_trace(trace_or_context: Union[Trace, PlanningContext], *, granularit
     default = ctx.default_observation()
     budget_s = default.step_time_s * (1.0 + slowdown) * (1.0 + time_rtol)
 
-    def score(ob: StepObservation) -> tuple[float, float]:
-        over = max(0.0, ob.step_time_s - budget_s)
-        obj = ob.step_energy_j * ob.step_time_s if objective == "edp" else ob.step_energy_j
-        return (over, obj) if objective != "edp" else (0.0, obj)
-
     best: Optional[tuple] = None
     iterations = 0
     converged = False
 
     def consider(p: PlannedStep, ob: StepObservation, conv: bool) -> None:
         nonlocal best
-        s = score(ob)
+        s = _score(ob, objective, budget_s)
         if best is None or s < best[0]:
             best = (s, p, ob, conv)
 
@@ -543,9 +545,8 @@ def phase_search(trace_or_context: Union[Trace, PlanningContext], *, objective: 
         return min(sm, key=lambda a: abs(a - f))
 
     def score(plan: Mapping[str, Optional[int]]) -> tuple[float, float]:
-        ob = ctx.observe({k: ClockPair(f, m_top) for k, f in plan.items() if f}, lat, ahead)
-        obj = ob.step_energy_j * ob.step_time_s if objective == "edp" else ob.step_energy_j
-        return (max(0.0, ob.step_time_s - budget_s) if objective != "edp" else 0.0, obj)
+        return _score(ctx.observe({k: ClockPair(f, m_top) for k, f in plan.items() if f}, lat, ahead),
+                      objective, budget_s)
 
     phases = list(dict.fromkeys(r.partition("/")[0] for r in ctx.trace.regions if r.partition("/")[0] != "step"))
     plan_mhz: dict[str, Optional[int]] = {k: None for k in phases}
