@@ -81,6 +81,10 @@ PLAN_FLOOR_SE = 3.0
 LOCK_TIME_SE = 0.0
 #: A lock stays in a plan only if it pays at least this many standard errors of a measured effect.
 LOCK_FLOOR_SE = 2.0
+#: Plans may spend this many standard errors of a lock's measured time effect beyond the slowdown
+#: budget: a lock the measurements cannot tell from no time at all is as strict as validation can
+#: judge (it accepts a plan not significantly slower than the budget).
+PLAN_TIME_SE = 1.0
 
 
 @dataclass(frozen=True)
@@ -437,7 +441,7 @@ class Explorer(ExplorerHooks):
             max(0.0, self.s.max_slowdown) * self.default_step_ms
 
         def affordable(k: str, st: int) -> bool:
-            if st == reference.get(k, 0):
+            if st == reference.get(k, 0) or (st not in self.grid and st not in between.get(k, ())):
                 return False
             if upwards and (not reference.get(k, 0) or (self.states[st].sm_mhz, self.states[st].mem_mhz) <= (
                     self.states[reference[k]].sm_mhz, self.states[reference[k]].mem_mhz)):
@@ -459,7 +463,8 @@ class Explorer(ExplorerHooks):
             if b.kind == kind:
                 moved = [(k, st) for k, st in b.design.items() if st != reference.get(k, 0)]
                 changes += moved[:1]
-        grid = self.grid + self._between(reference) if self.incumbent else self.grid
+        between = self._between(reference, self._effects(samples)) if self.incumbent else {}
+        grid = self.grid + sorted({st for sts in between.values() for st in sts})
 
         def design(lane: int) -> dict:
             change = draw_single(self.knobs, grid, self.states, changes, self._rng, affordable, promising,
@@ -674,15 +679,23 @@ class Explorer(ExplorerHooks):
         T, E = self._effect_grids(samples, table, time_se)
         # Validation measured the plan slower than predicted: the time effects of locks grow.
         T = time_penalised(T, slow_scale_factor)
-        budget = self.s.max_slowdown if max_slowdown is None else max_slowdown
+        # A re-plan after validation found the plan too slow spends no time the measurements
+        # cannot resolve: that time is what validation just measured.
+        budget = max_slowdown if max_slowdown is not None else (
+            self._plan_budget() if slow_scale_factor == 1.0 else self.s.max_slowdown)
         default_ms = {k: T[j, 0] for j, k in enumerate(self.knobs)}
         return make_plan(T, E, knobs=self.knobs, states=self.states,
                          occurrences=self.knob_map.occurrences(self.layout, default_ms),
                          default_step_energy_j=self._default_step_energy(), max_slowdown=budget,
-                         objective=self.s.objective if max_slowdown is None else "relaxed",
+                         objective=self.s.objective if budget == self.s.max_slowdown else "relaxed",
                          switch=self._switch_model(),
                          # the states a plan takes were mostly measured twice (see draw_single)
                          drop_floor=min(MIN_PREDICTED_SAVING, LOCK_FLOOR_SE * self._effect_se() / np.sqrt(2)))
+
+    def _plan_budget(self) -> float:
+        """The slowdown a plan may be planned to: the budget, and what one lock's measured time
+        effect cannot resolve (``PLAN_TIME_SE``; its states were mostly measured twice)."""
+        return max(0.0, self.s.max_slowdown) + PLAN_TIME_SE * self._effect_se(time=True) / np.sqrt(2)
 
     def _resolvable(self, draft: PlanDraft, effects) -> float:
         """The saving a plan must predict to be told from noise (a fraction of the step's energy):
@@ -754,24 +767,33 @@ class Explorer(ExplorerHooks):
             return float(np.mean(ref_ms) - np.mean(def_ms)) + margin_se * se_t / np.sqrt(len(ref_ms))
         return self._early_draft.time_change * step_ms
 
-    def _between(self, design: Mapping[str, int]) -> list[int]:
-        """The clocks halfway between each locked state of ``design`` and its neighbours on the
-        grid (at its memory clock): the grid is coarse, and refining a plan is where a finer step
-        still pays (a lock one grid step lower may cost the time a strict plan does not have)."""
+    def _between(self, design: Mapping[str, int], effects) -> dict[str, list[int]]:
+        """Per locked knob of ``design``, the clocks halfway between its state and the neighbouring
+        grid clocks (at its memory clock), where a grid step moves its measured energy by more than
+        a block resolves (``LOCK_FLOOR_SE`` standard errors; ``effects``: the single locks against
+        the default). The grid is coarse, and refining a plan is where a finer step still pays (on
+        the Llama-class step, the optimizer's best strict clock lies between two grid clocks); where
+        a grid step is within the noise, half a step is noise too, and blocks spent on it are lost
+        to the changes that matter (on the GPT step, 15 MHz steps of forward and backward)."""
         index = {c: i for i, c in enumerate(self.states)}
-        out: list[int] = []
-        for st in set(design.values()):
+        floor_j = LOCK_FLOOR_SE * self._effect_se() * self._default_step_energy()
+        out: dict[str, list[int]] = {}
+        for k, st in design.items():
             c = self.states[st] if st else None
-            if c is None:
+            measured = effects.get(k, {})
+            if c is None or st not in measured:
                 continue
             allowed = self.s.clock_table.sm_mhz_by_mem[c.mem_mhz]
             same = sorted({self.states[g].sm_mhz for g in self.grid if self.states[g].mem_mhz == c.mem_mhz})
             lower = [f for f in same if f < c.sm_mhz][-1:]
             upper = [f for f in same if f > c.sm_mhz][:1]
             for f in lower + upper:
+                g = index.get(ClockPair(f, c.mem_mhz))
+                if g not in measured or not abs(measured[g].energy_j - measured[st].energy_j) > floor_j:
+                    continue
                 mid = ClockPair(min(allowed, key=lambda a: abs(a - (f + c.sm_mhz) / 2)), c.mem_mhz)
-                if mid in index and index[mid] not in self.grid and index[mid] not in out:
-                    out.append(index[mid])
+                if mid in index and index[mid] not in self.grid:
+                    out.setdefault(k, []).append(index[mid])
         return out
 
     def _promote(self) -> bool:
@@ -800,17 +822,23 @@ class Explorer(ExplorerHooks):
         step_ms = self.default_step_ms or 0.0
         e_step = self._default_step_energy()
         se_e, se_t = self._effect_se() * e_step, self._effect_se(time=True) * step_ms
-        budget_ms = max(0.0, self.s.max_slowdown) * step_ms
+        budget_ms = self._plan_budget() * step_ms
         base_ms = self._incumbent_ms()
-        # Where the incumbent itself measured over the budget, the change that brings it within
-        # at the least energy is taken, whatever it saves.
-        over = base_ms > budget_ms
+        # Where the incumbent itself measured over the budget, as validation would find it
+        # (significantly), the change that brings it within at the least energy is taken, whatever
+        # it saves: a reference block's time scatters by about the margin, and on the mean alone
+        # one slow block sent a knob back up.
+        over = self._incumbent_ms(-SIGNIFICANCE_SE) > budget_ms
         best = None
         for k, by_state in self._effects(samples, refined=True).items():
             for st, eff in by_state.items():
                 n = np.sqrt(eff.blocks)
                 slow_ms = eff.step_ms + LOCK_TIME_SE * se_t / n
-                if base_ms + slow_ms > budget_ms or (not over and eff.energy_j > -LOCK_FLOOR_SE * se_e / n):
+                # A clock lowered a step saves energy wherever the time allows (above the knob's
+                # energy-optimal clock): there a change that is measured saving counts, though a
+                # step between two close clocks saves less than a block resolves.
+                floor_j = 0.0 if self._lowers(k, st) else LOCK_FLOOR_SE * se_e / n
+                if base_ms + slow_ms > budget_ms or (not over and eff.energy_j > -floor_j):
                     continue
                 if best is None or eff.energy_j < best[2].energy_j:
                     best = (k, st, eff, slow_ms)
@@ -824,6 +852,15 @@ class Explorer(ExplorerHooks):
         self.predicted.update(time_change=(base_ms + slow_ms) / step_ms,
                               energy_change=base.energy_change + eff.energy_j / e_step)
         return PlanDraft(design, self.predicted["time_change"], self.predicted["energy_change"], base.time_ms)
+
+    def _lowers(self, knob: str, st: int) -> bool:
+        """Whether ``st`` lowers the knob's SM clock from the incumbent's, at the same memory clock."""
+        c = self.states[st]
+        cur = self.states[self.incumbent.get(knob, 0)]
+        if c is None:
+            return False
+        cur_mhz, cur_mem = (self.f_max, self.m_max) if cur is None else (cur.sm_mhz, cur.mem_mhz)
+        return c.mem_mhz == cur_mem and c.sm_mhz < cur_mhz
 
     # ------------------------------------------------------------------ validation
     def _pairs(self) -> tuple[np.ndarray, np.ndarray]:

@@ -7,7 +7,10 @@ import pytest
 from kdvfs_plugins import ClockPair, PlanError
 from kdvfs_plugins.clocks import ClockTable
 from kdvfs_plugins.data import h100_clock_lists
+from kdvfs_plugins import explore as explore_mod
 from kdvfs_plugins.explore import ExploreSettings, Explorer, Occurrence
+from kdvfs_plugins.explore_model import Effect
+from kdvfs_plugins.explore_plan import PlanDraft
 from kdvfs_plugins.plan import Plan, plan_key
 from kdvfs_plugins.policy import DEFAULT_CLOCKS, as_clocks
 
@@ -31,9 +34,10 @@ class World:
 
     F_D = 1650.0  # the default state's SM clock
 
-    def __init__(self, seed=0, window_error_j=3.0):
+    def __init__(self, seed=0, window_error_j=3.0, time_error=0.0):
         self.rng = np.random.default_rng(seed)
         self.err = window_error_j
+        self.time_err = time_error  # relative scatter of a step's time
         self.a = {"forward": 60.0, "optimizer": 8.0}       # J per step at V = 1
         self.t0 = {"forward": 0.080, "optimizer": 0.020}    # s per step at default
         self.sm_share = {"forward": 0.95, "optimizer": 0.15}
@@ -54,7 +58,8 @@ class World:
     def step(self, clocks):
         t = {k: self.knob_time_s(k, clocks[k]) for k in self.a}
         e = sum(self.knob_energy_j(k, clocks[k]) for k in self.a)
-        return {k: v * 1e3 for k, v in t.items()}, sum(t.values()) * 1e3, e
+        step_ms = sum(t.values()) * 1e3 * (1.0 + (self.rng.normal(0, self.time_err) if self.time_err else 0.0))
+        return {k: v * 1e3 for k, v in t.items()}, step_ms, e
 
 
 def drive(world, settings, steps, apply=True):
@@ -341,3 +346,76 @@ def test_steps_that_alternate_are_no_exploration_slowdown():
             ex.observe_window(step - 9, step, 10 * 600.0 + rng.normal(0, 1.0))
     assert ex.explore_steps > 100
     assert abs(ex.exploration_time_change) < 0.005, ex.exploration_time_change
+
+
+def _settled(**kw):
+    """An explorer after a whole run on the synthetic world (step times scattering by 0.05%):
+    blocks, noise estimates and a grid."""
+    ex = drive(World(seed=2, time_error=5e-4), settings(**kw), 1300)
+    assert ex.result is not None
+    return ex
+
+
+def test_strict_plans_may_spend_what_the_time_measurement_cannot_resolve(monkeypatch):
+    """Strict plans are planned to the time validation can tell from the default (a lock measured
+    a fraction of a standard error slower is no slower as far as any measurement shows); a re-plan
+    after validation found a plan slow spends nothing beyond the budget."""
+    ex = _settled(max_slowdown=0.0, objective="strict")
+    budget = ex._plan_budget()
+    assert budget == pytest.approx(explore_mod.PLAN_TIME_SE * ex._effect_se(time=True) / math.sqrt(2))
+    assert budget > 0
+    seen = []
+
+    def fake_make_plan(T, E, **kw):
+        seen.append((kw["max_slowdown"], kw["objective"]))
+        return PlanDraft({}, 0.0, 0.0, T)
+
+    monkeypatch.setattr(explore_mod, "make_plan", fake_make_plan)
+    samples = ex._samples()
+    table = ex._model.time_table(samples)
+    ex._plan_draft(samples, table, time_se=0.0)
+    ex._plan_draft(samples, table, time_se=0.0, slow_scale_factor=1.5)
+    assert seen == [(budget, "relaxed"), (0.0, "strict")]
+
+
+def _refine_setup(ex):
+    """The incumbent: forward at a grid clock with a grid clock below and above it."""
+    grid = sorted((ex.states[st].sm_mhz, st) for st in ex.grid
+                  if ex.states[st].mem_mhz == max(c.mem_mhz for c in ex.states if c is not None))
+    (_, lower), (_, here), (_, upper) = grid[len(grid) // 2 - 1: len(grid) // 2 + 2]
+    ex.incumbent = {"forward": here}
+    ex._early_draft = PlanDraft({"forward": here}, 0.0, -0.01, np.zeros((2, len(ex.states))))
+    ex._incumbent_ms = lambda margin_se=0.0: 0.0
+    floor_j = explore_mod.LOCK_FLOOR_SE * ex._effect_se() * ex._default_step_energy()
+    return lower, here, upper, floor_j
+
+
+
+@pytest.mark.parametrize("lowered, taken", [(True, True), (False, False)])
+def test_refinement_takes_a_lowered_clock_that_saves_less_than_a_block_resolves(lowered, taken):
+    """A clock one step lower saves energy wherever time allows, so a measured saving below the
+    blocks' resolution still moves the plan down; the same saving measured for a clock one step
+    higher (no such prior) must clear the floor."""
+    ex = _settled()
+    lower, here, upper, floor_j = _refine_setup(ex)
+    st = lower if lowered else upper
+    ex._effects = lambda samples, refined=False: {"forward": {st: Effect(0.0, -0.3 * floor_j, 1)}}
+    draft = ex._refined(ex._samples())
+    assert (draft.design == {"forward": st}) is taken, draft.design
+    if not taken:
+        assert draft.design == {"forward": here}
+
+
+def test_half_steps_are_offered_only_where_a_grid_step_is_resolved():
+    """Refinement offers the clock halfway to a grid neighbour only where that grid step moved the
+    knob's measured energy by more than a block resolves: elsewhere half a step is noise."""
+    ex = _settled()
+    lower, here, upper, floor_j = _refine_setup(ex)
+    effects = {"forward": {here: Effect(0.0, -5.0, 2), lower: Effect(0.5, -5.0 - 3 * floor_j, 2),
+                           upper: Effect(-0.5, -5.0 + 0.5 * floor_j, 2)}}
+    between = ex._between({"forward": here}, effects)["forward"]
+    assert len(between) == 1
+    mid = ex.states[between[0]].sm_mhz
+    assert ex.states[lower].sm_mhz < mid < ex.states[here].sm_mhz
+    # neither neighbour measured: nothing to judge a half step by
+    assert ex._between({"forward": here}, {"forward": {here: Effect(0.0, -5.0, 2)}}) == {}

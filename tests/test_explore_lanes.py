@@ -51,9 +51,10 @@ def test_two_replicas_explore_in_about_half_the_steps_to_the_same_plan(tmp_path)
     assert 0.35 <= ratio <= 0.6, (r0["explore_steps"], alone["explore_steps"])
     # A plan as good: validated energy and time within two points of one replica alone's (its own
     # spread from seed to seed, -7.7 to -9.3%, see docs/exploration.md). Not the same clocks: where
-    # the 5% budget can go to forward or to backward for the same energy (a flat minimum),
-    # replicas that measured other single locks pick another point of it.
-    assert set(r0["clocks"]) == set(alone["clocks"]), (r0["clocks"], alone["clocks"])
+    # the 5% budget can go to forward, to backward or to both for the same energy (a flat
+    # minimum), replicas that measured other single locks pick another point of it; both lock the
+    # optimizer, where most of the saving is.
+    assert "optimizer" in r0["clocks"] and "optimizer" in alone["clocks"], (r0["clocks"], alone["clocks"])
     for key in ("energy_change", "time_change"):
         assert abs(r0["validated"][key] - alone["validated"][key]) < 0.02, key
     assert r0["validated"]["energy_change"] < -0.05 and r0["validated"]["time_change"] <= 0.05
