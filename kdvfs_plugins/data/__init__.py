@@ -24,6 +24,8 @@ WORKLOAD_TRACES = {
     "mixtral1b": ("h200-mixtral1b-step-kernels.csv",
                   "Mixture of experts, 1.4 B parameters (0.5 B active), top-2 of 8 SwiGLU experts, seq 2048, "
                   "batch 4 (H200, kdvfs trace)"),
+    "bert-large": ("h200-bert-large-step-kernels.csv",
+                   "BERT-large masked language model, 0.34 B parameters, seq 512, batch 32 (H200, kdvfs trace)"),
     "gpt350m": ("h100-lightning-gpt350m-step-kernels.csv", "the Lightning GPT example, 350 M parameters (H100, kdvfs trace)"),
     **{f"gpt1b-stage{i}-of4": (f"h200-gpt1b-stage{i}-of4-kernels.csv",
                                f"stage {i} of 4 of the 1.0 B GPT, one microbatch of 2 x 2048 (H200, kdvfs trace)")
