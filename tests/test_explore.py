@@ -419,3 +419,28 @@ def test_half_steps_are_offered_only_where_a_grid_step_is_resolved():
     assert ex.states[lower].sm_mhz < mid < ex.states[here].sm_mhz
     # neither neighbour measured: nothing to judge a half step by
     assert ex._between({"forward": here}, {"forward": {here: Effect(0.0, -5.0, 2)}}) == {}
+
+
+@pytest.mark.parametrize("slower, tolerance, applied", [(0.0002, 0.0003, True), (0.0002, 0.0, False),
+                                                        (0.0010, 0.0003, False)])
+def test_validation_holds_a_strict_plan_to_the_oracles_own_tolerance(slower, tolerance, applied):
+    """A strict plan measured 0.02% slower than the default blocks next to it passes with the
+    tolerance the oracle's own plans execute at (0.03%), not without it; 0.1% slower fails."""
+    from dataclasses import replace
+
+    from kdvfs_plugins.explore_blocks import Block
+
+    ex = _settled(max_slowdown=0.0, objective="strict")
+    ex.s = replace(ex.s, time_tolerance=tolerance)
+    ex.result, ex.replans, ex.plan_clocks = None, 1, {"optimizer": ClockPair(1200, 2619)}
+    for b in ex.blocks:
+        if b.kind.startswith("validate"):
+            b.kind = "superseded-" + b.kind
+    rng = np.random.default_rng(0)
+    for i in range(4):
+        for kind, ms, j in (("validate-plan", 100.0 * (1 + slower), 97.0), ("validate-default", 100.0, 100.0)):
+            times = list(ms * (1 + rng.normal(0, 2e-5, 10)))
+            ex.blocks.append(Block(len(ex.blocks), 10_000 + 20 * len(ex.blocks), 10, kind, {}, energy_j=10 * j,
+                                   energy_steps=10, time_ms=times))
+    ex._judge()
+    assert (ex.result.status == "applied") is applied, ex.result.message
