@@ -8,6 +8,7 @@ is given, so the core stays free of training frameworks.
 """
 from __future__ import annotations
 
+import threading
 from dataclasses import dataclass
 from typing import Callable, TypeVar
 
@@ -22,7 +23,8 @@ WORLD = "world"
 class Replicas:
     """Ranks that run identical work (data-parallel replicas) and so may share exploration.
 
-    ``group``: a process group (or :data:`WORLD`) holding every rank that takes part; ``lane``:
+    ``group``: a process group (or :data:`WORLD`) holding every rank that takes part, or an
+    all-gather function for replicas in one process (:func:`all_gather`); ``lane``:
     this rank's replica index; ``lanes``: how many replicas there are. Under tensor parallelism
     the ranks of one tensor-parallel group are one replica: they share a lane (and so a design).
     """
@@ -76,7 +78,12 @@ def agree(group, decide: Callable[[], T]) -> T:
 
 
 def all_gather(group, item) -> list:
-    """Every rank's ``item``, in rank order, on every rank of the group (``[item]`` without one)."""
+    """Every rank's ``item``, in rank order, on every rank of the group (``[item]`` without one).
+
+    ``group`` may also be an all-gather itself (a callable taking this rank's item): replicas in
+    one process, as ``kdvfs simulate --explore --lanes`` runs them."""
+    if callable(group):
+        return list(group(item))
     dist = None if group is None else _dist()
     if dist is None:
         return [item]
@@ -84,3 +91,35 @@ def all_gather(group, item) -> list:
     out = [None] * dist.get_world_size(pg)
     dist.all_gather_object(out, item, group=pg)
     return out
+
+
+#: How long a rank of a :class:`LocalAllGather` waits for the others before it gives up (seconds).
+EXCHANGE_TIMEOUT_S = 120.0
+
+
+class LocalAllGather:
+    """An all-gather among threads of one process, one thread per rank (a collective's semantics:
+    each rank gets every rank's items in rank order, once all have called). ``for_rank(r)`` is
+    what rank ``r`` passes as its group (:func:`all_gather`): the studies run replicas and
+    pipeline stages as threads this way."""
+
+    def __init__(self, ranks: int, timeout_s: float = EXCHANGE_TIMEOUT_S):
+        self._barrier = threading.Barrier(ranks, timeout=timeout_s)
+        self._slots: list = [None] * ranks
+        self.calls = 0
+
+    def for_rank(self, rank: int) -> Callable[[object], list]:
+        def exchange(items):
+            self._slots[rank] = items
+            self._barrier.wait()
+            out = list(self._slots)
+            self._barrier.wait()  # nobody writes the next round before everyone has read this one
+            if rank == 0:
+                self.calls += 1
+            return out
+
+        return exchange
+
+    def abort(self) -> None:
+        """Release every rank waiting in an exchange (one rank failed: the others must not hang)."""
+        self._barrier.abort()

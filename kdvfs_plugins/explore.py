@@ -188,6 +188,11 @@ class Explorer(ExplorerHooks):
         self.excess_ms = 0.0
         self.explore_ms = 0.0
         self.explore_steps = 0
+        #: lane -> [ms, steps] of its exploration steps, and lane -> its default step (ms): each
+        #: lane's steps count against its own default (replicas that do not wait for each other
+        #: run at their own card's speed; data-parallel ranks that do wait all have the slowest's)
+        self._lane_explore: dict[int, list] = {}
+        self._lane_default_ms: dict[int, float] = {}
         self.steps_seen = 0
         self._model: Optional[ResponseModel] = None
         self._draft: Optional[PlanDraft] = None
@@ -309,7 +314,10 @@ class Explorer(ExplorerHooks):
         if b.kind != "baseline" and self.default_step_ms is not None:
             self.explore_ms += gpu_time_ms
             self.explore_steps += 1
-            self.excess_ms += gpu_time_ms - self.default_step_ms
+            acc = self._lane_explore.setdefault(lane, [0.0, 0])
+            acc[0] += gpu_time_ms
+            acc[1] += 1
+            self.excess_ms += gpu_time_ms - self._lane_default_ms.get(lane, self.default_step_ms)
 
     def observe_window(self, first_step: int, last_step: int, energy_j: float, lane: Optional[int] = None) -> None:
         """The energy (J) of a window of steps, as the engine's meter gives it."""
@@ -491,6 +499,7 @@ class Explorer(ExplorerHooks):
     def _setup_after_baseline(self) -> None:
         base = [b for b in self.blocks if b.kind == "baseline"]
         self.default_step_ms = self._default_ms(base) or 100.0
+        self._lane_default_ms = self._lane_means_ms(base)
         self.block_steps, alone = block_steps(self.default_step_ms, self.s.window_steps, self.s.explore_max_steps,
                                               self.s.lanes, self.s.block_steps)
         # The exploration one replica alone fits in its step budget (after the baseline and room
@@ -547,17 +556,25 @@ class Explorer(ExplorerHooks):
         return [b for b in self.blocks if b.kind != "baseline"]
 
     @staticmethod
-    def _default_ms(blocks: Sequence[Block]) -> Optional[float]:
-        """The default step time from default-clock blocks: each lane's mean steady step, the
-        slowest lane's (data-parallel ranks wait for it). The mean, as every block's time is
-        taken: steps that alternate (a trace of two different steps, gradient accumulation) put a
-        median on one of them, and the exploration excess then counted the difference as
+    def _lane_means_ms(blocks: Sequence[Block]) -> dict[int, float]:
+        """Each lane's mean steady step over default-clock blocks. The mean, as every block's time
+        is taken: steps that alternate (a trace of two different steps, gradient accumulation) put
+        a median on one of them, and the exploration excess then counted the difference as
         slowdown (+2.5% on a ViT step replayed at 103 and 108 ms)."""
         by_lane: dict[int, list[float]] = {}
         for b in blocks:
             by_lane.setdefault(b.lane, []).extend(b.time_ms[1:] or b.time_ms)
-        means = [float(np.mean(v)) for v in by_lane.values() if v]
-        return max(means) if means else None
+        return {lane: float(np.mean(v)) for lane, v in by_lane.items() if v}
+
+    @classmethod
+    def _default_ms(cls, blocks: Sequence[Block]) -> Optional[float]:
+        """The default step time: the slowest lane's (data-parallel ranks wait for it)."""
+        means = cls._lane_means_ms(blocks)
+        return max(means.values()) if means else None
+
+    def _recount_excess(self) -> None:
+        self.excess_ms = sum(ms - n * self._lane_default_ms.get(lane, self.default_step_ms)
+                             for lane, (ms, n) in self._lane_explore.items())
 
     def _refresh_default(self) -> None:
         """Re-derive the default step time from the default blocks measured as the designs are
@@ -571,7 +588,8 @@ class Explorer(ExplorerHooks):
         step_ms = self._default_ms(blocks)
         if step_ms is not None:
             self.default_step_ms = step_ms
-            self.excess_ms = self.explore_ms - self.explore_steps * self.default_step_ms
+            self._lane_default_ms = self._lane_means_ms(blocks)
+            self._recount_excess()
 
     def _explored_enough(self) -> bool:
         """Lanes together have run the exploration blocks one replica alone would have."""

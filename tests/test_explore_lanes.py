@@ -5,6 +5,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from kdvfs_plugins.distributed import Replicas
@@ -117,3 +118,51 @@ def test_lanes_block_length_and_rounds(step_ms, max_steps, alone_steps, shared_s
     # is a round of designs
     assert shared_target * shared == alone_target * alone
     assert shared_target / 2 == rounds_share * alone_target
+
+
+def test_replicas_at_their_own_speed_count_their_steps_against_their_own_default():
+    """Replicas that do not wait for each other (cards 1% apart, as `kdvfs simulate --explore
+    --lanes` runs them): a lane's exploring steps count against that lane's default step, so
+    designs that cost no time cost no exploration slowdown (against the slowest lane's default,
+    the faster card read as -0.5%)."""
+    gpu = VirtualGPU(noise=False)
+    ex = Explorer(ExploreSettings(clock_table=gpu.clock_table, window_steps=2, block_steps=4, explore_max_steps=400,
+                                  lanes=2, lane=0))
+    rng = np.random.default_rng(0)
+    speed = {0: 1.0, 1: 0.99}
+    for step in range(300):
+        ex.begin_step(step)
+        if ex.done:
+            break
+        for lane in (0, 1):
+            for k in ("forward", "optimizer"):
+                ex.clocks_for(k, step, lane)
+            ms = {"forward": 80.0 * speed[lane], "optimizer": 20.0 * speed[lane]}
+            ex.observe_step(step, sum(ms.values()), ms, lane=lane)
+            if (step + 1) % 2 == 0:
+                ex.observe_window(step - 1, step, 2 * 600.0 * speed[lane] + rng.normal(0, 1.0), lane=lane)
+    assert ex.explore_steps > 100
+    assert {b.lane for b in ex.blocks} == {0, 1}
+    assert abs(ex.exploration_time_change) < 1e-3, ex.exploration_time_change
+
+
+def test_all_gather_takes_an_in_process_gather_as_its_group():
+    from kdvfs_plugins.distributed import LocalAllGather, all_gather
+
+    gather = LocalAllGather(1)
+    assert all_gather(gather.for_rank(0), {"a": 1}) == [{"a": 1}]
+    assert all_gather(None, 5) == [5]
+
+
+@pytest.mark.slow
+def test_simulate_explore_lanes_share_one_exploration_through_live_engines():
+    """`kdvfs simulate --explore --lanes 2`: two engines on two cards, exchanging through an
+    in-process all-gather, apply one plan in well under the steps one needs alone."""
+    from kdvfs_plugins.sim.trace import Trace
+    from kdvfs_plugins.studies.explore import run_seed
+
+    res, ex = run_seed(Trace.load("gpt1b"), 0, lanes=2)
+    assert res.applied and res.energy_change < -0.005, res
+    assert ex.s.lanes == 2 and ex.exchanges > 10 and {b.lane for b in ex.blocks} == {0, 1}
+    assert res.steps <= 800, res.steps  # one engine alone: 1240-1380 steps on this trace
+    assert abs(res.exploration_time_change) < 0.005

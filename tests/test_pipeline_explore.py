@@ -6,8 +6,9 @@ import threading
 
 import pytest
 
+from kdvfs_plugins.distributed import LocalAllGather
 from kdvfs_plugins.pipeline_explore import PipelineExploreSettings, PipelineExplorer, default_grid
-from kdvfs_plugins.studies.pipeline_explore import (LocalAllGather, cluster_shape, explore_seed_engines,
+from kdvfs_plugins.studies.pipeline_explore import (cluster_shape, explore_seed_engines,
                                                      pipeline_explore_report)
 
 

@@ -43,7 +43,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--json", action="store_true", help="print one JSON object")
     parser.add_argument("--markdown", action="store_true",
                         help="--compare/--sweep/--latency-sweep: print the table as Markdown (as the docs show it)")
-    # explore: online exploration on the virtual GPU (kdvfs_plugins/sim/explore_run.py)
+    # explore: online exploration through the live engine (kdvfs_plugins/studies/explore.py)
     parser.add_argument("--explore", action="store_true", help="explore, plan, validate, apply; compare with the oracle")
     parser.add_argument("--seeds", type=int, default=5, help="--explore: noise seeds to run (default 5)")
     parser.add_argument("--explore-plan-slowdown", type=float, default=0.0,
@@ -51,7 +51,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--explore-max-slowdown", type=float, default=0.02, help="--explore: exploration slowdown bound")
     parser.add_argument("--explore-max-steps", type=int, default=1500, help="--explore: step budget (default 1500)")
     parser.add_argument("--lanes", type=int, default=1,
-                        help="--explore: data-parallel replicas exploring together, each on its own card (default 1)")
+                        help="--explore: data-parallel replicas exploring together, each an engine on a card of "
+                             "its own (default 1)")
     parser.add_argument("--compare", action="store_true",
                         help="plan each granularity x objective, execute on the virtual GPU, print planned vs executed")
     parser.add_argument("--sweep", action="store_true", help="energy saved vs slowdown budget 0..30%% (and a plot)")

@@ -18,6 +18,7 @@ import json
 import logging
 import tempfile
 import time as _time
+from concurrent.futures import FIRST_EXCEPTION, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
 from typing import Mapping, Optional, Sequence
 
@@ -26,6 +27,7 @@ import numpy as np
 from ..clocks import ClockPair
 from ..config import KdvfsConfig
 from ..devices.simulated import TraceDevice
+from ..distributed import LocalAllGather, Replicas
 from ..engine import Engine
 from ..regions import STEP
 from ..sim.model import H100Model
@@ -37,6 +39,9 @@ from .planning import Execution
 #: Steps each plan is executed for, after warm-up steps that are not counted.
 EXECUTE_STEPS = 20
 EXECUTE_WARMUP_STEPS = 3
+#: Lane ``i`` of a seed explores on the card of seed ``seed + LANE_SEED_STRIDE * i`` (its own card
+#: factors and noise), far from the seeds a report runs next to it.
+LANE_SEED_STRIDE = 1000
 
 
 class TraceDriver:
@@ -153,28 +158,57 @@ class SeedResult:
 def run_seed(trace: Trace, seed: int, *, max_steps: int = 1500, max_slowdown: float = 0.0,
              explore_max_slowdown: float = 0.02, window_steps: int = 10, noise: bool = True,
              switch_latency_ms: float = DEFAULT_SWITCH_LATENCY_MS, issue_ahead: bool = True,
-             model: Optional[H100Model] = None, execute_steps: int = EXECUTE_STEPS):
+             model: Optional[H100Model] = None, execute_steps: int = EXECUTE_STEPS, lanes: int = 1):
     """One seed of ``mode="auto"`` through the live engine; the applied plan executed beside default.
 
-    Returns (:class:`SeedResult`, the engine's explorer, for its blocks)."""
-    gpu = StretchGPU(trace, seed=seed, noise=noise, switch_latency_ms=switch_latency_ms, model=model,
-                     issue_ahead=issue_ahead)
-    dev = TraceDevice(gpu)
+    ``lanes`` > 1: as many data-parallel replicas exploring together, each an engine on a card of
+    its own (lane ``i`` on the card of seed ``seed + LANE_SEED_STRIDE * i``; lane 0 is the card a
+    single run gets), one thread each, exchanging through an all-gather among the threads as the
+    ranks of a process group would. Their results agree; lane 0's is reported and executed.
+
+    Returns (:class:`SeedResult`, lane 0's explorer, for its blocks)."""
+    if lanes < 1:
+        raise ValueError(f"lanes={lanes}: at least 1")
+    devs = [TraceDevice(StretchGPU(trace, seed=seed + LANE_SEED_STRIDE * lane, noise=noise,
+                                   switch_latency_ms=switch_latency_ms, model=model, issue_ahead=issue_ahead))
+            for lane in range(lanes)]
+    gather = LocalAllGather(lanes) if lanes > 1 else None
     with tempfile.TemporaryDirectory() as run_dir, _quiet_engines():
-        cfg = _config(mode="auto", run_dir=run_dir, max_slowdown=max_slowdown,
-                      explore_max_slowdown=explore_max_slowdown, explore_max_steps=max_steps,
-                      window_steps=window_steps, switch_latency_ms=switch_latency_ms, issue_ahead=issue_ahead,
-                      sim_seed=seed)
-        eng = _engine(cfg, dev)
-        drive = TraceDriver(eng, dev)
+        engines = []
+        for lane, dev in enumerate(devs):
+            cfg = _config(mode="auto", run_dir=f"{run_dir}/lane{lane}", max_slowdown=max_slowdown,
+                          explore_max_slowdown=explore_max_slowdown, explore_max_steps=max_steps,
+                          window_steps=window_steps, switch_latency_ms=switch_latency_ms, issue_ahead=issue_ahead,
+                          sim_seed=seed)
+            replicas = Replicas(gather.for_rank(lane), lane, lanes) if gather else None
+            engines.append(Engine(cfg, framework="kdvfs simulate", rank=lane, world_size=lanes, device=dev,
+                                  replicas=replicas).start())
         # a step's records reach the explorer one step late (the meter resolves a step after it ends)
         limit = cfg.warmup_steps + window_steps + max_steps + 2 * window_steps
-        steps = 0
-        while eng.explore_result is None and steps < limit:
-            drive.step()
-            steps += 1
-        ex = eng.explorer
-        eng.close()
+
+        def explore(lane: int) -> int:
+            eng, drive, steps = engines[lane], TraceDriver(engines[lane], devs[lane]), 0
+            while eng.explore_result is None and steps < limit:
+                drive.step()
+                steps += 1
+            return steps
+
+        try:
+            if gather is None:
+                steps = explore(0)
+            else:
+                with ThreadPoolExecutor(lanes) as pool:
+                    futures = [pool.submit(explore, lane) for lane in range(lanes)]
+                    done, _ = wait(futures, return_when=FIRST_EXCEPTION)
+                    if any(f.exception() for f in done):
+                        gather.abort()  # the other lanes must not wait for it in an exchange
+                    steps = futures[0].result()
+                    for f in futures:
+                        f.result()
+        finally:
+            for e in engines:
+                e.close()
+    eng, ex = engines[0], engines[0].explorer
     res = eng.explore_result if eng.explore_result is not None else (ex.result if ex is not None else None)
     n = int(res.steps) if res is not None else max(0, steps - cfg.warmup_steps)
     expl = float(res.exploration_time_change) if res is not None else (ex.exploration_time_change if ex else 0.0)
@@ -234,8 +268,9 @@ def seed_row(r: Mapping) -> list:
 def explore_report(trace_name: str = "gpt1b", seeds: Sequence[int] = range(5), *, max_steps: int = 1500,
                    max_slowdown: float = 0.0, explore_max_slowdown: float = 0.02, noise: bool = True,
                    switch_latency_ms: float = DEFAULT_SWITCH_LATENCY_MS, issue_ahead: bool = True,
-                   progress=None) -> dict:
-    """Explore on each seed through the live engine; compare the applied plans with the oracle's."""
+                   lanes: int = 1, progress=None) -> dict:
+    """Explore on each seed through the live engine (``lanes`` replicas exploring together);
+    compare the applied plans with the oracle's."""
     trace = Trace.load(trace_name)
     t0 = _time.perf_counter()
     orc = oracle(trace, max_slowdown=max_slowdown, switch_latency_ms=switch_latency_ms, issue_ahead=issue_ahead)
@@ -244,7 +279,7 @@ def explore_report(trace_name: str = "gpt1b", seeds: Sequence[int] = range(5), *
     for seed in seeds:
         rows.append(run_seed(trace, seed, max_steps=max_steps, max_slowdown=max_slowdown,
                              explore_max_slowdown=explore_max_slowdown, noise=noise,
-                             switch_latency_ms=switch_latency_ms, issue_ahead=issue_ahead)[0])
+                             switch_latency_ms=switch_latency_ms, issue_ahead=issue_ahead, lanes=lanes)[0])
         if orc_clocks:
             ex = execute(trace, orc_clocks, seed=seed, noise=noise, latency_ms=switch_latency_ms,
                          issue_ahead=issue_ahead)
@@ -267,6 +302,7 @@ def explore_report(trace_name: str = "gpt1b", seeds: Sequence[int] = range(5), *
         "explore_max_steps": max_steps,
         "switch_latency_ms": switch_latency_ms,
         "issue_ahead": issue_ahead,
+        "lanes": lanes,
         "noise": noise,
         "power_reading": "instant field (100 ms), integrated and anchored to the counter",
         "oracle_energy_change": oe,
@@ -286,7 +322,9 @@ def format_report(out: dict, fmt: str = "text") -> str:
                   [seed_row(r) for r in out["seeds"]],
                   align="lrrlrrr",
                   title=(f"model prediction (simulated H100): online exploration through the live engine, "
-                         f"trace {out['trace']}, switch latency {out['switch_latency_ms']:g} ms"),
+                         f"trace {out['trace']}, switch latency {out['switch_latency_ms']:g} ms"
+                         + (f", {out['lanes']} replicas exploring together (lane 0 shown)"
+                            if out.get("lanes", 1) > 1 else "")),
                   notes=[f"oracle plan: energy {out['oracle_energy_change']:+.2%}, "
                          f"time {out['oracle_time_change']:+.2%}"])
     return table.render(fmt)
@@ -298,16 +336,16 @@ def run_command(args) -> int:
 
     if args.seeds < 1:
         raise ConfigError("--seeds", args.seeds, "at least 1", source="kdvfs simulate --explore")
-    if getattr(args, "lanes", 1) != 1:
-        raise ConfigError("--lanes", args.lanes, "1 (replicas exploring together run under a training framework; "
-                          "see docs/distributed.md)", source="kdvfs simulate --explore")
+    if args.lanes < 1:
+        raise ConfigError("--lanes", args.lanes, "at least 1", source="kdvfs simulate --explore")
     from ..commands.simulate import _latency
     from ..progress import progress
 
     with progress(args.seeds, "exploring seeds") as bar:
         out = explore_report(args.trace, range(args.seed, args.seed + args.seeds), max_steps=args.explore_max_steps,
                              max_slowdown=args.explore_plan_slowdown, explore_max_slowdown=args.explore_max_slowdown,
-                             noise=not args.no_noise, switch_latency_ms=_latency(args), progress=bar.update)
+                             noise=not args.no_noise, switch_latency_ms=_latency(args), lanes=args.lanes,
+                             progress=bar.update)
     fmt = "markdown" if getattr(args, "markdown", False) else "text"
     print(json.dumps(out, indent=1) if args.json else format_report(out, fmt))
     return 0

@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import json
 import tempfile
-import threading
 import time as _time
 from concurrent.futures import FIRST_EXCEPTION, ThreadPoolExecutor, wait
 from typing import Optional, Sequence
@@ -34,6 +33,7 @@ import numpy as np
 
 from ..config import KdvfsConfig
 from ..devices.cluster_rank import ClusterPipeline
+from ..distributed import LocalAllGather
 from ..engine import Engine
 from ..errors import ConfigError
 from ..pipeline_explore import stage_explorer
@@ -45,7 +45,7 @@ from .explore import seed_row, seeds_summary
 from ..switching import DEFAULT_SWITCH_LATENCY_MS, ISSUE_AHEAD_MIN_INTERVAL_MS, check_latency_ms, switch_model
 from .pipeline import LABEL, _graph, stage_workloads
 
-__all__ = ["LocalAllGather", "PipelineDriver", "cluster_shape", "explore_seed_engines",
+__all__ = ["PipelineDriver", "cluster_shape", "explore_seed_engines",
            "pipeline_explore_report", "format_report", "run_command", "EXECUTE_ITERATIONS"]
 
 SOURCE = "kdvfs simulate --pipeline --explore"
@@ -56,34 +56,6 @@ BLOCK_STEPS = 10
 #: Steps each engine runs before exploring (allocator and autotuning warm-up in a live run); the
 #: explorer starts at the next window boundary.
 WARMUP_STEPS = 3
-#: How long a rank waits for the others in an exchange before it gives up (seconds).
-EXCHANGE_TIMEOUT_S = 120.0
-
-
-class LocalAllGather:
-    """An all-gather among threads of one process, one thread per rank (a collective's semantics:
-    each rank gets every rank's items in rank order, once all have called)."""
-
-    def __init__(self, ranks: int, timeout_s: float = EXCHANGE_TIMEOUT_S):
-        self._barrier = threading.Barrier(ranks, timeout=timeout_s)
-        self._slots: list = [None] * ranks
-        self.calls = 0
-
-    def for_rank(self, rank: int):
-        def exchange(items: list) -> list:
-            self._slots[rank] = items
-            self._barrier.wait()
-            out = list(self._slots)
-            self._barrier.wait()  # nobody writes the next round before everyone has read this one
-            if rank == 0:
-                self.calls += 1
-            return out
-
-        return exchange
-
-    def abort(self) -> None:
-        """Release every rank waiting in an exchange (one rank failed: the others must not hang)."""
-        self._barrier.abort()
 
 
 def _region(kind: str, microbatch: int, chunk: int) -> str:
