@@ -186,7 +186,6 @@ class Explorer(ExplorerHooks):
         self.replans = 0
         self.default_step_ms: Optional[float] = None
         self.excess_ms = 0.0
-        self.explore_ms = 0.0
         self.explore_steps = 0
         #: lane -> [ms, steps] of its exploration steps, and lane -> its default step (ms): each
         #: lane's steps count against its own default (replicas that do not wait for each other
@@ -312,7 +311,6 @@ class Explorer(ExplorerHooks):
         for r, v in region_time_ms.items():
             b.region_ms.setdefault(r, []).append(v)
         if b.kind != "baseline" and self.default_step_ms is not None:
-            self.explore_ms += gpu_time_ms
             self.explore_steps += 1
             acc = self._lane_explore.setdefault(lane, [0.0, 0])
             acc[0] += gpu_time_ms
