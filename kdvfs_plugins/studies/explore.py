@@ -200,11 +200,11 @@ def run_seed(trace: Trace, seed: int, *, max_steps: int = 1500, max_slowdown: fl
                 with ThreadPoolExecutor(lanes) as pool:
                     futures = [pool.submit(explore, lane) for lane in range(lanes)]
                     done, _ = wait(futures, return_when=FIRST_EXCEPTION)
-                    if any(f.exception() for f in done):
+                    failed = next((f.exception() for f in done if f.exception() is not None), None)
+                    if failed is not None:
                         gather.abort()  # the other lanes must not wait for it in an exchange
+                        raise failed
                     steps = futures[0].result()
-                    for f in futures:
-                        f.result()
         finally:
             for e in engines:
                 e.close()
