@@ -166,3 +166,25 @@ def test_simulate_explore_lanes_share_one_exploration_through_live_engines():
     assert ex.s.lanes == 2 and ex.exchanges > 10 and {b.lane for b in ex.blocks} == {0, 1}
     assert res.steps <= 800, res.steps  # one engine alone: 1240-1380 steps on this trace
     assert abs(res.exploration_time_change) < 0.005
+
+
+def test_a_lane_that_fails_raises_its_own_error_and_releases_the_others(monkeypatch):
+    """One replica's failure reaches the caller as itself; the replica waiting for it in an
+    exchange is released, not left hanging."""
+    import threading
+
+    from kdvfs_plugins.sim.trace import Trace
+    from kdvfs_plugins.studies import explore as study
+
+    step = study.TraceDriver.step
+
+    def failing_step(self):
+        if self.engine.rank == 1 and self.engine.step >= 40:
+            raise RuntimeError("lane 1 broke")
+        step(self)
+
+    monkeypatch.setattr(study.TraceDriver, "step", failing_step)
+    before = threading.active_count()
+    with pytest.raises(RuntimeError, match="lane 1 broke"):
+        study.run_seed(Trace.load("gpt1b"), 0, lanes=2)
+    assert threading.active_count() == before
