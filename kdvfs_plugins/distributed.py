@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import threading
 from dataclasses import dataclass
-from typing import Callable, TypeVar
+from typing import Callable, Optional, TypeVar
 
 from .errors import KdvfsError
 
@@ -123,3 +123,19 @@ class LocalAllGather:
     def abort(self) -> None:
         """Release every rank waiting in an exchange (one rank failed: the others must not hang)."""
         self._barrier.abort()
+
+
+def run_ranks(pool, play: Callable[[int], T], ranks: int, gather: Optional[LocalAllGather] = None) -> list[T]:
+    """``play(rank)`` for every rank on the threads of ``pool`` (a ``concurrent.futures``
+    executor), the results in rank order. The first failure is raised, after releasing the ranks
+    that wait for the failed one in an exchange of ``gather``."""
+    from concurrent.futures import FIRST_EXCEPTION, wait
+
+    futures = [pool.submit(play, r) for r in range(ranks)]
+    done, _ = wait(futures, return_when=FIRST_EXCEPTION)
+    failed = next((f.exception() for f in done if f.exception() is not None), None)
+    if failed is not None:
+        if gather is not None:
+            gather.abort()
+        raise failed
+    return [f.result() for f in futures]

@@ -185,8 +185,6 @@ class Explorer(ExplorerHooks):
         self.validated: dict = {}
         self.replans = 0
         self.default_step_ms: Optional[float] = None
-        self.excess_ms = 0.0
-        self.explore_steps = 0
         #: lane -> [ms, steps] of its exploration steps, and lane -> its default step (ms): each
         #: lane's steps count against its own default (replicas that do not wait for each other
         #: run at their own card's speed; data-parallel ranks that do wait all have the slowest's)
@@ -216,6 +214,17 @@ class Explorer(ExplorerHooks):
     @property
     def done(self) -> bool:
         return self.result is not None
+
+    @property
+    def explore_steps(self) -> int:
+        """Exploration steps measured so far, every lane's."""
+        return sum(n for _, n in self._lane_explore.values())
+
+    @property
+    def excess_ms(self) -> float:
+        """GPU time the exploration steps took beyond the default step, each lane's against its own."""
+        return sum(ms - n * self._lane_default_ms.get(lane, self.default_step_ms)
+                   for lane, (ms, n) in self._lane_explore.items())
 
     @property
     def exploration_time_change(self) -> float:
@@ -311,11 +320,9 @@ class Explorer(ExplorerHooks):
         for r, v in region_time_ms.items():
             b.region_ms.setdefault(r, []).append(v)
         if b.kind != "baseline" and self.default_step_ms is not None:
-            self.explore_steps += 1
             acc = self._lane_explore.setdefault(lane, [0.0, 0])
             acc[0] += gpu_time_ms
             acc[1] += 1
-            self.excess_ms += gpu_time_ms - self._lane_default_ms.get(lane, self.default_step_ms)
 
     def observe_window(self, first_step: int, last_step: int, energy_j: float, lane: Optional[int] = None) -> None:
         """The energy (J) of a window of steps, as the engine's meter gives it."""
@@ -570,14 +577,10 @@ class Explorer(ExplorerHooks):
         means = cls._lane_means_ms(blocks)
         return max(means.values()) if means else None
 
-    def _recount_excess(self) -> None:
-        self.excess_ms = sum(ms - n * self._lane_default_ms.get(lane, self.default_step_ms)
-                             for lane, (ms, n) in self._lane_explore.items())
-
     def _refresh_default(self) -> None:
         """Re-derive the default step time from the default blocks measured as the designs are
         (the baseline's one window is too few steps where they alternate); the exploration excess
-        is recounted against it."""
+        counts against it from then on, the steps already taken included."""
         if self.default_step_ms is None:
             return
         blocks = self._anchor_blocks()
@@ -587,7 +590,6 @@ class Explorer(ExplorerHooks):
         if step_ms is not None:
             self.default_step_ms = step_ms
             self._lane_default_ms = self._lane_means_ms(blocks)
-            self._recount_excess()
 
     def _explored_enough(self) -> bool:
         """Lanes together have run the exploration blocks one replica alone would have."""

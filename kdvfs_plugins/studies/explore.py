@@ -18,7 +18,7 @@ import json
 import logging
 import tempfile
 import time as _time
-from concurrent.futures import FIRST_EXCEPTION, ThreadPoolExecutor, wait
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Mapping, Optional, Sequence
 
@@ -27,7 +27,7 @@ import numpy as np
 from ..clocks import ClockPair
 from ..config import KdvfsConfig
 from ..devices.simulated import TraceDevice
-from ..distributed import LocalAllGather, Replicas
+from ..distributed import LocalAllGather, Replicas, run_ranks
 from ..engine import Engine
 from ..regions import STEP
 from ..sim.model import H100Model
@@ -86,8 +86,8 @@ def _config(**kw) -> KdvfsConfig:
                                  source="kdvfs simulate")
 
 
-def _engine(cfg: KdvfsConfig, device: TraceDevice) -> Engine:
-    return Engine(cfg, framework="kdvfs simulate", device=device).start()
+def _engine(cfg: KdvfsConfig, device: TraceDevice, **kw) -> Engine:
+    return Engine(cfg, framework="kdvfs simulate", device=device, **kw).start()
 
 
 @contextlib.contextmanager
@@ -181,8 +181,7 @@ def run_seed(trace: Trace, seed: int, *, max_steps: int = 1500, max_slowdown: fl
                           window_steps=window_steps, switch_latency_ms=switch_latency_ms, issue_ahead=issue_ahead,
                           sim_seed=seed)
             replicas = Replicas(gather.for_rank(lane), lane, lanes) if gather else None
-            engines.append(Engine(cfg, framework="kdvfs simulate", rank=lane, world_size=lanes, device=dev,
-                                  replicas=replicas).start())
+            engines.append(_engine(cfg, dev, rank=lane, world_size=lanes, replicas=replicas))
         # a step's records reach the explorer one step late (the meter resolves a step after it ends)
         limit = cfg.warmup_steps + window_steps + max_steps + 2 * window_steps
 
@@ -198,13 +197,7 @@ def run_seed(trace: Trace, seed: int, *, max_steps: int = 1500, max_slowdown: fl
                 steps = explore(0)
             else:
                 with ThreadPoolExecutor(lanes) as pool:
-                    futures = [pool.submit(explore, lane) for lane in range(lanes)]
-                    done, _ = wait(futures, return_when=FIRST_EXCEPTION)
-                    failed = next((f.exception() for f in done if f.exception() is not None), None)
-                    if failed is not None:
-                        gather.abort()  # the other lanes must not wait for it in an exchange
-                        raise failed
-                    steps = futures[0].result()
+                    steps = run_ranks(pool, explore, lanes, gather)[0]
         finally:
             for e in engines:
                 e.close()

@@ -26,14 +26,14 @@ from __future__ import annotations
 import json
 import tempfile
 import time as _time
-from concurrent.futures import FIRST_EXCEPTION, ThreadPoolExecutor, wait
+from concurrent.futures import ThreadPoolExecutor
 from typing import Optional, Sequence
 
 import numpy as np
 
 from ..config import KdvfsConfig
 from ..devices.cluster_rank import ClusterPipeline
-from ..distributed import LocalAllGather
+from ..distributed import LocalAllGather, run_ranks
 from ..engine import Engine
 from ..errors import ConfigError
 from ..pipeline_explore import stage_explorer
@@ -121,13 +121,7 @@ class PipelineDriver:
         eng.step_end()
 
     def iteration(self) -> None:
-        futures = [self.pool.submit(self._play, r) for r in range(len(self.engines))]
-        done, _ = wait(futures, return_when=FIRST_EXCEPTION)
-        failed = [f for f in done if f.exception() is not None]
-        if failed:
-            if self.gather is not None:
-                self.gather.abort()
-            raise failed[0].exception()
+        run_ranks(self.pool, self._play, len(self.engines), self.gather)
         self.pipeline.run()
         self.iterations += 1
 
